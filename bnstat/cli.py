@@ -1,0 +1,160 @@
+"""The ``bnstat`` command: root group, lazy command table, exit codes.
+
+This is the only module that turns library errors into messages and exit
+statuses (SPEC 4): 0 success, 1 data/runtime error, 2 usage error, 130 after
+SIGINT, 143 after SIGTERM; a broken pipe ends quietly (exit 141, as a Unix
+tool killed by SIGPIPE). Commands are imported only when run, so that
+``bnstat --help`` never imports numba, h5py or rich.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import sys
+import warnings
+
+import click
+
+from bnstat import options
+from bnstat._version import __version__
+
+COMMANDS = {
+    "info": "bnstat.commands.info",
+    "moments": "bnstat.commands.moments",
+    "show": "bnstat.commands.show",
+    "merge": "bnstat.commands.merge",
+    "normalize": "bnstat.commands.normalize",
+    "fold": "bnstat.commands.fold",
+}
+
+# one-line summaries for the root help, so that listing the commands does not
+# import them (each import would pull in its option declarations only, but
+# keep `bnstat --help` flat anyway)
+SUMMARIES = {
+    "info": "List the arrays of files: shape, dtype, chunks, compression, size.",
+    "moments": "Exact per-unit count, mean, var, std, min, max, NaN count.",
+    "show": "Render a saved stats file as a table, JSON or CSV.",
+    "merge": "Merge saved stats files exactly into one.",
+    "normalize": "Normalize arrays as BN / LayerNorm / InstanceNorm / GroupNorm would.",
+    "fold": "Fold BatchNorm layers into the conv / linear layers that feed them.",
+}
+
+
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler so that cleanup code runs (exit 143)."""
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        module = COMMANDS.get(name)
+        if module is None:
+            return None
+        return importlib.import_module(module).command
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, SUMMARIES[name]) for name in COMMANDS]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bnstat")
+@options.debug_option
+def cli():
+    """Exact statistics for normalization layers, out of core.
+
+    \b
+    Examples:
+      bnstat info acts.h5
+      bnstat moments acts.h5 --layout NCHW
+      bnstat moments acts.h5 --layout NHWC --norm group --groups 8 -o stats.npz
+      bnstat show stats.npz --format csv
+      bnstat normalize acts.npy -o normed.npy --stats stats.npz
+      bnstat fold model.npz -o folded.npz --check
+    """
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _print_error(message: str) -> None:
+    try:
+        click.echo(f"bnstat: error: {message}", err=True)
+    except (BrokenPipeError, OSError):
+        pass
+
+
+def _showwarning(message, category, filename, lineno, file=None, line=None):
+    if options.state.quiet:
+        return
+    try:
+        click.echo(f"bnstat: warning: {message}", err=True)
+    except (BrokenPipeError, OSError):
+        pass
+
+
+def _silence_stdout() -> None:
+    # After a broken pipe, make the interpreter's final flush of stdout quiet.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the console script; exits with SPEC 4's status codes."""
+    from bnstat.errors import BnstatError, BnstatWarning
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    options.state.reset()
+    previous_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    code = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", BnstatWarning)
+        warnings.showwarning = _showwarning
+        try:
+            # make_context/invoke rather than cli.main: click's main turns a
+            # broken pipe into exit 1 and KeyboardInterrupt into Abort itself
+            with cli.make_context("bnstat", args) as ctx:
+                cli.invoke(ctx)
+            sys.stdout.flush()
+        except click.exceptions.Exit as exc:
+            code = exc.exit_code
+        except click.exceptions.Abort:
+            code = 130
+        except KeyboardInterrupt:
+            code = 130
+        except Terminated:
+            code = 143
+        except BrokenPipeError:
+            _silence_stdout()
+            code = 141
+        except click.ClickException as exc:
+            exc.show()
+            code = exc.exit_code
+        except BnstatError as exc:
+            if debug:
+                import traceback
+
+                traceback.print_exc()
+            _print_error(str(exc))
+            code = exc.exit_code
+        except MemoryError:
+            _print_error("out of memory; try a smaller --chunk-size")
+            code = 1
+        except Exception as exc:  # an unexpected failure: still no traceback by default
+            if debug:
+                raise
+            _print_error(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+            code = 1
+        finally:
+            signal.signal(signal.SIGTERM, previous_term)
+    sys.exit(code)

@@ -1,0 +1,103 @@
+"""Inputs and outputs. Only this package opens files by name.
+
+``open_sources(paths, patterns)`` turns command-line paths into named
+:class:`ArraySource` objects that are read chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+
+from bnstat.errors import InputError
+from bnstat.io.base import ArraySource, MemorySource
+
+__all__ = ["ArraySource", "MemorySource", "open_sources", "sniff"]
+
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGIC = b"PK\x03\x04"
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+def sniff(path: str) -> str:
+    """'npy', 'npz' or 'hdf5' from the file's first bytes (else its extension).
+
+    Raises InputError for missing, unreadable, empty or unknown files.
+    """
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory", "Give the files inside it.")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: no such file") from exc
+    except PermissionError as exc:
+        raise InputError(f"{path}: permission denied") from exc
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
+    if not head:
+        raise InputError(f"{path}: empty file")
+    if head.startswith(NPY_MAGIC):
+        return "npy"
+    if head.startswith(ZIP_MAGIC) or head.startswith(b"PK\x05\x06"):
+        return "npz"
+    if head.startswith(HDF5_MAGIC):
+        return "hdf5"
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".h5", ".hdf5", ".hdf"):
+        # HDF5 allows a user block before the signature (at 512, 1024, ...)
+        from bnstat.io.hdf5 import is_hdf5
+
+        if is_hdf5(path):
+            return "hdf5"
+        raise InputError(f"{path}: not an HDF5 file (no HDF5 signature)")
+    kinds = {".npy": "a .npy array", ".npz": "a .npz (zip) file"}
+    if ext in kinds:
+        raise InputError(f"{path}: not {kinds[ext]} (bad magic bytes {head[:6]!r})")
+    raise InputError(f"{path}: unknown file format",
+                     "bnstat reads .npy, .npz and HDF5 (.h5, .hdf5) files, and '-' for a .npy stream.")
+
+
+def _selector(patterns):
+    """name -> True (matched by a pattern), False (not matched), None (no patterns)."""
+    if not patterns:
+        return lambda name: None
+    return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def open_path(path: str, patterns=()) -> list[ArraySource]:
+    """The selected arrays of one path ('-' is a .npy stream on stdin)."""
+    selected = _selector(patterns)
+    if path == "-":
+        from bnstat.io.npy import open_stdin
+
+        sources = open_stdin()
+    else:
+        kind = sniff(path)
+        if kind == "hdf5":
+            from bnstat.io.hdf5 import open_hdf5
+
+            return open_hdf5(path, selected)
+        from bnstat.io.npy import open_npy, open_npz
+
+        sources = open_npy(path) if kind == "npy" else open_npz(path)
+    return [s for s in sources if selected(s.name) is not False]
+
+
+def open_sources(paths, patterns=()) -> list[ArraySource]:
+    """All selected arrays of all paths, in command-line and file order.
+
+    Raises InputError when a path fails or nothing is selected.
+    """
+    if list(paths).count("-") > 1:
+        raise InputError("-: standard input can be given once")
+    sources = []
+    for path in paths:
+        sources.extend(open_path(path, patterns))
+    if not sources:
+        where = ", ".join(paths)
+        if patterns:
+            raise InputError(f"{where}: no array matches -d {' -d '.join(patterns)}",
+                             "List the arrays with: bnstat info " + " ".join(paths))
+        raise InputError(f"{where}: no numeric array of 2 or more dimensions found")
+    return sources

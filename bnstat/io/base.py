@@ -1,0 +1,129 @@
+"""The array source: a named array read chunk by chunk along its first axis."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+
+from bnstat.errors import InputError
+
+SUPPORTED_KINDS = "fiu"
+
+
+def check_dtype(dtype: np.dtype, where: str) -> None:
+    """Refuse dtypes whose moments mean nothing here. Raises InputError."""
+    if dtype.kind in SUPPORTED_KINDS and dtype.fields is None and dtype.subdtype is None:
+        return
+    kinds = {"b": "bool", "c": "complex", "O": "object", "V": "structured/void", "U": "string",
+             "S": "bytes", "M": "datetime", "m": "timedelta"}
+    kind = kinds.get(dtype.kind, dtype.kind)
+    raise InputError(
+        f"{where}: dtype {dtype} ({kind}) is not supported; bnstat reads integer and float arrays",
+        "Convert it first, e.g. with numpy's astype(np.float32).")
+
+
+def check_shape(shape: tuple[int, ...], where: str) -> None:
+    """Refuse arrays with fewer than 2 dimensions or no elements. Raises InputError."""
+    if len(shape) < 2:
+        raise InputError(
+            f"{where}: a {len(shape)}-D array of shape {tuple(shape)}; bnstat needs at least 2 "
+            "dimensions (N and C)", "Reshape it, e.g. to (N, 1) or (1, C).")
+    if math.prod(shape) == 0:
+        raise InputError(f"{where}: the array of shape {tuple(shape)} is empty; nothing to compute")
+
+
+class ArraySource:
+    """One named array of a file.
+
+    ``shape`` and ``dtype`` are the array's as stored. ``fortran`` arrays are
+    read as their C-ordered transpose: ``iter_chunks`` then yields chunks of
+    shape ``(rows, *reversed(shape)[1:])``. Chunks are C-contiguous, in
+    native byte order, and may be views into a buffer reused by the next
+    chunk: use each before asking for the next.
+    """
+
+    kind = "array"
+    name: str
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool = False
+    chunks: tuple[int, ...] | None = None  # HDF5 chunk shape
+    compression: str | None = None
+    row_align: int = 1  # read rows in multiples of this (HDF5 chunk rows)
+    repeatable: bool = True  # can be read more than once (not stdin)
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.name}" if self.kind != "npy" else self.path
+
+    @property
+    def read_shape(self) -> tuple[int, ...]:
+        """The shape of the array as read (reversed for Fortran order)."""
+        return tuple(reversed(self.shape)) if self.fortran else tuple(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.read_shape[1:]) * self.dtype.itemsize
+
+    def rows_for(self, chunk_size: int) -> int:
+        """Rows per chunk for a chunk size in bytes (at least one row, aligned)."""
+        rows = max(1, chunk_size // max(1, self.row_bytes))
+        if self.row_align > 1:
+            rows = max(self.row_align, rows - rows % self.row_align)
+        return min(rows, max(1, self.read_shape[0]))
+
+    def iter_chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        raise NotImplementedError  # pragma: no cover - every reader defines it
+
+    def close(self) -> None:
+        pass
+
+    def describe(self) -> dict:
+        return {"name": self.name, "path": self.path, "shape": list(self.shape), "dtype": str(self.dtype),
+                "order": "F" if self.fortran else "C",
+                "chunks": list(self.chunks) if self.chunks else None,
+                "compression": self.compression, "nbytes": self.nbytes, "kind": self.kind}
+
+
+def native(arr: np.ndarray) -> np.ndarray:
+    """Byte-swap a non-native chunk in place (it lives in our own buffer)."""
+    if arr.dtype.byteorder not in ("=", "|") and arr.dtype.byteorder != (
+            "<" if np.little_endian else ">"):
+        arr.byteswap(inplace=True)
+        return arr.view(arr.dtype.newbyteorder("="))
+    return arr
+
+
+class MemorySource(ArraySource):
+    """An in-memory numpy array (the Python API)."""
+
+    kind = "memory"
+
+    def __init__(self, array: np.ndarray, name: str = "array"):
+        check_dtype(array.dtype, name)
+        check_shape(array.shape, name)
+        self.array = array
+        self.name = name
+        self.path = "<array>"
+        self.shape = tuple(array.shape)
+        self.dtype = array.dtype
+        self.fortran = array.ndim > 1 and array.flags.f_contiguous and not array.flags.c_contiguous
+
+    @property
+    def where(self) -> str:
+        return self.name
+
+    def iter_chunks(self, rows):
+        arr = self.array.T if self.fortran else self.array
+        for r0 in range(0, arr.shape[0], rows):
+            chunk = arr[r0:r0 + rows]
+            if not chunk.flags.c_contiguous or not chunk.dtype.isnative:
+                chunk = np.ascontiguousarray(chunk, dtype=chunk.dtype.newbyteorder("="))
+            yield r0, chunk

@@ -1,0 +1,251 @@
+""".npy files, .npy members of .npz files, and .npy streams on standard input.
+
+All three are read the same way: a stream positioned at the array's data is
+read sequentially with ``readinto`` into one reused buffer, so resident
+memory is the buffer, whatever the file size (page-cache pages are not
+mapped into the process).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from bnstat.errors import InputError
+from bnstat.io.base import ArraySource, check_dtype, check_shape, native
+
+_ZIP_LOCAL_HEADER = 30
+
+
+def read_npy_header(fh, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Parse the header of a .npy stream. Raises InputError."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(fh)
+    except ValueError as exc:
+        raise InputError(f"{where}: not a .npy array (bad magic string)",
+                         "bnstat reads .npy, .npz and HDF5 files.") from exc
+    try:
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(fh, max_header_size=1 << 20)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(fh, max_header_size=1 << 20)
+        else:
+            shape, fortran, dtype = fmt._read_array_header(fh, version, max_header_size=1 << 20)
+    except (ValueError, SyntaxError, TypeError, OSError, EOFError) as exc:
+        raise InputError(f"{where}: corrupt .npy header ({exc})") from exc
+    if dtype.hasobject:
+        raise InputError(f"{where}: dtype {dtype} holds Python objects; bnstat reads numeric arrays only")
+    return tuple(int(s) for s in shape), bool(fortran), dtype
+
+
+def readinto_full(fh, view: memoryview) -> int:
+    """readinto until ``view`` is full or the stream ends; the bytes read."""
+    got = 0
+    total = len(view)
+    while got < total:
+        n = fh.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+class NpyStreamSource(ArraySource):
+    """An array read sequentially from a stream that ``opener`` positions at its magic."""
+
+    kind = "npy"
+
+    def __init__(self, opener: Callable, name: str, path: str, kind: str = "npy",
+                 data_size: int | None = None, repeatable: bool = True):
+        self.opener = opener
+        self.name = name
+        self.path = path
+        self.kind = kind
+        self.repeatable = repeatable
+        self._pending = None
+        fh = opener()
+        try:
+            self.shape, self.fortran, self.dtype = read_npy_header(fh, self.where)
+            self.data_offset = fh.tell() if fh.seekable() else None
+        except BaseException:
+            fh.close()
+            raise
+        check_dtype(self.dtype, self.where)
+        check_shape(self.shape, self.where)
+        if data_size is not None and self.data_offset is not None:
+            have = data_size - self.data_offset
+            if have < self.nbytes:
+                fh.close()
+                raise InputError(
+                    f"{self.where}: truncated: the header promises {self.nbytes} bytes of data "
+                    f"(shape {self.shape}, {self.dtype}), the file holds {max(have, 0)}")
+        if repeatable:
+            fh.close()
+        else:
+            self._pending = fh  # stdin: keep the stream, already past the header
+
+    def _open_data(self):
+        if self._pending is not None:
+            fh, self._pending = self._pending, None
+            return fh
+        if not self.repeatable:
+            raise InputError(f"{self.where}: standard input can be read only once",
+                             "Save the stream to a file first.")
+        fh = self.opener()
+        read_npy_header(fh, self.where)
+        return fh
+
+    def iter_chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        shape = self.read_shape
+        row_bytes = self.row_bytes
+        buf = np.empty(rows * row_bytes, np.uint8)
+        fh = self._open_data()
+        try:
+            for r0 in range(0, shape[0], rows):
+                r = min(rows, shape[0] - r0)
+                nb = r * row_bytes
+                got = readinto_full(fh, memoryview(buf)[:nb])
+                if got < nb:
+                    raise InputError(
+                        f"{self.where}: truncated: the data ends after {r0 * row_bytes + got} of "
+                        f"{self.nbytes} bytes (shape {self.shape}, {self.dtype})")
+                chunk = buf[:nb].view(self.dtype).reshape((r,) + shape[1:])
+                yield r0, native(chunk)
+        except zlib.error as exc:
+            raise InputError(f"{self.where}: corrupt compressed data ({exc})") from exc
+        except zipfile.BadZipFile as exc:
+            raise InputError(f"{self.where}: corrupt zip member ({exc})") from exc
+        finally:
+            fh.close()
+
+
+def _open_file(path: str):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise InputError(f"{path}: is a directory", "Give the files inside it.") from exc
+    except PermissionError as exc:
+        raise InputError(f"{path}: permission denied") from exc
+    except OSError as exc:
+        raise InputError(f"{path}: cannot open: {exc.strerror}") from exc
+
+
+def npy_name(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def open_npy(path: str) -> list[ArraySource]:
+    size = os.stat(path).st_size
+    if size == 0:
+        raise InputError(f"{path}: empty file")
+    return [NpyStreamSource(lambda: _open_file(path), npy_name(path), path, "npy", data_size=size)]
+
+
+class _Window:
+    """A read-only view of ``length`` bytes of a file from ``offset`` (a stored zip member)."""
+
+    def __init__(self, path: str, offset: int, length: int):
+        self.fh = _open_file(path)
+        self.fh.seek(offset)
+        self.start = offset
+        self.end = offset + length
+
+    def read(self, n=-1):
+        left = self.end - self.fh.tell()
+        n = left if n is None or n < 0 else min(n, left)
+        return self.fh.read(max(n, 0))
+
+    def readinto(self, b):
+        left = self.end - self.fh.tell()
+        view = memoryview(b)
+        if left < len(view):
+            view = view[:max(left, 0)]
+        return self.fh.readinto(view)
+
+    def tell(self):
+        return self.fh.tell() - self.start
+
+    def seekable(self):
+        return True
+
+    def close(self):
+        self.fh.close()
+
+
+def _stored_offset(path: str, info: zipfile.ZipInfo) -> int:
+    with _open_file(path) as fh:
+        fh.seek(info.header_offset)
+        header = fh.read(_ZIP_LOCAL_HEADER)
+    if len(header) != _ZIP_LOCAL_HEADER or header[:4] != b"PK\x03\x04":
+        raise InputError(f"{path}:{info.filename}: corrupt zip local header")
+    name_len = int.from_bytes(header[26:28], "little")
+    extra_len = int.from_bytes(header[28:30], "little")
+    return info.header_offset + _ZIP_LOCAL_HEADER + name_len + extra_len
+
+
+def open_npz(path: str) -> list[ArraySource]:
+    """Every member of a .npz, streamed (stored members read straight from the file)."""
+    try:
+        with zipfile.ZipFile(_open_file(path)) as zf:
+            infos = zf.infolist()
+    except zipfile.BadZipFile as exc:
+        raise InputError(f"{path}: not a valid .npz (zip) file ({exc})") from exc
+    sources = []
+    for info in infos:
+        if info.is_dir():
+            continue
+        name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+        where = f"{path}:{name}"
+        if info.compress_type == zipfile.ZIP_STORED:
+            offset = _stored_offset(path, info)
+
+            def opener(offset=offset, info=info):
+                return _Window(path, offset, info.file_size)
+
+            sources.append(NpyStreamSource(opener, name, path, "npz", data_size=info.file_size))
+        elif info.compress_type == zipfile.ZIP_DEFLATED:
+
+            def opener(info=info):
+                zf = zipfile.ZipFile(_open_file(path))
+                member = zf.open(info)
+                member_close = member.close
+
+                def close():  # close the member, then the archive
+                    member_close()
+                    zf.close()
+                member.close = close
+                return member
+
+            try:
+                src = NpyStreamSource(opener, name, path, "npz", data_size=info.file_size)
+            except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                raise InputError(f"{where}: corrupt zip member ({exc})") from exc
+            src.compression = "deflate"
+            sources.append(src)
+        else:
+            raise InputError(f"{where}: zip compression method {info.compress_type} is not supported")
+    return sources
+
+
+def open_stdin() -> list[ArraySource]:
+    stream = sys.stdin.buffer if sys.stdin is not None else None
+    if stream is None:
+        raise InputError("-: no standard input")
+    try:
+        if os.isatty(stream.fileno()):
+            raise InputError("-: standard input is a terminal; pipe a .npy stream into bnstat",
+                             "Example: python -c 'import numpy as np, sys; np.save(sys.stdout.buffer, a)' | bnstat moments -")
+    except (OSError, ValueError, AttributeError):
+        pass
+    first = stream.peek(1)[:1] if hasattr(stream, "peek") else b"?"
+    if not first:
+        raise InputError("-: standard input is empty; expected a .npy stream")
+    return [NpyStreamSource(lambda: stream, "stdin", "-", "stdin", repeatable=False)]

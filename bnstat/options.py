@@ -1,0 +1,236 @@
+"""Every shared click option of bnstat, defined once, with its validation.
+
+Commands stack these decorators; a test walks all commands and fails on a
+flag declared twice. Validation of a single value raises
+``click.BadParameter``; options that conflict raise ``click.UsageError``
+(both exit 2).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import click
+
+
+@dataclass
+class RunState:
+    """Process-wide switches set by option callbacks, read by ``cli``."""
+
+    quiet: bool = False
+    debug: bool = False
+
+    def reset(self) -> None:
+        self.quiet = False
+        self.debug = False
+
+
+state = RunState()
+
+NORMS = ("batch", "layer", "instance", "group")
+FORMATS = ("table", "json", "csv", "npz")
+NAN_POLICIES = ("omit", "propagate", "raise")
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3,
+    "t": 1024**4, "tib": 1024**4,
+    "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+}
+
+
+def parse_size(text: str) -> int:
+    """``'64MiB'`` -> 67108864. KiB/MiB/GiB (and K/M/G) are powers of 1024,
+    KB/MB/GB powers of 1000. Raises ValueError."""
+    match = _SIZE_RE.match(str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"{text!r} is not a size (examples: 65536, 512KiB, 64MiB, 1GiB, 100MB)")
+    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if value < 1:
+        raise ValueError(f"{text!r} is smaller than one byte")
+    return int(value)
+
+
+def _size_callback(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
+def check_layout_letters(text: str) -> str:
+    """Validate a layout string (``NCHW``...). Raises ValueError."""
+    letters = text.strip()
+    if not letters or not letters.isalpha():
+        raise ValueError(f"{text!r}: a layout is a string of axis letters, such as NCHW or NHWC")
+    letters = letters.upper()
+    if letters.count("C") != 1:
+        raise ValueError(f"{text!r}: a layout needs exactly one C (the channel axis)")
+    if len(set(letters)) != len(letters):
+        raise ValueError(f"{text!r}: each axis letter may appear once")
+    return letters
+
+
+def _layout_callback(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return check_layout_letters(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
+def _reduce_callback(ctx, param, value):
+    if value is None:
+        return None
+    letters = value.strip().upper()
+    if not letters.isalpha() or len(set(letters)) != len(letters):
+        raise click.BadParameter(
+            f"{value!r}: name the reduced axes by their layout letters, each once (e.g. C, HW, NHW)",
+            ctx=ctx, param=param)
+    return letters
+
+
+def _quiet_callback(ctx, param, value):
+    if value:
+        state.quiet = True
+    return value
+
+
+def _debug_callback(ctx, param, value):
+    if value:
+        state.debug = True
+    return value
+
+
+debug_option = click.option(
+    "--debug", is_flag=True, expose_value=False, is_eager=True, callback=_debug_callback,
+    help="Show the Python traceback of an error.")
+
+output_option = click.option(
+    "-o", "--output", type=str, default=None, metavar="PATH",
+    help="Write the result to PATH ('-' is standard output).")
+force_option = click.option("--force", is_flag=True, help="Replace an existing output file.")
+quiet_option = click.option(
+    "-q", "--quiet", is_flag=True, callback=_quiet_callback,
+    help="No warnings and no progress bar.")
+threads_option = click.option(
+    "--threads", type=click.IntRange(min=1), default=None, metavar="N",
+    help="Number of compute threads (default: all cores).")
+chunk_size_option = click.option(
+    "--chunk-size", type=str, default=None, callback=_size_callback, metavar="SIZE",
+    help="Bytes read at a time: 65536, 512KiB, 64MiB, 1GiB; KB/MB/GB are powers of 1000. "
+    "Memory stays bounded by it. [default: 64MiB]")
+
+
+def common_options(func):
+    """-o, --force, --quiet, --threads, --chunk-size, --debug (every command)."""
+    for deco in reversed((output_option, force_option, quiet_option, threads_option,
+                          chunk_size_option, debug_option)):
+        func = deco(func)
+    return func
+
+
+inputs_argument = click.argument("inputs", nargs=-1, required=True, metavar="PATH...")
+dataset_option = click.option(
+    "-d", "--dataset", "datasets", multiple=True, metavar="PATTERN",
+    help="Select arrays by name (fnmatch; '*' also matches '/'). Repeatable.")
+per_file_option = click.option(
+    "--per-file", is_flag=True,
+    help="Keep arrays of the same name in different files apart (default: merged along N).")
+
+
+def selection_options(func):
+    for deco in reversed((dataset_option, per_file_option)):
+        func = deco(func)
+    return func
+
+
+def layout_options(func):
+    """--layout, --channel-axis, --norm, --groups, --reduce."""
+    decos = (
+        click.option("--layout", type=str, default=None, callback=_layout_callback,
+                     help="Axis letters, one per dimension, one C: NC, NCL, NLC, NCHW, NHWC, NCDHW..."),
+        click.option("--channel-axis", type=int, default=None, metavar="K",
+                     help="The channel axis, instead of --layout (negative counts from the end)."),
+        click.option("--norm", type=click.Choice(NORMS), default=None,
+                     help="Which statistics: per channel (batch, the default), per sample (layer), "
+                     "per sample and channel (instance), per sample and group (group)."),
+        click.option("--groups", type=click.IntRange(min=1), default=None, metavar="G",
+                     help="Number of channel groups, with --norm group."),
+        click.option("--reduce", type=str, default=None, callback=_reduce_callback, metavar="LETTERS",
+                     help="Name the reduced axes directly, e.g. --reduce C with --layout NLC."),
+    )
+    for deco in reversed(decos):
+        func = deco(func)
+    return func
+
+
+def layout_spec(layout, channel_axis, norm, groups, reduce) -> dict:
+    """Check the layout options against each other; keyword arguments for the library.
+
+    Raises click.UsageError on a conflict.
+    """
+    if layout is not None and channel_axis is not None:
+        raise click.UsageError("give --layout or --channel-axis, not both")
+    if reduce is not None and norm is not None:
+        raise click.UsageError("--reduce names the reduced axes itself; drop --norm")
+    if reduce is not None and layout is None:
+        raise click.UsageError("--reduce needs --layout, to know which letter is which axis")
+    if reduce is not None:
+        unknown = sorted(set(reduce) - set(layout))
+        if unknown:
+            raise click.UsageError(
+                f"--reduce {reduce}: {''.join(unknown)} is not an axis of --layout {layout}")
+    norm = norm or "batch"
+    if norm == "group" and groups is None:
+        raise click.UsageError("--norm group needs --groups G")
+    if groups is not None and norm != "group":
+        raise click.UsageError("--groups goes with --norm group")
+    return dict(layout=layout, channel_axis=channel_axis, norm=norm, groups=groups, reduce=reduce)
+
+
+ddof_option = click.option(
+    "--ddof", type=click.IntRange(min=0), default=0, show_default=True,
+    help="Delta degrees of freedom of the reported variance (0: biased, as BN normalizes; 1: unbiased).")
+nan_option = click.option(
+    "--nan", "nan_policy", type=click.Choice(NAN_POLICIES), default="omit", show_default=True,
+    help="NaN values: omit (counted and left out, with a warning), propagate (numpy), raise (exit 1).")
+higher_option = click.option(
+    "--higher", is_flag=True, help="Add skewness and excess kurtosis.")
+format_option = click.option(
+    "--format", "fmt", type=click.Choice(FORMATS), default=None,
+    help="Output format (default: table; with -o FILE, from its extension).")
+
+
+def table_options(func):
+    decos = (
+        click.option("--sort", type=click.Choice(["unit", "mean", "var", "std", "min", "max",
+                                                  "nan", "absmean"]),
+                     default="unit", show_default=True, help="Order of the table rows."),
+        click.option("--top", type=click.IntRange(min=1), default=None, metavar="N",
+                     help="Show N rows per array (default: all up to 32, else 20 and the flagged units)."),
+        click.option("--all", "show_all", is_flag=True, help="Show every unit of every array."),
+    )
+    for deco in reversed(decos):
+        func = deco(func)
+    return func
+
+
+def format_for(fmt: str | None, output: str | None) -> str:
+    """The output format: --format, else the extension of -o, else table."""
+    if fmt:
+        return fmt
+    if output and output != "-":
+        ext = output.rsplit(".", 1)[-1].lower() if "." in output else ""
+        if ext in ("json", "csv", "npz"):
+            return ext
+        if ext in ("txt", "text"):
+            return "table"
+        raise click.UsageError(
+            f"-o {output}: cannot tell the format from the extension; use .json, .csv, .npz or --format")
+    return "table"

@@ -1,0 +1,234 @@
+"""Chunk planning and the drivers that feed the kernels.
+
+A source yields C-contiguous chunks along its first axis; each chunk becomes
+the 4-D kernel view of ``layout.Plan.kernel_view``, the kernel returns
+per-task partial moments, and those are merged (Chan) into the running
+state of the array: merged into every unit when the first axis is reduced,
+written into the units the chunk covers when it is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from bnstat.errors import DataError, InputError, warn
+from bnstat.io.base import ArraySource
+from bnstat.layout import Plan, make_plan
+from bnstat.stats import Moments, Stats, merge_all, warn_degenerate
+
+DEFAULT_CHUNK_SIZE = 64 * 1024**2
+TASKS_PER_THREAD = 4
+
+
+def set_threads(threads: int | None) -> int:
+    """Set numba's thread count (None: all it has); returns the count in use."""
+    import numba
+
+    limit = numba.config.NUMBA_NUM_THREADS
+    numba.set_num_threads(max(1, min(threads or limit, limit)))
+    return numba.get_num_threads()
+
+
+def split_tasks(shape4: tuple[int, int, int, int], threads: int) -> tuple[int, int]:
+    """How many ranges of A (sa) and of U (su) to cut the work into.
+
+    Enough tasks for every thread (a few each, for balance) but no more: each
+    range of A costs a merge, each range of U shortens the NHWC inner loop.
+    """
+    P, A, U, B = shape4
+    target = TASKS_PER_THREAD * threads if threads > 1 else 1
+    if P >= target:
+        return 1, 1
+    need = -(-target // P)
+    if B > 1:
+        su = max(1, min(U, need))
+        sa = max(1, min(A, -(-need // su)))
+    else:
+        sa = max(1, min(A, need))
+        su = 1
+        if sa < need and U >= 256:
+            su = max(1, min(U // 128, -(-need // sa)))
+    return sa, su
+
+
+def kernel_input(chunk: np.ndarray, plan: Plan) -> np.ndarray:
+    """The (P, A, U, B) view of a chunk, in a dtype the kernels take."""
+    shape4, perm = plan.kernel_view(chunk.shape)
+    if perm is None:
+        x = chunk.reshape(shape4)
+    else:
+        exp, _ = plan.expanded(chunk.shape)
+        x = np.ascontiguousarray(chunk.reshape(exp).transpose(perm)).reshape(shape4)
+    if x.dtype == np.float16:
+        x = x.astype(np.float32)  # numba has no float16 arithmetic; exact widening
+    elif x.dtype.kind == "f" and x.dtype.itemsize > 8:
+        x = x.astype(np.float64)
+    return x
+
+
+def chunk_moments(chunk: np.ndarray, plan: Plan, *, higher: bool = False,
+                  threads: int = 1) -> Moments:
+    """Moments of every unit a chunk covers, flat in C order over (P, U)."""
+    from bnstat import kernels
+
+    x = kernel_input(chunk, plan)
+    P, A, U, B = x.shape
+    sa, su = split_tasks(x.shape, threads)
+    shape = (sa, P, U)
+    cnt = np.zeros(shape, np.int64)
+    nan = np.zeros(shape, np.int64)
+    mean = np.zeros(shape)
+    m2 = np.zeros(shape)
+    mn = np.full(shape, np.inf)
+    mx = np.full(shape, -np.inf)
+    if higher:
+        m3 = np.zeros(shape)
+        m4 = np.zeros(shape)
+        kernels.moments4_higher(x, sa, su, cnt, mean, m2, m3, m4, mn, mx, nan)
+    else:
+        m3 = m4 = None
+        kernels.moments4(x, sa, su, cnt, mean, m2, mn, mx, nan)
+    parts = [Moments(cnt[i].ravel(), mean[i].ravel(), m2[i].ravel(), mn[i].ravel(), mx[i].ravel(),
+                     nan[i].ravel(), None if m3 is None else m3[i].ravel(),
+                     None if m4 is None else m4[i].ravel()) for i in range(sa)]
+    out = parts[0]
+    for part in parts[1:]:
+        out = out.merge(part)
+    return out
+
+
+def source_moments(source: ArraySource, plan: Plan, *, chunk_size: int, higher: bool = False,
+                   threads: int = 1, progress: Callable[[int], None] | None = None) -> Moments:
+    """Moments of one source, of shape ``plan.unit_shape(source.shape)``."""
+    splan = plan.transposed() if source.fortran else plan
+    shape = source.read_shape
+    n_units = math.prod(splan.unit_shape(shape))
+    rows = source.rows_for(chunk_size)
+    group_rows = 1
+    if splan.groups is not None and splan.channel_axis == 0:
+        group_rows = shape[0] // splan.groups  # a chunk must hold whole groups
+        rows = max(group_rows, rows - rows % group_rows)
+    first_kept = 0 not in splan.reduce or group_rows > 1
+    per_row = n_units * group_rows // shape[0] if first_kept else 0
+    state = Moments.empty((n_units,), higher)
+    row_bytes = source.row_bytes
+    for r0, chunk in source.iter_chunks(rows):
+        part = chunk_moments(chunk, splan, higher=higher, threads=threads)
+        if first_kept:
+            lo = (r0 // group_rows) * per_row
+            hi = lo + part.count.size
+            for key, value in part.arrays().items():
+                getattr(state, key)[lo:hi] = value
+        else:
+            state = state.merge(part)
+        if progress is not None:
+            progress(chunk.shape[0] * row_bytes)
+    state = state.map(lambda a: a.reshape(splan.unit_shape(shape)))
+    if source.fortran:
+        state = state.map(lambda a: np.ascontiguousarray(a.transpose()))
+    return state
+
+
+@dataclass
+class ArrayGroup:
+    """The sources of one named array (several files split along N)."""
+
+    name: str
+    sources: list[ArraySource]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.sources[0].shape
+
+
+def group_sources(sources: list[ArraySource], *, per_file: bool = False,
+                  n_axis: Callable[[ArraySource], int] | None = None) -> list[ArrayGroup]:
+    """Arrays of the same name across files become one group, unless ``per_file``."""
+    groups: dict[str, ArrayGroup] = {}
+    names = {s.name for s in sources}
+    multi_file = len({s.path for s in sources}) > 1
+    for src in sources:
+        key = f"{src.path}:{src.name}" if (per_file and multi_file) else src.name
+        if key in groups:
+            groups[key].sources.append(src)
+        else:
+            groups[key] = ArrayGroup(key, [src])
+    del names
+    return list(groups.values())
+
+
+def check_group_shapes(group: ArrayGroup, plans: list[Plan]) -> None:
+    """Arrays merged along N must agree on every other axis. Raises InputError."""
+    first = group.sources[0]
+    for src, plan in zip(group.sources[1:], plans[1:]):
+        n = plan.n_axis if plan.n_axis is not None else 0
+        a = tuple(s for i, s in enumerate(first.shape) if i != n)
+        b = tuple(s for i, s in enumerate(src.shape) if i != n)
+        if len(first.shape) != len(src.shape) or a != b:
+            raise InputError(
+                f"{group.name}: {first.path} has shape {first.shape} but {src.path} has shape "
+                f"{src.shape}; arrays of one name are merged along {plan.letters[n]} and must agree "
+                "on the other axes", "Use --per-file to keep them apart.")
+
+
+def compute_stats(sources: list[ArraySource], *, layout=None, channel_axis=None, norm="batch",
+                  groups=None, reduce=None, ddof=0, higher=False, nan_policy="omit",
+                  chunk_size=None, threads=None, per_file=False,
+                  progress: Callable[[int], None] | None = None) -> dict[str, Stats]:
+    """Statistics of every named array. Raises BnstatError subclasses."""
+    chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
+    array_groups = group_sources(sources, per_file=per_file)
+    # every plan first: a layout that does not fit fails before any reading
+    plans = []
+    for g in array_groups:
+        ps = [make_plan(s.shape, layout=layout, channel_axis=channel_axis, norm=norm, groups=groups,
+                        reduce=reduce, name=s.where) for s in g.sources]
+        check_group_shapes(g, ps)
+        plans.append(ps)
+    assumed = [g.name for g, ps in zip(array_groups, plans) if ps[0].assumed]
+    if assumed:
+        by_letters: dict[str, list[str]] = {}
+        for g, ps in zip(array_groups, plans):
+            if ps[0].assumed:
+                by_letters.setdefault(ps[0].letters, []).append(g.name)
+        for letters, names in by_letters.items():
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            warn(f"no --layout given: assuming the PyTorch layout {letters} (channel axis 1) for {shown}")
+    n_threads = set_threads(threads)
+    results = {}
+    for g, ps in zip(array_groups, plans):
+        parts = []
+        for src, plan in zip(g.sources, ps):
+            moments = source_moments(src, plan, chunk_size=chunk_size, higher=higher,
+                                     threads=n_threads, progress=progress)
+            parts.append(Stats(name=g.name, moments=moments, shape=tuple(src.shape),
+                               dtype=np.dtype(src.dtype).name, layout=plan.letters,
+                               reduce=plan.reduce_letters, unit_axes=plan.unit_axes, ddof=ddof,
+                               sources=[src.path], norm=plan.norm, groups=plan.groups,
+                               assumed_layout=plan.assumed, nan_policy=nan_policy))
+        stats = merge_all(parts)
+        check_nans(stats, nan_policy)
+        warn_degenerate(stats)
+        results[g.name] = stats
+    return results
+
+
+def check_nans(stats: Stats, nan_policy: str) -> None:
+    """Apply --nan: raise (DataError naming the first unit) or warn about omitted NaNs."""
+    total = int(stats.nan_count.sum())
+    if not total:
+        return
+    units = int(np.count_nonzero(stats.nan_count))
+    if nan_policy == "raise":
+        first = np.unravel_index(int(np.flatnonzero(stats.nan_count.ravel())[0]), stats.unit_shape)
+        unit = ", ".join(f"{a}={i}" for a, i in zip(stats.unit_axes, first))
+        raise DataError(f"{stats.name}: {total} NaN value(s), the first in unit ({unit})",
+                        "Use --nan omit to leave them out, or --nan propagate.")
+    if nan_policy == "omit":
+        warn(f"{stats.name}: {total} NaN value(s) in {units} unit(s) counted and left out")
+    else:
+        warn(f"{stats.name}: {total} NaN value(s) in {units} unit(s); their statistics are NaN")
