@@ -269,3 +269,23 @@ def moments4_higher(x, sa, su, cnt, mean, m2, m3, m4, mn, mx, nanc):
         u1 = (U * (iu + 1)) // su
         _higher_task(x, p, a0, a1, u0, u1, cnt[ia, p], mean[ia, p], m2[ia, p], m3[ia, p],
                      m4[ia, p], mn[ia, p], mx[ia, p], nanc[ia, p])
+
+
+# ---- normalization -------------------------------------------------------------
+
+@njit(parallel=True, **_JIT)
+def normalize4(x, scale, bias, out):
+    """out = x * scale + bias per unit, on (P, A, U, B) views; scale, bias (P, U) float64.
+
+    One read and one write per element; the arithmetic is float64 and the
+    store casts to ``out``'s dtype.
+    """
+    P, A, U, B = x.shape
+    for t in prange(P * A):
+        p = t // A
+        a = t - p * A
+        for u in range(U):
+            s = scale[p, u]
+            c = bias[p, u]
+            for b in range(B):
+                out[p, a, u, b] = np.float64(x[p, a, u, b]) * s + c

@@ -1,0 +1,45 @@
+"""Writing a statistics report (table, JSON, CSV, stats file) to stdout or a file."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import click
+
+
+def check_target(output: str | None, fmt: str, force: bool, inputs) -> None:
+    """Refuse a bad output before any work is done (OutputError, UsageError)."""
+    from bnstat.io.atomic import check_output
+
+    if fmt == "npz" and (output is None or output == "-") and sys.stdout.isatty():
+        raise click.UsageError("a stats file is binary: give -o FILE.npz, or redirect standard output")
+    if output is not None:
+        check_output(output, force=force, inputs=inputs)
+
+
+def emit(stats: dict, fmt: str, output: str | None, *, force: bool = False, inputs=(),
+         sort: str = "unit", top=None, show_all: bool = False) -> None:
+    """Render ``stats`` in ``fmt`` to ``output`` (None or '-': stdout), atomically."""
+    from bnstat import render
+    from bnstat.io.atomic import atomic_open
+    from bnstat.stats import save_stats
+
+    target = output or "-"
+    if fmt == "npz":
+        if target == "-":
+            buf = io.BytesIO()  # np.savez needs to seek; a stats file is small
+            save_stats(stats, buf)
+            sys.stdout.buffer.write(buf.getvalue())
+            sys.stdout.buffer.flush()
+            return
+        with atomic_open(target, "wb", force=force, inputs=inputs) as fh:
+            save_stats(stats, fh)
+        return
+    with atomic_open(target, "w", force=force, inputs=inputs) as fh:
+        if fmt == "json":
+            fh.write(render.to_json(stats))
+        elif fmt == "csv":
+            render.write_csv(stats, fh)
+        else:
+            render.print_tables(stats, file=fh, sort=sort, top=top, show_all=show_all)

@@ -1,0 +1,51 @@
+"""bnstat moments: exact per-unit statistics of arrays in files."""
+
+from __future__ import annotations
+
+import click
+
+from bnstat import options
+
+
+@click.command("moments")
+@options.inputs_argument
+@options.layout_options
+@options.ddof_option
+@options.selection_options
+@options.nan_option
+@options.higher_option
+@options.format_option
+@options.table_options
+@options.common_options
+def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, per_file,
+            nan_policy, higher, fmt, sort, top, show_all, output, force, quiet, threads, chunk_size):
+    """Exact per-unit count, mean, var, std, min, max and NaN count.
+
+    PATH is a .npy, .npz or HDF5 file, or '-' for a .npy stream on standard
+    input. Several paths are one data set split along N (arrays of the same
+    name are merged). Statistics are accumulated in float64, chunk by chunk:
+    memory is bounded by --chunk-size, not by the file size.
+
+    \b
+    Examples:
+      bnstat moments acts.h5 --layout NCHW
+      bnstat moments acts.npy --layout NHWC --norm group --groups 8
+      bnstat moments tokens.npy --layout NLC --reduce C --format csv
+      bnstat moments part1.h5 part2.h5 -d 'features/*' -o stats.npz
+      python make.py | bnstat moments - --format json
+    """
+    from bnstat.commands._output import check_target, emit
+    from bnstat.io import open_sources
+    from bnstat.render import progress
+    from bnstat.stream import compute_stats
+
+    spec = options.layout_spec(layout, channel_axis, norm, groups, reduce)
+    fmt = options.format_for(fmt, output)
+    check_target(output, fmt, force, inputs)
+    sources = open_sources(inputs, datasets)
+    total = sum(s.nbytes for s in sources)
+    with progress(total, "moments", enabled=not quiet) as advance:
+        stats = compute_stats(sources, ddof=ddof, higher=higher, nan_policy=nan_policy,
+                              chunk_size=chunk_size, threads=threads, per_file=per_file,
+                              progress=advance, **spec)
+    emit(stats, fmt, output, force=force, inputs=inputs, sort=sort, top=top, show_all=show_all)

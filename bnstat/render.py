@@ -1,0 +1,286 @@
+"""Reports: rich tables, JSON, CSV, progress bars. The only module that imports rich."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+from bnstat._version import __version__
+from bnstat.stats import Stats
+
+SMALL_TABLE = 32  # arrays with at most this many units show every unit
+DEFAULT_TOP = 20
+DESCENDING = {"mean", "var", "std", "max", "nan", "absmean"}
+
+
+# ---- JSON and CSV -----------------------------------------------------------
+
+def _floats(a: np.ndarray) -> list:
+    return [float(v) for v in np.asarray(a, dtype=np.float64).ravel()]
+
+
+def _ints(a: np.ndarray) -> list:
+    return [int(v) for v in np.asarray(a).ravel()]
+
+
+def stats_record(s: Stats) -> dict:
+    cols = s.columns()
+    rec = {"name": s.name, "sources": s.sources, "shape": list(s.shape), "dtype": s.dtype,
+           "layout": s.layout, "layout_assumed": s.assumed_layout, "reduce": s.reduce,
+           "unit_axes": s.unit_axes, "unit_shape": list(s.unit_shape), "ddof": s.ddof,
+           "nan_policy": s.nan_policy,
+           "count": _ints(cols["count"]), "mean": _floats(cols["mean"]), "var": _floats(cols["var"]),
+           "std": _floats(cols["std"]), "min": _floats(cols["min"]), "max": _floats(cols["max"]),
+           "nan_count": _ints(cols["nan_count"])}
+    if s.higher:
+        rec["skew"] = _floats(cols["skew"])
+        rec["kurtosis"] = _floats(cols["kurtosis"])
+    return rec
+
+
+def to_json(stats: dict[str, Stats]) -> str:
+    """SPEC 4 JSON; floats round-trip (Python's repr), NaN as NaN."""
+    doc = {"bnstat": __version__, "arrays": [stats_record(s) for s in stats.values()]}
+    return json.dumps(doc) + "\n"
+
+
+CSV_COLUMNS = ["name", "unit", "count", "mean", "var", "std", "min", "max", "nan_count"]
+
+
+def write_csv(stats: dict[str, Stats], fh) -> None:
+    """One header line, one row per unit in C order (``unit`` is the flat index)."""
+    higher = any(s.higher for s in stats.values())
+    writer = csv.writer(fh, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS + (["skew", "kurtosis"] if higher else []))
+    for s in stats.values():
+        cols = {k: np.asarray(v).ravel() for k, v in s.columns().items()}
+        for i in range(int(np.prod(s.unit_shape))):
+            row = [s.name, i, int(cols["count"][i])]
+            row += [repr(float(cols[k][i])) for k in ("mean", "var", "std", "min", "max")]
+            row.append(int(cols["nan_count"][i]))
+            if higher:
+                row += [repr(float(cols[k][i])) if k in cols else "" for k in ("skew", "kurtosis")]
+            writer.writerow(row)
+
+
+# ---- tables -------------------------------------------------------------------
+
+def _console(file=None, stderr=False):
+    from rich.console import Console
+
+    target = file if file is not None else (sys.stderr if stderr else sys.stdout)
+    width = None
+    if not (hasattr(target, "isatty") and target.isatty()):
+        width = int(os.environ.get("COLUMNS", 0)) or 140
+    return Console(file=target, width=width, highlight=False, soft_wrap=False)
+
+
+def fmt_num(v: float) -> str:
+    if isinstance(v, float | np.floating):
+        if math.isnan(v):
+            return "NaN"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return f"{v:.6g}"
+    return f"{v:,}"
+
+
+def unit_label(s: Stats, flat: int) -> str:
+    idx = np.unravel_index(flat, s.unit_shape)
+    if len(idx) == 1:
+        return str(int(idx[0]))
+    return " ".join(f"{a.lower()}{int(i)}" for a, i in zip(s.unit_axes, idx))
+
+
+def flags(s: Stats) -> np.ndarray:
+    """Per-unit flags: const (zero variance), nan, empty, mean (a mean far from the others)."""
+    mean = np.asarray(s.mean, dtype=float).ravel()
+    var = np.asarray(s.moments.m2, dtype=float).ravel()
+    count = np.asarray(s.count).ravel()
+    nan = np.asarray(s.nan_count).ravel()
+    out = np.full(mean.shape, "", dtype=object)
+    finite = np.isfinite(mean)
+    extreme = np.zeros(mean.shape, bool)
+    if finite.sum() >= 8:
+        med = np.median(mean[finite])
+        mad = np.median(np.abs(mean[finite] - med)) * 1.4826
+        if mad > 0:
+            extreme = finite & (np.abs(mean - med) > 6 * mad)
+    for i in range(mean.size):
+        f = []
+        if count[i] == 0:
+            f.append("empty")
+        elif var[i] == 0 and count[i] > 1:
+            f.append("const")
+        if nan[i]:
+            f.append("nan")
+        if extreme[i]:
+            f.append("mean")
+        out[i] = ",".join(f)
+    return out
+
+
+def select_rows(s: Stats, unit_flags: np.ndarray, sort: str = "unit", top: int | None = None,
+                show_all: bool = False):
+    """The flat unit indices to show, and how many are left out."""
+    n = int(np.prod(s.unit_shape))
+    cols = s.columns()
+    key = {"unit": None, "mean": cols["mean"], "var": cols["var"], "std": cols["std"],
+           "min": cols["min"], "max": cols["max"], "nan": cols["nan_count"],
+           "absmean": np.abs(cols["mean"])}[sort]
+    if key is None:
+        order = np.arange(n)
+    else:
+        k = np.asarray(key, dtype=float).ravel()
+        k = np.where(np.isnan(k), -np.inf if sort in DESCENDING else np.inf, k)
+        order = np.argsort(-k if sort in DESCENDING else k, kind="stable")
+    if show_all or (top is None and n <= SMALL_TABLE):
+        return order, 0
+    limit = top or DEFAULT_TOP
+    chosen = list(order[:limit])
+    if top is None:  # the default view adds the flagged units beyond the first rows
+        chosen += [i for i in order[limit:] if unit_flags[i]][:limit]
+    return np.array(chosen, dtype=int), n - len(chosen)
+
+
+def summary_line(s: Stats, f: np.ndarray) -> str:
+    cols = s.columns()
+    mean = np.asarray(cols["mean"], float)
+    std = np.asarray(cols["std"], float)
+    n = int(np.prod(s.unit_shape))
+    parts = [f"{n:,} units of {int(np.asarray(s.count).max(initial=0)):,} values"]
+    with np.errstate(all="ignore"), contextlib.suppress(ValueError):
+        if np.isfinite(mean).any():
+            parts.append(f"mean {fmt_num(float(np.nanmin(mean)))} .. {fmt_num(float(np.nanmax(mean)))}")
+        if np.isfinite(std).any():
+            parts.append(f"std {fmt_num(float(np.nanmin(std)))} .. {fmt_num(float(np.nanmax(std)))}")
+        parts.append(f"min {fmt_num(float(np.nanmin(cols['min'])))}, max {fmt_num(float(np.nanmax(cols['max'])))}")
+    counts = {name: sum(1 for x in f if name in x.split(",")) for name in ("const", "nan", "mean", "empty")}
+    labels = {"const": "zero variance", "nan": "with NaN", "mean": "extreme mean", "empty": "empty"}
+    flagged = [f"{c} {labels[k]}" for k, c in counts.items() if c]
+    parts.append("flags: " + (", ".join(flagged) if flagged else "none"))
+    return " · ".join(parts)
+
+
+def stats_table(s: Stats, sort: str = "unit", top: int | None = None, show_all: bool = False):
+    from rich.table import Table
+    from rich.text import Text
+
+    layout = s.layout + (" (assumed, PyTorch default)" if s.assumed_layout else "")
+    title = (f"[bold]{s.name}[/bold]  {tuple(s.shape)} {s.dtype} · layout {layout} · reduce "
+             f"{s.reduce} · {s.elements:,} elements")
+    f = flags(s)
+    rows, hidden = select_rows(s, f, sort, top, show_all)
+    caption = summary_line(s, f)
+    if hidden:
+        caption += (f"\n{hidden:,} more units not shown (--all shows every unit; --sort var|mean|... "
+                    "--top N choose)")
+    table = Table(title=title, caption=caption, title_justify="left", caption_justify="left",
+                  show_edge=False, pad_edge=False)
+    unit_head = "/".join(a.lower() for a in s.unit_axes) if len(s.unit_axes) > 1 else s.unit_axes[0].lower()
+    table.add_column(unit_head, justify="right", style="cyan")
+    names = ["count", "mean", "std", "var", "min", "max", "nan_count"]
+    if s.higher:
+        names += ["skew", "kurtosis"]
+    heads = {"nan_count": "NaN"}
+    for name in names:
+        table.add_column(heads.get(name, name), justify="right")
+    table.add_column("flags", style="yellow")
+    cols = {k: np.asarray(v).ravel() for k, v in s.columns().items()}
+    for i in rows:
+        cells = [unit_label(s, int(i))]
+        for name in names:
+            v = cols[name][i]
+            cells.append(fmt_num(int(v)) if name in ("count", "nan_count") else fmt_num(float(v)))
+        cells.append(Text(f[i]))
+        table.add_row(*cells)
+    return table
+
+
+def print_tables(stats: dict[str, Stats], *, file=None, sort="unit", top=None, show_all=False) -> None:
+    console = _console(file)
+    for i, s in enumerate(stats.values()):
+        if i:
+            console.print()
+        console.print(stats_table(s, sort, top, show_all))
+
+
+def print_info(rows: list[dict], *, file=None) -> None:
+    from rich.table import Table
+
+    console = _console(file)
+    table = Table(show_edge=False, pad_edge=False)
+    for head in ("file", "array", "shape", "dtype", "order", "chunks", "compression", "size"):
+        table.add_column(head, justify="right" if head == "size" else "left")
+    for r in rows:
+        table.add_row(r["path"], r["name"], "x".join(map(str, r["shape"])) or "()", r["dtype"],
+                      r.get("order", "C"), "x".join(map(str, r["chunks"])) if r.get("chunks") else "-",
+                      r.get("compression") or "-", human_size(r["nbytes"]))
+    console.print(table)
+
+
+def print_lines(lines: list[str], *, file=None) -> None:
+    console = _console(file)
+    for line in lines:
+        console.print(line)
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# ---- progress -------------------------------------------------------------------
+
+class _Progress:
+    """A rich progress bar on stderr that appears only after ``delay`` seconds."""
+
+    def __init__(self, total: int, label: str, delay: float = 0.5):
+        self.total = total
+        self.label = label
+        self.delay = delay
+        self.start = time.monotonic()
+        self.done = 0
+        self.bar = None
+        self.task = None
+
+    def __call__(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self.bar is None and time.monotonic() - self.start >= self.delay:
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                                       TimeRemainingColumn, TransferSpeedColumn)
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                TransferSpeedColumn(), TimeRemainingColumn(),
+                                console=_console(stderr=True), transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(self.label, total=self.total)
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@contextlib.contextmanager
+def progress(total: int, label: str, enabled: bool):
+    """A callback ``advance(nbytes)``; a bar only when ``enabled`` and stderr is a terminal."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    bar = _Progress(total, label)
+    try:
+        yield bar
+    finally:
+        bar.close()
