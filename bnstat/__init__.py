@@ -55,8 +55,8 @@ def moments(source, *, layout=None, channel_axis=None, norm="batch", groups=None
 
 
 def normalize(*args, **kwargs):
-    """Normalize arrays as BN/LN/IN/GN would; see ``bnstat.normalize_api.normalize``."""
-    from bnstat.normalize import normalize as _normalize
+    """Normalize arrays as BN/LN/IN/GN would; see ``bnstat.normalizing.normalize``."""
+    from bnstat.normalizing import normalize as _normalize
 
     return _normalize(*args, **kwargs)
 

@@ -274,18 +274,20 @@ def moments4_higher(x, sa, su, cnt, mean, m2, m3, m4, mn, mx, nanc):
 # ---- normalization -------------------------------------------------------------
 
 @njit(parallel=True, **_JIT)
-def normalize4(x, scale, bias, out):
-    """out = x * scale + bias per unit, on (P, A, U, B) views; scale, bias (P, U) float64.
+def normalize4(x, mean, scale, shift, out):
+    """out = (x - mean) * scale + shift per unit, on (P, A, U, B) views.
 
-    One read and one write per element; the arithmetic is float64 and the
-    store casts to ``out``'s dtype.
+    ``mean``, ``scale``, ``shift`` are (P, U) float64. One read and one write
+    per element; the arithmetic is float64 and the store casts to ``out``'s
+    dtype.
     """
     P, A, U, B = x.shape
     for t in prange(P * A):
         p = t // A
         a = t - p * A
         for u in range(U):
+            m = mean[p, u]
             s = scale[p, u]
-            c = bias[p, u]
+            c = shift[p, u]
             for b in range(B):
-                out[p, a, u, b] = np.float64(x[p, a, u, b]) * s + c
+                out[p, a, u, b] = (np.float64(x[p, a, u, b]) - m) * s + c
