@@ -65,10 +65,10 @@ class Plan:
 
     @property
     def reduce_letters(self) -> str:
-        letters = "".join(self.letters[a] for a in self.reduce)
-        if self.groups is not None:
-            letters = letters.replace("C", "C/G") if "C" in letters else letters + "C/G"
-        return letters
+        if self.groups is None:
+            return "".join(self.letters[a] for a in self.reduce)
+        return "".join("(C/G)" if a == self.channel_axis else ch for a, ch in enumerate(self.letters)
+                       if a in self.reduce or a == self.channel_axis)
 
     @property
     def unit_axes(self) -> list[str]:

@@ -182,8 +182,7 @@ def stats_table(s: Stats, sort: str = "unit", top: int | None = None, show_all: 
     if hidden:
         caption += (f"\n{hidden:,} more units not shown (--all shows every unit; --sort var|mean|... "
                     "--top N choose)")
-    table = Table(title=title, caption=caption, title_justify="left", caption_justify="left",
-                  show_edge=False, pad_edge=False)
+    table = Table(caption=caption, caption_justify="left", show_edge=False, pad_edge=False)
     unit_head = "/".join(a.lower() for a in s.unit_axes) if len(s.unit_axes) > 1 else s.unit_axes[0].lower()
     table.add_column(unit_head, justify="right", style="cyan")
     names = ["count", "mean", "std", "var", "min", "max", "nan_count"]
@@ -201,7 +200,7 @@ def stats_table(s: Stats, sort: str = "unit", top: int | None = None, show_all: 
             cells.append(fmt_num(int(v)) if name in ("count", "nan_count") else fmt_num(float(v)))
         cells.append(Text(f[i]))
         table.add_row(*cells)
-    return table
+    return title, table
 
 
 def print_tables(stats: dict[str, Stats], *, file=None, sort="unit", top=None, show_all=False) -> None:
@@ -209,7 +208,9 @@ def print_tables(stats: dict[str, Stats], *, file=None, sort="unit", top=None, s
     for i, s in enumerate(stats.values()):
         if i:
             console.print()
-        console.print(stats_table(s, sort, top, show_all))
+        title, table = stats_table(s, sort, top, show_all)
+        console.print(title)
+        console.print(table)
 
 
 def print_info(rows: list[dict], *, file=None) -> None:
