@@ -31,7 +31,7 @@ def command(inputs, datasets, fmt, output, force, quiet, threads, chunk_size):
 
     if output is not None:
         check_output(output, force=force, inputs=inputs)
-    sources = open_sources(inputs, datasets)
+    sources = open_sources(inputs, datasets, check=False)
     rows = [s.describe() for s in sources]
     model_lines = _model_lines(inputs)
     with atomic_open(output or "-", "w", force=force, inputs=inputs) as fh:

@@ -10,7 +10,7 @@ import fnmatch
 import os
 
 from bnstat.errors import InputError
-from bnstat.io.base import ArraySource, MemorySource
+from bnstat.io.base import ArraySource, MemorySource, check_shape
 
 __all__ = ["ArraySource", "MemorySource", "open_sources", "sniff"]
 
@@ -84,16 +84,21 @@ def open_path(path: str, patterns=()) -> list[ArraySource]:
     return [s for s in sources if selected(s.name) is not False]
 
 
-def open_sources(paths, patterns=()) -> list[ArraySource]:
+def open_sources(paths, patterns=(), *, check: bool = True) -> list[ArraySource]:
     """All selected arrays of all paths, in command-line and file order.
 
-    Raises InputError when a path fails or nothing is selected.
+    With ``check`` (for computing), arrays of fewer than 2 dimensions or no
+    elements are refused; ``bnstat info`` lists them all. Raises InputError
+    when a path fails or nothing is selected.
     """
     if list(paths).count("-") > 1:
         raise InputError("-: standard input can be given once")
     sources = []
     for path in paths:
         sources.extend(open_path(path, patterns))
+    if check:
+        for src in sources:
+            check_shape(src.shape, src.where)
     if not sources:
         where = ", ".join(paths)
         if patterns:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from bnstat.errors import InputError
-from bnstat.io.base import ArraySource, check_dtype, check_shape
+from bnstat.io.base import ArraySource, check_dtype
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
@@ -72,7 +72,6 @@ class Hdf5Source(ArraySource):
         self.compression = dataset.compression
         self.row_align = int(dataset.chunks[0]) if dataset.chunks else 1
         check_dtype(self.dtype, self.where)
-        check_shape(self.shape, self.where)
 
     def iter_chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
         h5py = _h5py()

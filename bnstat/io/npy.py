@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from bnstat.errors import InputError
-from bnstat.io.base import ArraySource, check_dtype, check_shape, native
+from bnstat.io.base import ArraySource, check_dtype, native
 
 _ZIP_LOCAL_HEADER = 30
 
@@ -77,7 +77,6 @@ class NpyStreamSource(ArraySource):
             fh.close()
             raise
         check_dtype(self.dtype, self.where)
-        check_shape(self.shape, self.where)
         if data_size is not None and self.data_offset is not None:
             have = data_size - self.data_offset
             if have < self.nbytes:
