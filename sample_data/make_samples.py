@@ -4,7 +4,7 @@
 Run from anywhere (e.g. ``python sample_data/make_samples.py`` from the repo
 root); the files are written next to this script:
 
-    acts.h5         HDF5 activation dump (NCHW, nested groups, chunked, one gzip dataset)
+    acts.h5         HDF5 activation dump (NCHW, nested groups, chunked, two gzip datasets)
     acts_nhwc.npy   NHWC float32 activations (block2 conv output, transposed)
     acts.npz        compressed .npz with conv1, conv2 (NCHW) and fc (N, C) members
     model.npz       small conv net in PyTorch state_dict naming, with BatchNorm layers
@@ -112,9 +112,10 @@ def write_h5(path, acts):
             ("features/block1/relu", "block1_relu", {"compression": "gzip", "compression_opts": 4,
                                                      "shuffle": True}),
             ("features/block2/conv", "block2_conv", {}),
-            ("features/block2/relu", "block2_relu", {}),
-            ("head/fc", "fc", {}),
+            ("features/block2/relu", "block2_relu", {"compression": "gzip", "compression_opts": 4}),
         ]
+        # every dataset is NCHW, so that `bnstat moments acts.h5 --layout NCHW` fits them all;
+        # the 2-D fc output is in acts.npz
         for name, key, kw in spec:
             arr = acts[key]
             chunks = (5,) + arr.shape[1:]          # 16 = 5 + 5 + 5 + 1
