@@ -108,9 +108,29 @@ def _silence_stdout() -> None:
         pass
 
 
+def _buffer_stdout() -> None:
+    """Put a buffered writer back under stdout when Python runs unbuffered.
+
+    Under ``python -u`` / PYTHONUNBUFFERED=1 (common in containers)
+    ``sys.stdout.buffer`` is the raw FileIO, whose ``write`` may write only
+    part of the bytes and return the count; TextIOWrapper and our .npy writers
+    ignore that count, so a short write (a reader gone, `| head`) would drop
+    data silently and exit 0 instead of ending as a broken pipe. A
+    BufferedWriter retries short writes and raises BrokenPipeError.
+    """
+    import io
+
+    raw = getattr(sys.stdout, "buffer", None)
+    if isinstance(raw, io.RawIOBase):
+        sys.stdout = io.TextIOWrapper(io.BufferedWriter(raw), encoding=sys.stdout.encoding,
+                                      errors=sys.stdout.errors, write_through=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script; exits with SPEC 4's status codes."""
     from bnstat.errors import BnstatError, BnstatWarning
+
+    _buffer_stdout()
 
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
@@ -147,14 +167,31 @@ def main(argv: list[str] | None = None) -> None:
                 traceback.print_exc()
             _print_error(str(exc))
             code = exc.exit_code
+        except OSError as exc:  # an I/O failure no layer below named (e.g. stdout on a full disk)
+            if debug:
+                raise
+            import errno
+
+            where = f"{exc.filename}: " if exc.filename else ""
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+                where += "cannot write: "  # files are named by the layers below; this is stdout
+            _print_error(f"{where}{exc.strerror or exc}")
+            _silence_stdout()  # the interpreter's final flush would fail again
+            code = 1
         except MemoryError:
             _print_error("out of memory; try a smaller --chunk-size")
             code = 1
         except Exception as exc:  # an unexpected failure: still no traceback by default
             if debug:
                 raise
-            _print_error(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+            # the first line only: errors are one or two lines (SPEC 4); numba's are dozens
+            first = (str(exc).strip().splitlines() or [""])[0]
+            _print_error(f"internal error: {type(exc).__name__}: {first} (run with --debug for the traceback)")
             code = 1
         finally:
             signal.signal(signal.SIGTERM, previous_term)
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):  # bytes that cannot be delivered (full disk, closed pipe):
+        _silence_stdout()          # leave without the interpreter's "Exception ignored"
     sys.exit(code)

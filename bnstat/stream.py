@@ -107,7 +107,9 @@ def source_moments(source: ArraySource, plan: Plan, *, chunk_size: int, higher: 
     splan = plan.transposed() if source.fortran else plan
     shape = source.read_shape
     n_units = math.prod(splan.unit_shape(shape))
-    rows = source.rows_for(chunk_size)
+    # a reader that overlaps reading with computing holds two slabs: each of
+    # half the chunk size keeps memory bounded by the chunk size (SPEC 7)
+    rows = source.rows_for(chunk_size // 2 if getattr(source, "double_buffered", False) else chunk_size)
     group_rows = 1
     if splan.groups is not None and splan.channel_axis == 0:
         group_rows = shape[0] // splan.groups  # a chunk must hold whole groups

@@ -96,8 +96,13 @@ def atomic_open(path: str, mode: str = "wb", *, force: bool = False,
         import sys
 
         stream = sys.stdout.buffer if "b" in mode else sys.stdout
-        yield stream
-        stream.flush()
+        try:
+            yield stream
+            stream.flush()
+        except BrokenPipeError:
+            raise  # `| head`: cli ends quietly
+        except OSError as exc:  # a full disk behind `> FILE`, /dev/full
+            raise OutputError(f"<stdout>: cannot write: {exc.strerror or exc}") from exc
         return
     with atomic_path(path, force=force, inputs=inputs) as tmp:
         try:

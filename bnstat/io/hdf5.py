@@ -71,21 +71,125 @@ class Hdf5Source(ArraySource):
         self.chunks = dataset.chunks
         self.compression = dataset.compression
         self.row_align = int(dataset.chunks[0]) if dataset.chunks else 1
+        # two slab buffers when reads overlap computing (everything but deflate)
+        self.double_buffered = _deflate_pipeline(dataset) is None
         check_dtype(self.dtype, self.where)
 
     def iter_chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Slabs of ``rows`` rows (aligned to the dataset's chunks by the caller).
+
+        Deflate-compressed datasets: the chunks of a slab are read raw
+        (``read_direct_chunk``) and decompressed by a pool of threads (zlib
+        releases the GIL; one core decompresses about 0.12 GB/s, PERF-NOTES).
+        Everything else: ``read_direct`` of the next slab runs in a thread
+        while the caller computes on this one (two buffers; ``double_buffered``
+        tells the driver to halve the chunk size so memory stays one chunk).
+        """
         h5py = _h5py()
         n = self.shape[0]
-        buf = np.empty((min(rows, n),) + self.shape[1:], self.dtype.newbyteorder("="))
+        shape = (min(rows, n),) + self.shape[1:]
+        dtype = self.dtype.newbyteorder("=")
         try:
             with h5py.File(self.path, "r") as f:
                 ds = f[self.name]
-                for r0 in range(0, n, rows):
-                    r1 = min(n, r0 + rows)
-                    ds.read_direct(buf, np.s_[r0:r1], np.s_[0:r1 - r0])
-                    yield r0, buf[:r1 - r0]
+                pipeline = _deflate_pipeline(ds)
+                if pipeline is not None:
+                    yield from _iter_deflate(ds, rows, np.empty(shape, dtype), pipeline)
+                    return
+                bufs = [np.empty(shape, dtype), np.empty(shape, dtype)]
+                yield from _iter_overlapped(ds, rows, bufs)
         except (OSError, KeyError) as exc:
             raise InputError(f"{self.where}: cannot read ({exc})") from exc
+
+
+def _read_slab(ds, buf, r0, r1):
+    ds.read_direct(buf, np.s_[r0:r1], np.s_[0:r1 - r0])
+    return buf[:r1 - r0]
+
+
+def _iter_overlapped(ds, rows, bufs):
+    """read_direct of slab i+1 in a thread while slab i is in use."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = ds.shape[0]
+    starts = list(range(0, n, rows))
+    with ThreadPoolExecutor(1, thread_name_prefix="bnstat-h5read") as pool:
+        pending = pool.submit(_read_slab, ds, bufs[0], 0, min(n, rows))
+        for i, r0 in enumerate(starts):
+            chunk = pending.result()
+            if i + 1 < len(starts):
+                r1 = starts[i + 1]
+                pending = pool.submit(_read_slab, ds, bufs[(i + 1) % 2], r1, min(n, r1 + rows))
+            yield r0, chunk
+        # nothing pending: the last iteration submitted nothing
+
+
+def _deflate_pipeline(ds):
+    """('shuffle'?, level) if the dataset's only filters are deflate (and
+    shuffle before it), which this module can undo itself; else None."""
+    from h5py import h5z
+
+    if ds.chunks is None:
+        return None
+    try:
+        plist = ds.id.get_create_plist()
+        codes = [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
+    except Exception:  # noqa: BLE001 - any doubt: the HDF5 library reads it
+        return None
+    if codes == [h5z.FILTER_DEFLATE]:
+        return (False,)
+    if codes == [h5z.FILTER_SHUFFLE, h5z.FILTER_DEFLATE]:
+        return (True,)
+    return None
+
+
+def _iter_deflate(ds, rows, buf, pipeline):
+    """Slabs of a deflate dataset, its chunks decompressed in parallel."""
+    import itertools
+    import os
+    import threading
+    import zlib
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    shuffle = pipeline[0]
+    n = ds.shape[0]
+    cshape = ds.chunks
+    itemsize = ds.dtype.itemsize
+    cbytes = int(np.prod(cshape)) * itemsize
+    grids = [range(0, s, c) for s, c in zip(ds.shape[1:], cshape[1:], strict=True)]
+    dsid = ds.id
+    lock = threading.Lock()
+
+    def decode(r0, offset, out):
+        with lock:  # h5py calls are serialized anyway; keep the raw reads in order
+            mask, raw = dsid.read_direct_chunk(offset)
+        if mask:
+            raise ValueError("a filter was skipped for this chunk")
+        data = zlib.decompress(raw)
+        if len(data) != cbytes:
+            raise ValueError("unexpected chunk size")
+        arr = np.frombuffer(data, np.uint8)
+        if shuffle:
+            arr = arr.reshape(itemsize, -1).T.copy()
+        arr = arr.view(ds.dtype).reshape(cshape)
+        sel = tuple(slice(o, min(o + c, s)) for o, c, s in zip(offset, cshape, ds.shape, strict=True))
+        src = arr[tuple(slice(0, sl.stop - sl.start) for sl in sel)]
+        dst = (slice(sel[0].start - r0, sel[0].stop - r0),) + sel[1:]
+        out[dst] = src
+
+    workers = max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
+                         (os.cpu_count() or 1), 8))
+    with ThreadPoolExecutor(workers, thread_name_prefix="bnstat-inflate") as pool:
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            offsets = [(c0,) + rest for c0 in range(r0, r1, cshape[0])
+                       for rest in itertools.product(*grids)]
+            futures = [pool.submit(decode, r0, off, buf) for off in offsets]
+            wait(futures)
+            if any(fut.exception() is not None for fut in futures):
+                # an unallocated chunk, a skipped filter...: let HDF5 read the slab
+                ds.read_direct(buf, np.s_[r0:r1], np.s_[0:r1 - r0])
+            yield r0, buf[:r1 - r0]
 
 
 def open_hdf5(path: str, selected) -> list[ArraySource]:
