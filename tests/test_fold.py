@@ -924,8 +924,6 @@ def test_sample_model_acceptance(tmp_path, cli):
     """Issue 4, acceptance 4: the sample model folds with every error <= 1e-5 relative."""
     sample = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "sample_data", "model.npz")
-    if not os.path.exists(sample):
-        pytest.skip("sample_data/model.npz is not there yet")
     from bnstat.fold import fold
 
     res = fold(sample, output=str(tmp_path / "folded.npz"), check=True)
