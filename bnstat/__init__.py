@@ -37,11 +37,13 @@ def _sources(source, dataset=None):
 
 def moments(source, *, layout=None, channel_axis=None, norm="batch", groups=None, reduce=None,
             ddof=0, dataset=None, chunk_size=None, threads=None, higher=False, nan="omit",
-            per_file=False, progress=None):
+            per_file=False, progress=None, engine=None):
     """Per-unit statistics of every selected array of ``source``.
 
     ``source``: a path, a list of paths (one data set split along N), a
     numpy array, or a dict of named arrays. Returns ``{name: Stats}``.
+    ``engine``: "numba" (the parallel kernels), "numpy", or None: numpy for
+    inputs under 32 MiB, where loading the kernels would cost more.
     Raises bnstat.errors.BnstatError (UsageProblem when the layout does not
     fit an array).
     """
@@ -51,7 +53,7 @@ def moments(source, *, layout=None, channel_axis=None, norm="batch", groups=None
     return compute_stats(sources, layout=layout, channel_axis=channel_axis, norm=norm,
                          groups=groups, reduce=reduce, ddof=ddof, higher=higher, nan_policy=nan,
                          chunk_size=chunk_size, threads=threads, per_file=per_file,
-                         progress=progress)
+                         progress=progress, engine=engine)
 
 
 def normalize(*args, **kwargs):

@@ -1360,8 +1360,9 @@ def fold(source, *, output: str | None = None, pairs: Iterable = (), plan=None,
     found, unpaired = make_plan(layers, explicit=explicit, eps=eps, ordered=model.ordered,
                                 keras_order=keras_order, plan_eps=plan_eps, graph=graph)
     if not any(ly.role == "bn" for ly in layers):
-        warn(f"{model.label}: no BatchNorm layers (running_mean/running_var or moving_mean/"
-             "moving_variance); nothing to fold")
+        raise DataError(f"{model.label}: no BatchNorm layers (running_mean/running_var or "
+                        "moving_mean/moving_variance); nothing to fold",
+                        "Give the model file whose BatchNorm layers should be folded.")
 
     arrays = model.arrays
     updates: dict[str, np.ndarray] = {}

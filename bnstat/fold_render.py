@@ -7,20 +7,9 @@ output; warnings stay on standard error (bnstat.cli prints them).
 from __future__ import annotations
 
 import math
-import os
-import sys
 
 from bnstat.fold import CONVENTION_LABEL, FoldResult
-
-
-def _console(file=None):
-    from rich.console import Console
-
-    target = file if file is not None else sys.stdout
-    width = None
-    if not (hasattr(target, "isatty") and target.isatty()):
-        width = int(os.environ.get("COLUMNS", 0) or 0) or 160
-    return Console(file=target, width=width, highlight=False, soft_wrap=False)
+from bnstat.render import emit_rich
 
 
 def _err(v: float | None) -> str:
@@ -95,19 +84,8 @@ def unpaired_table(result: FoldResult):
 
 
 def print_plan(result: FoldResult, *, file=None) -> None:
-    """The plan table, then the unfolded BNs and what was written.
-
-    The text is rendered first (``Console.capture``) and written with a plain
-    ``write``: rich's own writes turn a broken pipe into ``SystemExit(1)``
-    (``Console.on_broken_pipe``), while bnstat.cli ends a broken pipe quietly
-    with its own status. Write errors propagate as OSError.
-    """
-    target = file if file is not None else sys.stdout
-    console = _console(target)
-    with console.capture() as captured:
-        _print_plan(result, console)
-    target.write(captured.get())
-    target.flush()
+    """The plan table, then the unfolded BNs and what was written (render.emit_rich)."""
+    emit_rich(lambda console: _print_plan(result, console), file=file, width=160)
 
 
 def _print_plan(result: FoldResult, console) -> None:

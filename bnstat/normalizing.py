@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bnstat.errors import DataError, InputError, UsageProblem
+from bnstat.errors import DataError, InputError, UsageProblem, warn
 from bnstat.io.base import ArraySource
 from bnstat.layout import Plan, make_plan
 from bnstat.stats import Stats
@@ -191,10 +191,10 @@ def _unit_range(splan: Plan, read_shape, r0: int, rows: int, n_units: int):
     return r0 * per_row, (r0 + rows) * per_row
 
 
-def _apply(chunk: np.ndarray, splan: Plan, params: UnitParams, out: np.ndarray) -> np.ndarray:
+def _apply(chunk: np.ndarray, splan: Plan, params: UnitParams, out: np.ndarray,
+           engine: str = "numba") -> np.ndarray:
     """Normalize one chunk with flat per-unit params of its units into ``out`` (a buffer)."""
-    from bnstat import kernels
-    from bnstat.stream import kernel_input
+    from bnstat.stream import blocks, kernel_input
 
     shape4, perm = splan.kernel_view(chunk.shape)
     x4 = kernel_input(chunk, splan)
@@ -202,8 +202,16 @@ def _apply(chunk: np.ndarray, splan: Plan, params: UnitParams, out: np.ndarray) 
     kdtype = np.float32 if out.dtype == np.float16 else out.dtype
     result = out[:chunk.size].reshape(chunk.shape)
     target = result if (perm is None and kdtype == out.dtype) else np.empty(shape4, kdtype)
-    kernels.normalize4(x4, params.mean.reshape(P, U), params.scale.reshape(P, U),
-                       params.shift.reshape(P, U), target.reshape(shape4))
+    mean, scale, shift = (a.reshape(P, 1, U, 1) for a in (params.mean, params.scale, params.shift))
+    if engine == "numpy":  # the kernel's arithmetic, in float64, a block at a time
+        t4 = target.reshape(shape4)
+        for ps, as_ in blocks(shape4):
+            t4[ps, as_] = (x4[ps, as_] - mean[ps]) * scale[ps] + shift[ps]
+    else:
+        from bnstat import kernels
+
+        kernels.normalize4(x4, params.mean.reshape(P, U), params.scale.reshape(P, U),
+                           params.shift.reshape(P, U), target.reshape(shape4))
     if perm is None and target is result:
         return result
     if perm is not None:
@@ -214,12 +222,16 @@ def _apply(chunk: np.ndarray, splan: Plan, params: UnitParams, out: np.ndarray) 
     return result
 
 
-def _chunk_params(chunk, splan, eps, nan_policy, where) -> UnitParams:
+def _chunk_params(chunk, splan, eps, nan_policy, where, engine="numba",
+                  nans: list[int] | None = None) -> UnitParams:
+    """Per-unit params from the chunk's own moments; ``nans`` collects NaN counts."""
     from bnstat.stream import chunk_moments
 
-    m = chunk_moments(chunk, splan, threads=_threads())
+    m = chunk_moments(chunk, splan, threads=_threads(), engine=engine)
     if nan_policy == "raise" and m.nan_count.any():
         raise DataError(f"{where}: NaN values in the data", "Use --nan omit or --nan propagate.")
+    if nans is not None:
+        nans.append(int(m.nan_count.sum()))
     with np.errstate(invalid="ignore", divide="ignore"):
         var = np.where(m.count > 0, m.m2 / np.maximum(m.count, 1), np.nan)
     mean = np.where(m.count > 0, m.mean, np.nan)
@@ -237,7 +249,7 @@ def _threads() -> int:
 
 def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None, per_batch=None,
               layout=None, channel_axis=None, norm=None, groups=None, reduce=None, dataset=None,
-              chunk_size=None, threads=None, nan="omit", force=False, progress=None):
+              chunk_size=None, threads=None, nan="omit", force=False, progress=None, engine=None):
     """Normalize the selected arrays of ``source`` into ``output`` (same format).
 
     ``source``: a path ('-' for a .npy stream on stdin) or a numpy array; with
@@ -249,7 +261,7 @@ def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None,
     from bnstat import _sources
     from bnstat.io.atomic import check_output
     from bnstat.io.writers import open_container
-    from bnstat.stream import DEFAULT_CHUNK_SIZE, compute_stats, set_threads
+    from bnstat.stream import DEFAULT_CHUNK_SIZE, chunk_plan, compute_stats, pick_engine, set_threads
 
     if stats is not None and model is not None:
         raise UsageProblem("give --stats or --model, not both")
@@ -306,6 +318,11 @@ def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None,
                                 f"(it has: {', '.join(saved)})",
                                 "Select the arrays with -d, or save statistics of this array.")
         if st is not None and not layout_given and not norm_given:
+            if len(st.layout) != len(src.shape):  # the file's fault, not an option's
+                raise DataError(
+                    f"{src.where}: the saved statistics are for {len(st.layout)}-D arrays (layout "
+                    f"{st.layout}), this array has shape {tuple(src.shape)}",
+                    "Normalize with statistics saved for arrays of the same layout.")
             if st.norm == "custom":
                 plan = make_plan(src.shape, layout=st.layout, reduce=st.reduce, name=src.where)
             else:
@@ -335,7 +352,8 @@ def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None,
                                    "C-ordered array")
         jobs.append((src, plan, st))
 
-    n_threads = set_threads(threads)
+    engine = pick_engine(sum(src.nbytes for src, _, _ in jobs), engine)
+    n_threads = set_threads(threads) if engine == "numba" else 1
     _THREADS[0] = n_threads
 
     # the statistics that need a first pass over the data
@@ -359,7 +377,7 @@ def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None,
                                   reduce=None if plan.norm != "custom" else
                                   "".join(plan.letters[a] for a in plan.reduce),
                                   nan_policy=nan, chunk_size=chunk_size, threads=n_threads,
-                                  progress=progress)[src.name]
+                                  progress=progress, engine=engine)[src.name]
                 own[src.name] = s
                 params = UnitParams.from_moments(s.mean, s.var_with(0), eps)
                 applied[src.name] = s
@@ -398,32 +416,39 @@ def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None,
                 result = np.empty(read_shape, dtype)
             writer_cm = box.array(src.name, src.shape, dtype, src.fortran, like=src) if box is not None \
                 else contextlib.nullcontext(None)
+            nans: list[int] = []
             with writer_cm as write:
                 for r0, chunk in src.iter_chunks(rows):
                     if nan == "raise" and chunk.dtype.kind == "f" and (flat is not None) and np.isnan(chunk).any():
                         raise DataError(f"{src.where}: NaN values in the data (rows {r0}..{r0 + chunk.shape[0]})",
                                         "Use --nan omit or --nan propagate.")
+                    cplan = chunk_plan(splan, read_shape, chunk.shape[0])
                     if flat is not None:
                         rng = _unit_range(splan, read_shape, r0, chunk.shape[0], n_units)
                         cp = flat if rng is None else flat.map(lambda a: a[rng[0]:rng[1]])
-                        y = _apply(chunk, splan, cp, buf)
+                        y = _apply(chunk, cplan, cp, buf, engine)
                     elif per_batch is not None:
                         y = buf[:chunk.size].reshape(chunk.shape)
                         for b0 in range(0, chunk.shape[0], per_batch):
                             sub = chunk[b0:b0 + per_batch]
-                            cp = _chunk_params(sub, splan, eps, nan, src.where)
+                            cp = _chunk_params(sub, splan, eps, nan, src.where, engine, nans)
                             cp = cp.map(lambda a: np.ascontiguousarray(a).ravel())
                             part = np.empty(sub.size, dtype)
-                            y[b0:b0 + sub.shape[0]] = _apply(sub, splan, cp, part)
+                            y[b0:b0 + sub.shape[0]] = _apply(sub, splan, cp, part, engine)
                     else:
-                        cp = _chunk_params(chunk, splan, eps, nan, src.where)
-                        y = _apply(chunk, splan, cp.map(lambda a: np.ascontiguousarray(a).ravel()), buf)
+                        cp = _chunk_params(chunk, cplan, eps, nan, src.where, engine, nans)
+                        y = _apply(chunk, cplan, cp.map(lambda a: np.ascontiguousarray(a).ravel()), buf,
+                                   engine)
                     if write is not None:
                         write(y)
                     else:
                         result[r0:r0 + chunk.shape[0]] = y
                     if progress is not None:
                         progress(chunk.nbytes)
+            if sum(nans):  # the per-sample / per-batch statistics, as check_nans says of moments
+                what = ("counted and left out of the statistics" if nan == "omit" else
+                        "their units' statistics, and so their outputs, are NaN")
+                warn(f"{src.where}: {sum(nans)} NaN value(s) {what}")
             if box is None:
                 results[src.name] = result.transpose() if src.fortran else result
     if box is None and in_memory:

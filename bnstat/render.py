@@ -72,14 +72,32 @@ def write_csv(stats: dict[str, Stats], fh) -> None:
 
 # ---- tables -------------------------------------------------------------------
 
-def _console(file=None, stderr=False):
+def _console(file=None, stderr=False, width=140):
+    """A rich console for ``file``: the terminal's width, else $COLUMNS, else ``width``."""
     from rich.console import Console
 
     target = file if file is not None else (sys.stderr if stderr else sys.stdout)
-    width = None
     if not (hasattr(target, "isatty") and target.isatty()):
-        width = int(os.environ.get("COLUMNS", 0)) or 140
+        width = int(os.environ.get("COLUMNS", 0) or 0) or width
+    else:
+        width = None
     return Console(file=target, width=width, highlight=False, soft_wrap=False)
+
+
+def emit_rich(draw, *, file=None, width=140) -> None:
+    """Render with ``draw(console)``, then write the text with a plain ``write``.
+
+    rich's own writes turn a broken pipe into ``SystemExit(1)``
+    (``Console.on_broken_pipe``); bnstat.cli ends a broken pipe quietly with
+    its own status (141, as a Unix tool killed by SIGPIPE). Write errors
+    propagate as OSError.
+    """
+    target = file if file is not None else sys.stdout
+    console = _console(target, width=width)
+    with console.capture() as captured:
+        draw(console)
+    target.write(captured.get())
+    target.flush()
 
 
 def fmt_num(v: float) -> str:
@@ -204,19 +222,20 @@ def stats_table(s: Stats, sort: str = "unit", top: int | None = None, show_all: 
 
 
 def print_tables(stats: dict[str, Stats], *, file=None, sort="unit", top=None, show_all=False) -> None:
-    console = _console(file)
-    for i, s in enumerate(stats.values()):
-        if i:
-            console.print()
-        title, table = stats_table(s, sort, top, show_all)
-        console.print(title)
-        console.print(table)
+    def draw(console):
+        for i, s in enumerate(stats.values()):
+            if i:
+                console.print()
+            title, table = stats_table(s, sort, top, show_all)
+            console.print(title)
+            console.print(table)
+
+    emit_rich(draw, file=file)
 
 
 def print_info(rows: list[dict], *, file=None) -> None:
     from rich.table import Table
 
-    console = _console(file)
     table = Table(show_edge=False, pad_edge=False)
     for head in ("file", "array", "shape", "dtype", "order", "chunks", "compression", "size"):
         table.add_column(head, justify="right" if head == "size" else "left")
@@ -224,13 +243,15 @@ def print_info(rows: list[dict], *, file=None) -> None:
         table.add_row(r["path"], r["name"], "x".join(map(str, r["shape"])) or "()", r["dtype"],
                       r.get("order", "C"), "x".join(map(str, r["chunks"])) if r.get("chunks") else "-",
                       r.get("compression") or "-", human_size(r["nbytes"]))
-    console.print(table)
+    emit_rich(lambda console: console.print(table), file=file)
 
 
 def print_lines(lines: list[str], *, file=None) -> None:
-    console = _console(file)
-    for line in lines:
-        console.print(line)
+    def draw(console):
+        for line in lines:
+            console.print(line)
+
+    emit_rich(draw, file=file)
 
 
 def human_size(n: int) -> str:
@@ -258,8 +279,14 @@ class _Progress:
     def __call__(self, nbytes: int) -> None:
         self.done += nbytes
         if self.bar is None and time.monotonic() - self.start >= self.delay:
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                       TimeRemainingColumn, TransferSpeedColumn)
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
 
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                                 TransferSpeedColumn(), TimeRemainingColumn(),

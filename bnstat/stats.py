@@ -83,6 +83,15 @@ class Moments:
                 m4 = (self.m4 + other.m4 + delta**4 * nab * (na * na - na * nb + nb * nb) / (safe * safe)
                       + 6.0 * delta**2 * (na * na * other.m2 + nb * nb * self.m2) / (safe * safe)
                       + 4.0 * delta * (na * other.m3 - nb * self.m3) / safe)
+            # ±inf in a part: numpy's sum/n gives ±inf (inf - inf: NaN) and a NaN
+            # variance; the update above would give inf - inf = NaN for the mean
+            infinite = (na > 0) & (nb > 0) & ~(np.isfinite(self.mean) & np.isfinite(other.mean))
+            if infinite.any():
+                mean = np.where(infinite, self.mean + other.mean, mean)
+                m2 = np.where(infinite, np.nan, m2)
+                if m3 is not None:
+                    m3 = np.where(infinite, np.nan, m3)
+                    m4 = np.where(infinite, np.nan, m4)
         return Moments(self.count + other.count, mean, m2,
                        np.fmin(self.min, other.min), np.fmax(self.max, other.max),
                        self.nan_count + other.nan_count, m3, m4)

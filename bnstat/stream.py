@@ -10,18 +10,37 @@ written into the units the chunk covers when it is kept.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from bnstat.errors import DataError, InputError, warn
+from bnstat.errors import DataError, InputError, UsageProblem, warn
 from bnstat.io.base import ArraySource
 from bnstat.layout import Plan, make_plan
-from bnstat.stats import Moments, Stats, merge_all, warn_degenerate
+from bnstat.stats import Moments, Stats, concatenate, merge_all, warn_degenerate
 
 DEFAULT_CHUNK_SIZE = 64 * 1024**2
 TASKS_PER_THREAD = 4
+# Inputs smaller than this are computed with numpy (float64, two passes per
+# block) instead of the Numba kernels: loading the cached kernels costs about
+# 1.5 s on these machines (numba's target registries, bench/README.md), more
+# than numpy needs for 32 MiB. BNSTAT_ENGINE=numba|numpy overrides.
+SMALL_INPUT = 32 * 1024**2
+ENGINES = ("numba", "numpy")
+# numpy engine: elements per block of a chunk (8 MB of float64 temporaries)
+NUMPY_BLOCK = 1 << 20
+
+
+def pick_engine(nbytes: int, engine: str | None = None) -> str:
+    """The engine for ``nbytes`` of input: ``engine`` if given, else BNSTAT_ENGINE, else by size."""
+    engine = engine or os.environ.get("BNSTAT_ENGINE") or "auto"
+    if engine in ENGINES:
+        return engine
+    if engine != "auto":
+        raise UsageProblem(f"BNSTAT_ENGINE={engine}: must be numba, numpy or auto")
+    return "numpy" if nbytes < SMALL_INPUT else "numba"
 
 
 def set_threads(threads: int | None) -> int:
@@ -71,11 +90,13 @@ def kernel_input(chunk: np.ndarray, plan: Plan) -> np.ndarray:
 
 
 def chunk_moments(chunk: np.ndarray, plan: Plan, *, higher: bool = False,
-                  threads: int = 1) -> Moments:
+                  threads: int = 1, engine: str = "numba") -> Moments:
     """Moments of every unit a chunk covers, flat in C order over (P, U)."""
+    x = kernel_input(chunk, plan)
+    if engine == "numpy":
+        return numpy_moments(x, higher)
     from bnstat import kernels
 
-    x = kernel_input(chunk, plan)
     P, A, U, B = x.shape
     sa, su = split_tasks(x.shape, threads)
     shape = (sa, P, U)
@@ -101,8 +122,72 @@ def chunk_moments(chunk: np.ndarray, plan: Plan, *, higher: bool = False,
     return out
 
 
+def blocks(shape4: tuple[int, int, int, int]) -> Iterator[tuple[slice, slice]]:
+    """(P, A) slices of a (P, A, U, B) view of about NUMPY_BLOCK elements each, P outer."""
+    P, A, U, B = shape4
+    rows = max(1, NUMPY_BLOCK // max(1, P * U * B))  # rows of A per block, all of P
+    ps = P if rows > 1 or P * U * B <= NUMPY_BLOCK else max(1, NUMPY_BLOCK // max(1, U * B))
+    for p0 in range(0, P, ps):
+        for a0 in range(0, A, rows):
+            yield slice(p0, p0 + ps), slice(a0, a0 + rows)
+
+
+def numpy_moments(x: np.ndarray, higher: bool = False) -> Moments:
+    """The kernels' results computed with numpy: per block a float64 mean, then
+    central power sums (two passes), blocks merged with Chan / Pébay.
+
+    Same conventions as the kernels: NaN counted and left out, an empty unit
+    has count 0, mean 0, min +inf, max -inf; ±inf gives a ±inf mean and NaN m2.
+    """
+    P, A, U, B = x.shape
+    rows: dict[int, list[Moments]] = {}
+    for ps, as_ in blocks(x.shape):
+        v = x[ps, as_].astype(np.float64)
+        bad = np.isnan(v) if x.dtype.kind == "f" else None
+        nanc = np.zeros(v.shape[::2], np.int64) if bad is None else bad.sum(axis=(1, 3))
+        cnt = np.full(v.shape[::2], v.shape[1] * B, np.int64) - nanc
+        if bad is not None:
+            v[bad] = 0.0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(cnt > 0, v.sum(axis=(1, 3)) / np.maximum(cnt, 1), 0.0)
+            d = v - mean[:, None, :, None]
+            if bad is not None:
+                d[bad] = 0.0
+            d2 = d * d
+            m2 = d2.sum(axis=(1, 3))
+            m3 = (d2 * d).sum(axis=(1, 3)) if higher else None
+            m4 = (d2 * d2).sum(axis=(1, 3)) if higher else None
+        if bad is not None:
+            v[bad] = np.nan  # fmin/fmax skip NaN
+        mn = np.fmin.reduce(v, axis=(1, 3), initial=np.inf)
+        mx = np.fmax.reduce(v, axis=(1, 3), initial=-np.inf)
+        part = Moments(cnt.ravel(), mean.ravel(), m2.ravel(), mn.ravel(), mx.ravel(), nanc.ravel(),
+                       None if m3 is None else m3.ravel(), None if m4 is None else m4.ravel())
+        key = ps.start
+        rows[key] = [part] if key not in rows else rows[key] + [part]
+    merged = []
+    for key in sorted(rows):
+        out = rows[key][0]
+        for part in rows[key][1:]:
+            out = out.merge(part)
+        merged.append(out)
+    return merged[0] if len(merged) == 1 else concatenate(merged, axis=0)
+
+
+def chunk_plan(splan: Plan, read_shape: tuple[int, ...], rows: int) -> Plan:
+    """The plan of a chunk of ``rows`` rows of an array of ``read_shape``.
+
+    Group norm with C as the first axis read: a chunk holds whole groups
+    (``rows`` a multiple of C/G), so it has ``rows // (C/G)`` of them.
+    """
+    if splan.groups is not None and splan.channel_axis == 0 and rows != read_shape[0]:
+        return replace(splan, groups=rows // (read_shape[0] // splan.groups))
+    return splan
+
+
 def source_moments(source: ArraySource, plan: Plan, *, chunk_size: int, higher: bool = False,
-                   threads: int = 1, progress: Callable[[int], None] | None = None) -> Moments:
+                   threads: int = 1, progress: Callable[[int], None] | None = None,
+                   engine: str = "numba") -> Moments:
     """Moments of one source, of shape ``plan.unit_shape(source.shape)``."""
     splan = plan.transposed() if source.fortran else plan
     shape = source.read_shape
@@ -119,7 +204,8 @@ def source_moments(source: ArraySource, plan: Plan, *, chunk_size: int, higher: 
     state = Moments.empty((n_units,), higher)
     row_bytes = source.row_bytes
     for r0, chunk in source.iter_chunks(rows):
-        part = chunk_moments(chunk, splan, higher=higher, threads=threads)
+        part = chunk_moments(chunk, chunk_plan(splan, shape, chunk.shape[0]), higher=higher,
+                             threads=threads, engine=engine)
         if first_kept:
             lo = (r0 // group_rows) * per_row
             hi = lo + part.count.size
@@ -180,8 +266,12 @@ def check_group_shapes(group: ArrayGroup, plans: list[Plan]) -> None:
 def compute_stats(sources: list[ArraySource], *, layout=None, channel_axis=None, norm="batch",
                   groups=None, reduce=None, ddof=0, higher=False, nan_policy="omit",
                   chunk_size=None, threads=None, per_file=False,
-                  progress: Callable[[int], None] | None = None) -> dict[str, Stats]:
-    """Statistics of every named array. Raises BnstatError subclasses."""
+                  progress: Callable[[int], None] | None = None,
+                  engine: str | None = None) -> dict[str, Stats]:
+    """Statistics of every named array. Raises BnstatError subclasses.
+
+    ``engine``: "numba", "numpy" or None (``pick_engine`` by the input size).
+    """
     chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
     array_groups = group_sources(sources, per_file=per_file)
     # every plan first: a layout that does not fit fails before any reading
@@ -200,13 +290,14 @@ def compute_stats(sources: list[ArraySource], *, layout=None, channel_axis=None,
         for letters, names in by_letters.items():
             shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
             warn(f"no --layout given: assuming the PyTorch layout {letters} (channel axis 1) for {shown}")
-    n_threads = set_threads(threads)
+    engine = pick_engine(sum(s.nbytes for s in sources), engine)
+    n_threads = set_threads(threads) if engine == "numba" else 1
     results = {}
     for g, ps in zip(array_groups, plans):
         parts = []
         for src, plan in zip(g.sources, ps):
             moments = source_moments(src, plan, chunk_size=chunk_size, higher=higher,
-                                     threads=n_threads, progress=progress)
+                                     threads=n_threads, progress=progress, engine=engine)
             parts.append(Stats(name=g.name, moments=moments, shape=tuple(src.shape),
                                dtype=np.dtype(src.dtype).name, layout=plan.letters,
                                reduce=plan.reduce_letters, unit_axes=plan.unit_axes, ddof=ddof,

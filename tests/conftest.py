@@ -20,6 +20,11 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Test data is small, and bnstat computes small inputs with numpy (see
+# stream.pick_engine): the suite runs the Numba kernels on everything, in this
+# process and in the subprocesses it starts; tests/test_engines.py runs the
+# numpy engine and the choice between the two.
+os.environ["BNSTAT_ENGINE"] = "numba"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/reference.py
 
 

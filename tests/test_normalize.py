@@ -813,3 +813,24 @@ def test_the_result_does_not_depend_on_the_chunk_size(n, chunk, norm, layout, b)
     check_f64(y, ref_normalize(x, layout, norm[0], norm[1]))
     y = bnstat.normalize(x, layout=layout, per_batch=b, chunk_size=chunk)
     check_f64(y, ref_per_batch(x, layout, b))
+
+
+@pytest.mark.parametrize("per_batch", [None, 2])
+def test_nans_left_out_of_own_statistics_are_warned(per_batch):
+    """As moments says so: NaNs omitted from per-sample / per-batch statistics are reported."""
+    x = np.arange(4 * 3 * 5, dtype=np.float64).reshape(4, 3, 5) % 7
+    x[1, 1, 1] = np.nan
+    norm = "batch" if per_batch else "layer"
+    with pytest.warns(bnstat.errors.BnstatWarning, match=r"1 NaN value\(s\) counted and left out"):
+        y = bnstat.normalize(x, layout="NCL", norm=norm, per_batch=per_batch)
+    s = x[1] if per_batch is None else x[0:2]
+    axes = None if per_batch is None else (0, 2)
+    mean, var = np.nanmean(s, axis=axes), np.nanvar(s, axis=axes)
+    if per_batch is None:
+        want = (x[1] - mean) / np.sqrt(var + 1e-5)
+        got = y[1]
+    else:
+        want = (x[0:2] - mean[None, :, None]) / np.sqrt(var[None, :, None] + 1e-5)
+        got = y[0:2]
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert np.isnan(y[1, 1, 1]) and np.isfinite(np.delete(y.ravel(), 1 * 15 + 1 * 5 + 1)).all()

@@ -225,6 +225,16 @@ def test_head_exit_status(long_csv, fmt, unbuffered):
 
 
 @needs_bnstat_script
+def test_head_exit_status_of_a_table(tmp_path):
+    """The rich table too: rich's own writes would exit 1 on a broken pipe."""
+    np.save(tmp_path / "wide.npy", np.random.default_rng(5).random((16, 4096)).astype(np.float32))
+    rc, out, err = sh("bnstat moments wide.npy --layout NC --all | head -n 3 > /dev/null; "
+                      "echo ${PIPESTATUS[0]}", tmp_path)
+    assert out.strip() == "141", err
+    assert err == ""
+
+
+@needs_bnstat_script
 def test_normalize_to_a_closed_pipe(long_csv):
     rc, out, err = sh("bnstat normalize big.npy --layout NC -o - | head -c 10 > /dev/null; "
                       "echo ${PIPESTATUS[0]}", long_csv)

@@ -70,28 +70,30 @@ class NpyStreamSource(ArraySource):
     kind = "npy"
 
     def __init__(self, opener: Callable, name: str, path: str, kind: str = "npy",
-                 data_size: int | None = None, repeatable: bool = True):
+                 data_size: int | None = None, repeatable: bool = True,
+                 crc: int | None = None):
         self.opener = opener
         self.name = name
         self.path = path
         self.kind = kind
         self.repeatable = repeatable
+        self.data_size = data_size
+        self.crc = crc  # a stored zip member's CRC-32, checked as the data streams past
         self._pending = None
         fh = opener()
         try:
             self.shape, self.fortran, self.dtype = read_npy_header(fh, self.where)
             self.data_offset = fh.tell() if fh.seekable() else None
+            check_dtype(self.dtype, self.where)
+            if data_size is not None and self.data_offset is not None:
+                have = data_size - self.data_offset
+                if have < self.nbytes:
+                    raise InputError(
+                        f"{self.where}: truncated: the header promises {self.nbytes} bytes of data "
+                        f"(shape {self.shape}, {self.dtype}), the file holds {max(have, 0)}")
         except BaseException:
             fh.close()
             raise
-        check_dtype(self.dtype, self.where)
-        if data_size is not None and self.data_offset is not None:
-            have = data_size - self.data_offset
-            if have < self.nbytes:
-                fh.close()
-                raise InputError(
-                    f"{self.where}: truncated: the header promises {self.nbytes} bytes of data "
-                    f"(shape {self.shape}, {self.dtype}), the file holds {max(have, 0)}")
         if repeatable:
             fh.close()
         else:
@@ -110,11 +112,34 @@ class NpyStreamSource(ArraySource):
 
     def iter_chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
         fh = self._open_data()
+        self._running_crc = None
+        if self.crc is not None:  # the member's CRC covers its .npy header too
+            with self.opener() as head:
+                self._running_crc = zlib.crc32(head.read(self.data_offset))
         mapped = _mappable(fh, self.dtype.itemsize)
         if mapped is not None:
             yield from self._iter_mapped(fh, mapped, rows)
         else:
             yield from self._iter_read(fh, rows)
+        self._check_crc()
+
+    def _update_crc(self, raw) -> None:
+        if self._running_crc is not None:
+            self._running_crc = zlib.crc32(raw, self._running_crc)
+
+    def _check_crc(self) -> None:
+        """Compare the CRC-32 of the whole member (trailing bytes included) with the zip's."""
+        if self._running_crc is None:
+            return
+        crc = self._running_crc
+        end = self.data_offset + self.nbytes
+        if self.data_size > end:
+            with self.opener() as fh:
+                fh.seek(end)
+                crc = zlib.crc32(fh.read(), crc)
+        if crc != self.crc:
+            raise InputError(f"{self.where}: corrupt zip member (bad CRC-32: the data was damaged)",
+                             "numpy's np.load refuses it too; restore the file from its source.")
 
     def _iter_mapped(self, fh, offset: int, rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """Chunks as windows of one read-only memory map of the file.
@@ -163,6 +188,7 @@ class NpyStreamSource(ArraySource):
                     except OSError:
                         populate = False  # kernel before 5.14
                 start = lead + r0 * row_bytes
+                self._update_crc(whole[start:start + r * row_bytes])
                 chunk = whole[start:start + r * row_bytes].view(self.dtype).reshape((r,) + shape[1:])
                 if not chunk.dtype.isnative:
                     chunk = chunk.astype(chunk.dtype.newbyteorder("="))  # a copy, bounded by the chunk
@@ -191,6 +217,7 @@ class NpyStreamSource(ArraySource):
                     raise InputError(
                         f"{self.where}: truncated: the data ends after {r0 * row_bytes + got} of "
                         f"{self.nbytes} bytes (shape {self.shape}, {self.dtype})")
+                self._update_crc(buf[:nb])
                 chunk = buf[:nb].view(self.dtype).reshape((r,) + shape[1:])
                 yield r0, native(chunk)
         except zlib.error as exc:
@@ -266,11 +293,23 @@ class _Window:
     def tell(self):
         return self.fh.tell() - self.start
 
+    def seek(self, pos):
+        self.fh.seek(self.start + pos)
+
     def seekable(self):
         return True
 
+    def fileno(self):
+        return self.fh.fileno()
+
     def close(self):
         self.fh.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def _stored_offset(path: str, info: zipfile.ZipInfo) -> int:
@@ -287,7 +326,7 @@ def _stored_offset(path: str, info: zipfile.ZipInfo) -> int:
 def open_npz(path: str) -> list[ArraySource]:
     """Every member of a .npz, streamed (stored members read straight from the file)."""
     try:
-        with zipfile.ZipFile(_open_file(path)) as zf:
+        with _open_file(path) as fh, zipfile.ZipFile(fh) as zf:
             infos = zf.infolist()
     except zipfile.BadZipFile as exc:
         raise InputError(f"{path}: not a valid .npz (zip) file ({exc})") from exc
@@ -303,17 +342,24 @@ def open_npz(path: str) -> list[ArraySource]:
             def opener(offset=offset, info=info):
                 return _Window(path, offset, info.file_size)
 
-            sources.append(NpyStreamSource(opener, name, path, "npz", data_size=info.file_size))
+            sources.append(NpyStreamSource(opener, name, path, "npz", data_size=info.file_size,
+                                           crc=info.CRC))
         elif info.compress_type == zipfile.ZIP_DEFLATED:
 
             def opener(info=info):
-                zf = zipfile.ZipFile(_open_file(path))
-                member = zf.open(info)
+                fh = _open_file(path)
+                try:  # ZipFile leaves a file it was handed open: close that too
+                    zf = zipfile.ZipFile(fh)
+                    member = zf.open(info)
+                except BaseException:
+                    fh.close()
+                    raise
                 member_close = member.close
 
-                def close():  # close the member, then the archive
+                def close():  # close the member, then the archive, then the file
                     member_close()
                     zf.close()
+                    fh.close()
                 member.close = close
                 return member
 
