@@ -126,9 +126,17 @@ def _buffer_stdout() -> None:
                                       errors=sys.stdout.errors, write_through=True)
 
 
+# True once main() runs: the process is the command line tool, not a library
+# user's program (bnstat.kernels takes a start-up shortcut only then)
+IN_MAIN = False
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script; exits with SPEC 4's status codes."""
     from bnstat.errors import BnstatError, BnstatWarning
+
+    global IN_MAIN
+    IN_MAIN = True
 
     _buffer_stdout()
 

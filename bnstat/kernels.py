@@ -40,6 +40,39 @@ _JIT = dict(cache=True, nogil=True)
 # thread, 64 MiB float32 NCHW: 2.2 GB/s before, see bench/README.md for after.
 _SUMS_JIT = dict(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz"})
 
+def _load_target() -> None:
+    """Load numba's CPU target now, without its optional probe of scipy's BLAS.
+
+    A cached kernel still needs numba's target context, whose first load
+    imports every numba.np implementation module; numba.np.arraymath probes
+    for scipy.linalg.cython_blas there (for np.dot and friends, which no kernel
+    here uses). Where scipy is installed that import alone took 0.25 s of a
+    1.2 s run (bench/README.md). The probe takes an ImportError as "no BLAS",
+    which is what it gets while scipy.linalg is blocked; the block is lifted
+    as soon as the target is loaded. Only in the command line tool
+    (``bnstat.cli.IN_MAIN``): a library user's own numba code in the same
+    process may want np.dot. Nothing happens when scipy.linalg or numba's
+    array module is already imported.
+    """
+    import sys
+
+    cli = sys.modules.get("bnstat.cli")
+    if not getattr(cli, "IN_MAIN", False):
+        return
+    if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
+        return
+    sys.modules["scipy.linalg"] = None
+    try:
+        from numba.core.registry import cpu_target
+
+        cpu_target.target_context.refresh()
+    finally:
+        if "scipy.linalg" in sys.modules and sys.modules["scipy.linalg"] is None:
+            del sys.modules["scipy.linalg"]
+
+
+_load_target()
+
 BLOCK_COLS = 16384  # values per unit per block when B > 1 (64 KiB of float32)
 BLOCK_ROWS = 65536  # values per block when B == 1 (256 KiB of float32; PERF-NOTES)
 

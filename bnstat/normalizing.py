@@ -261,7 +261,13 @@ def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None,
     from bnstat import _sources
     from bnstat.io.atomic import check_output
     from bnstat.io.writers import open_container
-    from bnstat.stream import DEFAULT_CHUNK_SIZE, chunk_plan, compute_stats, pick_engine, set_threads
+    from bnstat.stream import (
+        DEFAULT_CHUNK_SIZE,
+        chunk_plan,
+        compute_stats,
+        pick_engine,
+        set_threads,
+    )
 
     if stats is not None and model is not None:
         raise UsageProblem("give --stats or --model, not both")
@@ -360,7 +366,7 @@ def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None,
     own = {}
     two_pass = [(src, plan) for src, plan, st in jobs if st is None and model_params is None
                 and per_batch is None and 0 in (plan.transposed() if src.fortran else plan).reduce]
-    for src, plan in two_pass:
+    for src, _ in two_pass:
         if not src.repeatable:
             raise UsageProblem(
                 f"{src.where}: batch statistics of standard input need two passes over the data",
@@ -395,11 +401,9 @@ def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None,
             read_shape = src.read_shape
             flat = None
             if params is not None:
-                if model_params is not None and params is model_params:
-                    # per-channel vectors: broadcast over the kept axes (only C for batch norm)
-                    pass
+                # per-channel vectors of a model: broadcast over the kept axes (only C for BN)
                 unit_shape = plan.unit_shape(src.shape)
-                p = params.map(lambda a: np.broadcast_to(a, unit_shape))
+                p = params.map(lambda a, shape=unit_shape: np.broadcast_to(a, shape))
                 if src.fortran:
                     p = p.map(lambda a: a.transpose())
                 flat = p.map(lambda a: np.ascontiguousarray(a, np.float64).ravel())
@@ -425,7 +429,7 @@ def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None,
                     cplan = chunk_plan(splan, read_shape, chunk.shape[0])
                     if flat is not None:
                         rng = _unit_range(splan, read_shape, r0, chunk.shape[0], n_units)
-                        cp = flat if rng is None else flat.map(lambda a: a[rng[0]:rng[1]])
+                        cp = flat if rng is None else flat.map(lambda a, r=rng: a[r[0]:r[1]])
                         y = _apply(chunk, cplan, cp, buf, engine)
                     elif per_batch is not None:
                         y = buf[:chunk.size].reshape(chunk.shape)

@@ -119,3 +119,20 @@ def _warm_kernels():
         bnstat.moments(x, layout="NCL")
         bnstat.moments(x, layout="NCL", higher=True)
     yield
+
+
+def moments_on_few_threads(source, **kw):
+    """bnstat.moments, on one thread unless the chunk size takes the whole array at once.
+
+    Two threads are exercised on every whole-array call (the kernel then splits
+    the work into tasks whose partial moments are merged); one thread keeps the
+    many-chunk cases fast, as numba's parallel launch costs milliseconds per chunk.
+    """
+    import bnstat
+
+    if "threads" not in kw:
+        size = getattr(source, "nbytes", None)
+        whole = kw.get("chunk_size") is None or (size is not None and kw["chunk_size"] >= size)
+        kw["threads"] = 2 if whole else 1
+    return bnstat.moments(source, **kw)
+

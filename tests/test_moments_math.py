@@ -12,9 +12,9 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import moments_on_few_threads
 from reference import assert_matches, ref_moments
 
-import bnstat
 from bnstat.errors import BnstatError, BnstatWarning, DataError, UsageProblem
 
 SHAPES = {
@@ -31,18 +31,7 @@ NORMS = [("batch", None), ("layer", None), ("instance", None), ("group", 2)]
 CHUNK_DDOF = [("row", 0), ("3rows", 1), ("whole", 0), ("whole", 1)]
 
 
-def moments(source, **kw):
-    """bnstat.moments, on one thread unless the chunk size takes the whole array at once.
-
-    Two threads are exercised on every whole-array call (the kernel then splits
-    the work into tasks whose partial moments are merged); one thread keeps the
-    many-chunk cases fast, as numba's parallel launch costs milliseconds per chunk.
-    """
-    if "threads" not in kw:
-        size = getattr(source, "nbytes", None)
-        whole = kw.get("chunk_size") is None or (size is not None and kw["chunk_size"] >= size)
-        kw["threads"] = 2 if whole else 1
-    return bnstat.moments(source, **kw)
+moments = moments_on_few_threads
 
 
 def data(shape, rng, dtype=np.float64):

@@ -10,7 +10,7 @@ import fnmatch
 import os
 
 from bnstat.errors import InputError
-from bnstat.io.base import ArraySource, MemorySource, check_shape
+from bnstat.io.base import ArraySource, MemorySource, check_shape, read_head
 
 __all__ = ["ArraySource", "MemorySource", "open_sources", "sniff"]
 
@@ -24,17 +24,7 @@ def sniff(path: str) -> str:
 
     Raises InputError for missing, unreadable, empty or unknown files.
     """
-    if os.path.isdir(path):
-        raise InputError(f"{path}: is a directory", "Give the files inside it.")
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-    except FileNotFoundError as exc:
-        raise InputError(f"{path}: no such file") from exc
-    except PermissionError as exc:
-        raise InputError(f"{path}: permission denied") from exc
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
+    head = read_head(path, 8)
     if not head:
         raise InputError(f"{path}: empty file")
     if head.startswith(NPY_MAGIC):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -10,6 +11,29 @@ import numpy as np
 from bnstat.errors import InputError
 
 SUPPORTED_KINDS = "fiu"
+
+
+def open_input(path: str, directory_hint: str = "Give the files inside it."):
+    """``open(path, "rb")``, its failures as InputError naming the file (SPEC 4)."""
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory", directory_hint)
+    try:
+        return open(path, "rb")
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: no such file") from exc
+    except PermissionError as exc:
+        raise InputError(f"{path}: permission denied") from exc
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
+
+
+def read_head(path: str, n: int, directory_hint: str = "Give the files inside it.") -> bytes:
+    """The first ``n`` bytes of a file (fewer if it is shorter). Raises InputError."""
+    with open_input(path, directory_hint) as fh:
+        try:
+            return fh.read(n)
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
 
 
 def check_dtype(dtype: np.dtype, where: str) -> None:

@@ -37,6 +37,7 @@ import numpy as np
 
 from bnstat.errors import InputError, OutputError
 from bnstat.io.atomic import atomic_path
+from bnstat.io.base import read_head
 
 __all__ = ["ModelIndex", "ModelFile", "model_format", "index_model", "read_model",
            "write_model", "output_format"]
@@ -101,17 +102,7 @@ class ModelFile(ModelIndex):
 # ---- format detection --------------------------------------------------------
 
 def _head(path: str, n: int = 16) -> bytes:
-    if os.path.isdir(path):
-        raise InputError(f"{path}: is a directory", "Give a model file (.npz, .h5, .safetensors).")
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(n)
-    except FileNotFoundError as exc:
-        raise InputError(f"{path}: no such file") from exc
-    except PermissionError as exc:
-        raise InputError(f"{path}: permission denied") from exc
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
+    return read_head(path, n, "Give a model file (.npz, .h5, .safetensors).")
 
 
 def model_format(path: str) -> str:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from bnstat.errors import InputError
-from bnstat.io.base import ArraySource, check_dtype, native
+from bnstat.io.base import ArraySource, check_dtype, native, open_input
 
 _ZIP_LOCAL_HEADER = 30
 # Linux 5.14+: populate the page tables of a range (not in Python's mmap module).
@@ -246,16 +246,7 @@ def _mappable(fh, itemsize: int) -> int | None:
 
 
 def _open_file(path: str):
-    try:
-        return open(path, "rb")
-    except FileNotFoundError as exc:
-        raise InputError(f"{path}: no such file") from exc
-    except IsADirectoryError as exc:
-        raise InputError(f"{path}: is a directory", "Give the files inside it.") from exc
-    except PermissionError as exc:
-        raise InputError(f"{path}: permission denied") from exc
-    except OSError as exc:
-        raise InputError(f"{path}: cannot open: {exc.strerror}") from exc
+    return open_input(path)
 
 
 def npy_name(path: str) -> str:
