@@ -96,7 +96,8 @@ def emit_rich(draw, *, file=None, width=140) -> None:
     console = _console(target, width=width)
     with console.capture() as captured:
         draw(console)
-    target.write(captured.get())
+    # rich pads lines to the console's width; trailing blanks only get in the way of diff and grep
+    target.write("\n".join(line.rstrip(" ") for line in captured.get().split("\n")))
     target.flush()
 
 
