@@ -4,16 +4,24 @@
 
 Generates its data in a temporary folder, runs every command in its own
 process (page cache warmed first: each file is read once before it is
-timed), and prints one table: GB/s on wall time, bnstat's speed as a
-multiple of each alternative's ("bnstat x": above 1 bnstat is faster; against
-`cat` it is the fraction of the read limit reached), and the peak RSS of the
-process (``os.wait4`` rusage of that child alone). Small cases take the best
-of 3 runs. Results go to JSON as well (``--out``).
+timed), and prints one table with two throughput measures:
 
-bnstat's wall time includes its start-up (importing numpy, numba, h5py and
-loading the cached kernels, about 1 s); the "net" column subtracts the
-start-up measured on a tiny file, which is what the throughput targets of
-issue 5 are about.
+- "GB/s": bytes / wall time of the whole process (start-up included), and
+  "bnstat x": the other tool's wall time / the `bnstat` CLI row's.
+- "work GB/s": bytes / the time the process spends on the data after its
+  imports and warm-up, measured inside the process (a last stdout line
+  ``@@work SECONDS``); for bnstat a library call (``bnstat.moments`` /
+  ``bnstat.normalize`` with engine="numba") on the same file with the same
+  options as the CLI row, after a warm-up call on a tiny array and a tiny
+  file of the same kind; for numpy / torch / dask / h5py the timer starts
+  after their imports (torch and dask also run a tiny warm-up op); for cat
+  and cp it is the wall time. "work x": the other tool's work time / the
+  bnstat library row's work time in that case (above 1: bnstat is faster;
+  against `cat` / `cp` it is the fraction of the read / copy limit reached).
+
+and the peak RSS of the process (/usr/bin/time -f %M, max over the reps).
+Small cases take the best of 3 runs (each measure its own best). Results go
+to JSON as well (``--out``).
 """
 
 from __future__ import annotations
@@ -38,21 +46,28 @@ SAMPLE = C * H * W * 4
 TIME = "/usr/bin/time" if os.path.exists("/usr/bin/time") else None
 
 
-def run(cmd, *, env=None, stdout=subprocess.DEVNULL):
-    """Wall time (s), peak RSS (MB) and exit code of one child process.
+def run(cmd, *, env=None, stdout=subprocess.DEVNULL, work=False):
+    """Wall time (s), peak RSS (MB), exit code, stderr and work time of one child.
 
     Peak RSS comes from /usr/bin/time -f %M when it exists: a child's own
     ru_maxrss (os.wait4) also counts the pages it shared with this process
     between fork and exec, so it can never be lower than this process's RSS.
+    With ``work`` the child's stdout is kept and its last ``@@work SECONDS``
+    line is the work time (else None). stdout and stderr go to temporary
+    files, not pipes: a child that writes a lot cannot block.
     """
     wrapped = [TIME, "-f", "@@maxrss %M", *cmd] if TIME else cmd
-    t0 = time.perf_counter()
-    p = subprocess.Popen(wrapped, env=env, stdout=stdout, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(p.pid, 0)
-    dt = time.perf_counter() - t0
-    err = p.stderr.read().decode(errors="replace")
-    p.stderr.close()
-    rc = os.waitstatus_to_exitcode(status)
+    with tempfile.TemporaryFile() as errf, tempfile.TemporaryFile() as outf:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(wrapped, env=env, stdout=outf if work else stdout, stderr=errf)
+        _, status, usage = os.wait4(p.pid, 0)
+        dt = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)  # already reaped
+        errf.seek(0)
+        err = errf.read().decode(errors="replace")
+        outf.seek(0)
+        out = outf.read().decode(errors="replace") if work else ""
+    rc = p.returncode
     rss = usage.ru_maxrss / 1024
     if TIME:
         lines = err.rstrip().splitlines()
@@ -61,37 +76,54 @@ def run(cmd, *, env=None, stdout=subprocess.DEVNULL):
             err = "\n".join(lines[:-1])
         if rc != 0 and "Command exited with non-zero status" in err:
             err = "\n".join(line for line in err.splitlines() if "Command exited with" not in line)
-    return dt, rss, rc, err
+    wt = None
+    for line in out.splitlines():
+        if line.startswith("@@work "):
+            wt = float(line.split()[1])
+    return dt, rss, rc, err, wt
 
 
 def best_of(cmd, reps, **kw):
-    best = None
+    """Best wall time, max peak RSS, exit code, stderr, best work time over ``reps`` runs."""
+    best = work = None
+    peak = 0.0
     for _ in range(reps):
-        dt, rss, rc, err = run(cmd, **kw)
+        dt, rss, rc, err, wt = run(cmd, **kw)
+        peak = max(peak, rss)
         if rc != 0:
-            return None, rss, rc, err
+            return None, peak, rc, err, None
         best = dt if best is None else min(best, dt)
-    return best, rss, 0, ""
+        if wt is not None:
+            work = wt if work is None else min(work, wt)
+    return best, peak, 0, "", work
 
 
 # ---- the alternatives, as small Python programs run with `python -c` ---------------
+# Each starts its timer after its imports (and warm-up) and prints "@@work SECONDS"
+# last: the "work" measure.
+
+WORK_START = "\nimport time as _t\n_t0 = _t.perf_counter()\n"
+WORK_END = "\nprint('@@work %.6f' % (_t.perf_counter() - _t0))\n"
 
 NUMPY_MMAP = """
 import numpy as np, sys
+""" + WORK_START + """
 a = np.load(sys.argv[1], mmap_mode='r')
 axes = tuple(int(x) for x in sys.argv[2].split(','))
 m = a.mean(axis=axes); v = a.var(axis=axes); lo = a.min(axis=axes); hi = a.max(axis=axes)
-"""
+""" + WORK_END
 
 NUMPY_MMAP_MEANVAR = """
 import numpy as np, sys
+""" + WORK_START + """
 a = np.load(sys.argv[1], mmap_mode='r')
 axes = tuple(int(x) for x in sys.argv[2].split(','))
 m = a.mean(axis=axes); v = a.var(axis=axes)
-"""
+""" + WORK_END
 
 NUMPY_CHUNKED = """
 import numpy as np, sys
+""" + WORK_START + """
 a = np.load(sys.argv[1], mmap_mode='r')
 axes = tuple(int(x) for x in sys.argv[2].split(','))
 rows = max(1, int(sys.argv[3]) // (a[0].nbytes))
@@ -102,12 +134,21 @@ for i in range(0, a.shape[0], rows):
     cm = c.mean(axis=axes); cq = ((c - np.expand_dims(cm, axes)) ** 2).sum(axis=axes)
     d = cm - mean; tot = n + k
     mean = mean + d * (k / tot); m2 = m2 + cq + d * d * (n * k / tot); n = tot
-"""
+""" + WORK_END
+
+NUMPY_NPZ = """
+import numpy as np, sys
+""" + WORK_START + """
+a = np.load(sys.argv[1])['x']; a.mean((0, 2, 3)); a.var((0, 2, 3))
+""" + WORK_END
 
 TORCH = """
 import numpy as np, sys, warnings, torch
 warnings.simplefilter('ignore')
 torch.set_num_threads(int(sys.argv[4]))
+w = torch.ones((2, 3, 4, 4))
+torch.var_mean(w, dim=(0, 2, 3), unbiased=False); torch.nn.functional.batch_norm(w, None, None, training=True)
+""" + WORK_START + """
 a = torch.from_numpy(np.load(sys.argv[1], mmap_mode='r'))
 axes = tuple(int(x) for x in sys.argv[2].split(','))
 if sys.argv[3] == 'var_mean':
@@ -115,26 +156,31 @@ if sys.argv[3] == 'var_mean':
 else:
     x = a if axes == (0, 2, 3) else a.permute(0, 3, 1, 2)
     y = torch.nn.functional.batch_norm(x, None, None, training=True)
-"""
+""" + WORK_END
 
 DASK = """
 import numpy as np, sys, dask.array as da
+w = da.ones((4, 4), chunks=2); da.compute(w.mean(axis=0), w.var(axis=0))
+""" + WORK_START + """
 a = da.from_array(np.load(sys.argv[1], mmap_mode='r'), chunks=(max(1, int(sys.argv[3]) // (np.load(sys.argv[1], mmap_mode='r')[0].nbytes)),) + (-1,) * 3)
 axes = tuple(int(x) for x in sys.argv[2].split(','))
 da.compute(a.mean(axis=axes), a.var(axis=axes))
-"""
+""" + WORK_END
 
 DASK_H5 = """
 import h5py, sys, dask.array as da
+w = da.ones((4, 4), chunks=2); da.compute(w.mean(axis=0), w.var(axis=0))
+""" + WORK_START + """
 with h5py.File(sys.argv[1], 'r') as f:
     ds = f['x']
     a = da.from_array(ds, chunks=ds.chunks or 'auto')
     axes = tuple(int(x) for x in sys.argv[2].split(','))
     da.compute(a.mean(axis=axes), a.var(axis=axes))
-"""
+""" + WORK_END
 
 H5_RAW = """
 import h5py, numpy as np, sys
+""" + WORK_START + """
 with h5py.File(sys.argv[1], 'r') as f:
     ds = f['x']
     rows = max(1, int(sys.argv[2]) // (ds.dtype.itemsize * int(np.prod(ds.shape[1:]))))
@@ -144,10 +190,11 @@ with h5py.File(sys.argv[1], 'r') as f:
     for r0 in range(0, ds.shape[0], rows):
         r1 = min(ds.shape[0], r0 + rows)
         ds.read_direct(buf, np.s_[r0:r1], np.s_[0:r1 - r0])
-"""
+""" + WORK_END
 
 NUMPY_NORMALIZE = """
 import numpy as np, sys
+""" + WORK_START + """
 a = np.load(sys.argv[1], mmap_mode='r')
 rows = max(1, int(sys.argv[3]) // a[0].nbytes)
 n = 0; mean = 0.0; m2 = 0.0
@@ -161,7 +208,29 @@ with open(sys.argv[2], 'wb') as fh:
     for i in range(0, a.shape[0], rows):
         c = (np.asarray(a[i:i + rows], dtype=np.float64) - mean[:, None, None]) * scale[:, None, None]
         fh.write(c.astype(np.float32).tobytes())
-"""
+""" + WORK_END
+
+# bnstat's library on one file, after a warm-up on a tiny array and a tiny file of the
+# same kind (imports h5py / zipfile, loads the cached kernels): the time of the call
+# that does the same as the CLI row.
+# argv: mode (moments|normalize) path layout chunk_bytes threads(0: default) warm_file [out warm_out]
+BNSTAT_LIB = """
+import sys
+import numpy as np, bnstat
+mode, path, layout, chunk, threads, warm = sys.argv[1:7]
+chunk = int(chunk); threads = int(threads) or None
+bnstat.moments(np.ones((4, 4), np.float32), layout='NC', engine='numba')
+if mode == 'normalize':
+    out, warm_out = sys.argv[7:9]
+    bnstat.normalize(warm, warm_out, layout=layout, force=True, engine='numba')
+else:
+    bnstat.moments(warm, layout=layout, threads=threads, engine='numba')
+""" + WORK_START + """
+if mode == 'normalize':
+    bnstat.normalize(path, out, layout=layout, force=True, chunk_size=chunk, threads=threads, engine='numba')
+else:
+    bnstat.moments(path, layout=layout, chunk_size=chunk, threads=threads, engine='numba')
+""" + WORK_END
 
 
 def make_data(d, size, quick):
@@ -198,7 +267,19 @@ def make_data(d, size, quick):
     files["npz_deflated"] = os.path.join(d, "deflated.npz")
     np.savez_compressed(files["npz_deflated"], x=a[:ng])
     files["tiny"] = os.path.join(d, "tiny.npy")
-    np.save(files["tiny"], rng.standard_normal((4, 8, 5, 5), np.float32))
+    t = rng.standard_normal((4, 8, 5, 5), np.float32)
+    np.save(files["tiny"], t)
+    # tiny files of every kind: the warm-up of the library ("work") runs
+    files["tiny_h5"] = os.path.join(d, "tiny.h5")
+    with h5py.File(files["tiny_h5"], "w") as f:
+        f.create_dataset("x", data=t, chunks=(1, 8, 5, 5))
+    files["tiny_gzip"] = os.path.join(d, "tiny_gzip.h5")
+    with h5py.File(files["tiny_gzip"], "w") as f:
+        f.create_dataset("x", data=t, chunks=(1, 8, 5, 5), compression="gzip", compression_opts=1)
+    files["tiny_npz"] = os.path.join(d, "tiny.npz")
+    np.savez(files["tiny_npz"], x=t)
+    files["tiny_deflated"] = os.path.join(d, "tiny_deflated.npz")
+    np.savez_compressed(files["tiny_deflated"], x=t)
     files["gzip_npy"] = os.path.join(d, "gzip_part.npy")  # the same data as .npy, for ratios
     np.save(files["gzip_npy"], a[:ng])
     del a
@@ -243,126 +324,153 @@ def main(argv=None):
         have_dask = run([PY, "-c", "import dask.array"])[2] == 0
         have_normalize = run(bn + ["normalize", "--help"])[2] == 0
 
-        def add(case, tool, cmd, nbytes, reps_=reps, note="", **kw):
-            dt, rss, rc, err = best_of(cmd, reps_, **kw)
+        def add(case, tool, cmd, nbytes, reps_=reps, note="", work=None, role=None, **kw):
+            """One row. work: None (not measured), "wall" (work time = wall time: cat, cp)
+            or "stdout" (the child prints "@@work SECONDS"). role: "cli" for the bnstat CLI
+            row of the case ("bnstat x" reference), "lib" for its library row ("work x")."""
+            dt, rss, rc, err, wt = best_of(cmd, reps_, work=work == "stdout", **kw)
+            if work == "wall":
+                wt = dt
             row = {"case": case, "tool": tool, "bytes": nbytes, "seconds": dt, "peak_rss_mb": rss,
-                   "gbps": (nbytes / dt / 1e9) if dt else None, "note": note}
+                   "gbps": (nbytes / dt / 1e9) if dt and nbytes else None,
+                   "work_seconds": wt, "work_gbps": (nbytes / wt / 1e9) if wt and nbytes else None,
+                   "role": role, "note": note}
             if rc:
                 row["note"] = (note + " " if note else "") + f"failed (exit {rc}): {err.strip()[-200:]}"
+            elif work == "stdout" and wt is None:
+                row["note"] = (note + " " if note else "") + "no @@work line"
             rows.append(row)
-            print(f"  {case:14s} {tool:28s} {fmt(row['gbps'])} GB/s {rss:7.0f} MB {row['note']}",
-                  file=sys.stderr)
+            print(f"  {case:14s} {tool:30s} {fmt(row['gbps'])} GB/s  work {fmt(row['work_gbps'])} GB/s "
+                  f"{rss:7.0f} MB {row['note']}", file=sys.stderr)
             return row
 
         def skip(case, tool, why):
             rows.append({"case": case, "tool": tool, "bytes": 0, "seconds": None, "peak_rss_mb": None,
-                         "gbps": None, "note": why})
+                         "gbps": None, "work_seconds": None, "work_gbps": None, "role": None, "note": why})
 
         # ---- start-up --------------------------------------------------------------
-        add("startup", "bnstat --help", bn + ["--help"], 0, 5)
-        add("startup", "python -c 'import click'", [PY, "-c", "import click"], 0, 5)
+        sreps = 3 if args.quick else 5
+        add("startup", "bnstat --help", bn + ["--help"], 0, sreps)
+        add("startup", "python -c 'import click'", [PY, "-c", "import click"], 0, sreps)
         cache = tempfile.mkdtemp(prefix="numba-cache-", dir=d)
         out_json = os.path.join(d, "out.json")
         tiny = bn + ["moments", files["tiny"], "--layout", "NCHW", "--format", "json", "-o", out_json,
                      "--force", "--quiet"]
         numba_env = {**env, "BNSTAT_ENGINE": "numba"}
-        add("startup", "bnstat moments (tiny file)", tiny, 0, 5,
+        add("startup", "bnstat moments (tiny file)", tiny, 0, sreps,
             note="under 32 MiB: numpy engine, no Numba")
         add("startup", "bnstat moments, Numba 1st (compile)", tiny, 0, 1,
             env={**numba_env, "NUMBA_CACHE_DIR": cache}, note="BNSTAT_ENGINE=numba, fresh NUMBA_CACHE_DIR")
-        add("startup", "bnstat moments, Numba 2nd (cached)", tiny, 0, 5,
+        add("startup", "bnstat moments, Numba 2nd (cached)", tiny, 0, sreps,
             env={**numba_env, "NUMBA_CACHE_DIR": cache}, note="BNSTAT_ENGINE=numba")
-        add("startup", "import numpy,numba,h5py,rich", [PY, "-c", "import numpy, numba, h5py, rich"], 0, 5)
+        add("startup", "import numpy,numba,h5py,rich", [PY, "-c", "import numpy, numba, h5py, rich"], 0, sreps)
         run(tiny, env=numba_env)  # make sure the repo's own numba cache is warm for what follows
-        startup = rows[-2]["seconds"]  # the fixed cost of a run on the kernels
 
-        def net(nb, seconds):
-            """Throughput without start-up, when start-up is not most of the run."""
-            if not seconds or seconds - startup < 0.25 * seconds:
-                return None
-            return nb / (seconds - startup) / 1e9
+        def engine_note(nb):
+            return "CLI: numpy engine (input under 32 MiB)" if nb < 32 * 1024**2 else ""
 
         def moments(path, layout, extra=()):
             return bn + ["moments", path, "--layout", layout, "--format", "json", "-o", out_json,
                          "--force", "--quiet", "--chunk-size", chunk, "--threads", str(threads), *extra]
 
+        def lib(case, tool, path, layout, warm, nb, *, chunk_b=chunk_bytes, threads_=threads,
+                role=None, mode="moments", out=None, reps_=reps, note=""):
+            """bnstat's library on ``path`` after a warm-up on ``warm`` (a tiny file of the same kind)."""
+            cmd = [PY, "-c", BNSTAT_LIB, mode, path, layout, str(chunk_b), str(threads_ or 0), warm]
+            if mode == "normalize":
+                cmd += [out, os.path.join(d, "warm_out.npy")]
+            return add(case, tool, cmd, nb, reps_, note=note, work="stdout", role=role)
+
         def npy_cases(case, path, layout, axes):
             nb = os.path.getsize(path)
-            r = add(case, "bnstat", moments(path, layout), nb)
-            r["net_gbps"] = net(nb, r["seconds"])
-            add(case, "cat", ["cat", path], nb)
-            add(case, "numpy mean+var (mmap)", [PY, "-c", NUMPY_MMAP_MEANVAR, path, axes], nb)
-            add(case, "numpy mean+var+min+max", [PY, "-c", NUMPY_MMAP, path, axes], nb)
-            add(case, "numpy chunked float64", [PY, "-c", NUMPY_CHUNKED, path, axes, str(chunk_bytes)], nb)
+            add(case, "bnstat", moments(path, layout), nb, role="cli")
+            lib(case, "bnstat (library)", path, layout, files["tiny"], nb, role="lib")
+            lib(case, "bnstat --threads 1 (library)", path, layout, files["tiny"], nb, threads_=1)
+            add(case, "cat", ["cat", path], nb, work="wall")
+            add(case, "numpy mean+var (mmap)", [PY, "-c", NUMPY_MMAP_MEANVAR, path, axes], nb, work="stdout")
+            add(case, "numpy mean+var+min+max", [PY, "-c", NUMPY_MMAP, path, axes], nb, work="stdout")
+            add(case, "numpy chunked float64", [PY, "-c", NUMPY_CHUNKED, path, axes, str(chunk_bytes)], nb,
+                work="stdout")
             if have_torch:
-                add(case, "torch.var_mean", [PY, "-c", TORCH, path, axes, "var_mean", str(threads)], nb)
-                add(case, "F.batch_norm (forward)", [PY, "-c", TORCH, path, axes, "bn", str(threads)], nb)
+                treps = 1 if args.quick else reps  # 2 s of imports each: one run in --quick
+                add(case, "torch.var_mean", [PY, "-c", TORCH, path, axes, "var_mean", str(threads)], nb,
+                    treps, work="stdout")
+                add(case, "F.batch_norm (forward)", [PY, "-c", TORCH, path, axes, "bn", str(threads)], nb,
+                    treps, work="stdout")
             else:
                 skip(case, "torch", "torch not installed")
             if have_dask:
-                add(case, "dask mean+var", [PY, "-c", DASK, path, axes, str(chunk_bytes)], nb)
+                add(case, "dask mean+var", [PY, "-c", DASK, path, axes, str(chunk_bytes)], nb, work="stdout")
             else:
                 skip(case, "dask", "dask not installed")
-            return r
 
         print("timing ...", file=sys.stderr)
         npy_cases("npy NCHW", files["nchw"], "NCHW", "0,2,3")
-        r1 = add("npy NCHW", "bnstat --threads 1", moments(files["nchw"], "NCHW", ("--threads", "1")),
-                 os.path.getsize(files["nchw"]))
-        r1["net_gbps"] = net(r1["bytes"], r1["seconds"])
+        add("npy NCHW", "bnstat --threads 1", moments(files["nchw"], "NCHW", ("--threads", "1")),
+            os.path.getsize(files["nchw"]))
         npy_cases("npy NHWC", files["nhwc"], "NHWC", "0,1,2")
 
         nb = os.path.getsize(files["h5"])
-        r = add("hdf5", "bnstat", moments(files["h5"], "NCHW"), nb)
-        r["net_gbps"] = net(nb, r["seconds"])
-        add("hdf5", "h5py read_direct (raw)", [PY, "-c", H5_RAW, files["h5"], str(chunk_bytes)], nb)
-        add("hdf5", "cat", ["cat", files["h5"]], nb)
+        add("hdf5", "bnstat", moments(files["h5"], "NCHW"), nb, role="cli")
+        lib("hdf5", "bnstat (library)", files["h5"], "NCHW", files["tiny_h5"], nb, role="lib")
+        add("hdf5", "h5py read_direct (raw)", [PY, "-c", H5_RAW, files["h5"], str(chunk_bytes)], nb,
+            work="stdout")
+        add("hdf5", "cat", ["cat", files["h5"]], nb, work="wall")
 
         nb = os.path.getsize(files["gzip_npy"])  # uncompressed bytes
-        r = add("hdf5 gzip", "bnstat", moments(files["gzip"], "NCHW"), nb)
-        r["net_gbps"] = net(nb, r["seconds"])
-        add("hdf5 gzip", "bnstat --threads 1", moments(files["gzip"], "NCHW", ("--threads", "1")), nb)
-        add("hdf5 gzip", "h5py read_direct (1 thread)", [PY, "-c", H5_RAW, files["gzip"], str(chunk_bytes)], nb)
+        add("hdf5 gzip", "bnstat", moments(files["gzip"], "NCHW"), nb, role="cli", note=engine_note(nb))
+        lib("hdf5 gzip", "bnstat (library)", files["gzip"], "NCHW", files["tiny_gzip"], nb, role="lib")
+        add("hdf5 gzip", "bnstat --threads 1", moments(files["gzip"], "NCHW", ("--threads", "1")), nb,
+            note=engine_note(nb))
+        lib("hdf5 gzip", "bnstat --threads 1 (library)", files["gzip"], "NCHW", files["tiny_gzip"], nb,
+            threads_=1)
+        add("hdf5 gzip", "h5py read_direct (1 thread)", [PY, "-c", H5_RAW, files["gzip"], str(chunk_bytes)], nb,
+            work="stdout")
         if have_dask:
-            add("hdf5 gzip", "dask mean+var", [PY, "-c", DASK_H5, files["gzip"], "0,2,3"], nb)
+            add("hdf5 gzip", "dask mean+var", [PY, "-c", DASK_H5, files["gzip"], "0,2,3"], nb, work="stdout")
         else:
             skip("hdf5 gzip", "dask", "dask not installed")
 
         nb = os.path.getsize(files["nchw"])
-        r = add("npz stored", "bnstat", moments(files["npz_stored"], "NCHW"), nb)
-        r["net_gbps"] = net(nb, r["seconds"])
+        add("npz stored", "bnstat", moments(files["npz_stored"], "NCHW"), nb, role="cli")
+        lib("npz stored", "bnstat (library)", files["npz_stored"], "NCHW", files["tiny_npz"], nb, role="lib")
         add("npz stored", "bnstat on the .npy", moments(files["nchw"], "NCHW"), nb)
+        lib("npz stored", "bnstat on the .npy (library)", files["nchw"], "NCHW", files["tiny"], nb)
         nb = os.path.getsize(files["gzip_npy"])
-        r = add("npz deflated", "bnstat", moments(files["npz_deflated"], "NCHW"), nb)
-        r["net_gbps"] = net(nb, r["seconds"])
-        add("npz deflated", "numpy np.load + mean/var",
-            [PY, "-c", "import numpy as np, sys; a = np.load(sys.argv[1])['x']; a.mean((0, 2, 3)); a.var((0, 2, 3))",
-             files["npz_deflated"]], nb)
+        add("npz deflated", "bnstat", moments(files["npz_deflated"], "NCHW"), nb, role="cli",
+            note=engine_note(nb))
+        lib("npz deflated", "bnstat (library)", files["npz_deflated"], "NCHW", files["tiny_deflated"], nb,
+            role="lib")
+        add("npz deflated", "numpy np.load + mean/var", [PY, "-c", NUMPY_NPZ, files["npz_deflated"]], nb,
+            work="stdout")
 
         # a file 100 times the chunk size
         nb = os.path.getsize(files["nchw"])
-        small_chunk = str(max(SAMPLE, nb // 100))
-        r = add("100x chunk", "bnstat", bn + ["moments", files["nchw"], "--layout", "NCHW", "--format", "json",
-                                              "-o", out_json, "--force", "--quiet", "--chunk-size", small_chunk],
-                nb, note=f"--chunk-size {small_chunk}")
-        r["net_gbps"] = net(nb, r["seconds"])
-        add("100x chunk", "cat", ["cat", files["nchw"]], nb)
+        small_chunk = max(SAMPLE, nb // 100)
+        add("100x chunk", "bnstat", bn + ["moments", files["nchw"], "--layout", "NCHW", "--format", "json",
+                                          "-o", out_json, "--force", "--quiet", "--chunk-size", str(small_chunk)],
+            nb, role="cli", note=f"--chunk-size {small_chunk}")
+        lib("100x chunk", "bnstat (library)", files["nchw"], "NCHW", files["tiny"], nb, chunk_b=small_chunk,
+            threads_=None, role="lib", note=f"chunk_size={small_chunk}")
+        add("100x chunk", "cat", ["cat", files["nchw"]], nb, work="wall")
 
         # normalize
         out_npy = os.path.join(d, "normed.npy")
         if have_normalize:
-            r = add("normalize", "bnstat", bn + ["normalize", files["nchw"], "-o", out_npy, "--layout", "NCHW",
-                                                 "--force", "--quiet", "--chunk-size", chunk], nb, big_reps)
-            r["net_gbps"] = net(nb, r["seconds"])
+            add("normalize", "bnstat", bn + ["normalize", files["nchw"], "-o", out_npy, "--layout", "NCHW",
+                                             "--force", "--quiet", "--chunk-size", chunk], nb, big_reps, role="cli")
+            lib("normalize", "bnstat (library)", files["nchw"], "NCHW", files["tiny"], nb, threads_=None,
+                role="lib", mode="normalize", out=out_npy, reps_=big_reps)
         else:
             skip("normalize", "bnstat", "`bnstat normalize` not available yet")
-        add("normalize", "cp", ["cp", files["nchw"], out_npy], nb, big_reps)
+        add("normalize", "cp", ["cp", files["nchw"], out_npy], nb, big_reps, work="wall")
         add("normalize", "numpy chunked", [PY, "-c", NUMPY_NORMALIZE, files["nchw"], out_npy, str(chunk_bytes)],
-            nb, big_reps)
+            nb, big_reps, work="stdout")
     finally:
         if not os.environ.get("BNSTAT_BENCH_KEEP"):
             shutil.rmtree(d, ignore_errors=True)
     total = time.perf_counter() - t_start
+    ratios(rows)
     table(rows)
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(), "size_bytes": size,
               "chunk_size": chunk, "threads": threads, "quick": args.quick, "seconds": total, "rows": rows}
@@ -386,34 +494,42 @@ def fmt(x, w=6, p=2):
     return f"{x:{w}.{p}f}" if x is not None else " " * (w - 1) + "-"
 
 
-def table(rows):
-    """Markdown table: per case, bnstat's speed as a multiple of each tool's."""
-    """Markdown table: per case, bnstat's speed as a multiple of each tool's.
+def ratios(rows):
+    """Set "bnstat_x" (other wall / the case's bnstat CLI wall) and "work_x" (other work time /
+    the case's bnstat library work time) on every row: above 1, bnstat is faster."""
+    cli = {r["case"]: r["seconds"] for r in rows if r.get("role") == "cli" and r["seconds"]}
+    lib = {r["case"]: r["work_seconds"] for r in rows if r.get("role") == "lib" and r["work_seconds"]}
+    for r in rows:
+        r["bnstat_x"] = r["work_x"] = None
+        c = r["case"]
+        if c in cli and r["seconds"] and r.get("role") != "cli" and not r["tool"].endswith("(library)"):
+            r["bnstat_x"] = r["seconds"] / cli[c]
+        if c in lib and r["work_seconds"] and r.get("role") != "lib":
+            r["work_x"] = r["work_seconds"] / lib[c]
 
-    "bnstat x" compares whole processes (each tool's own start-up included);
-    "net x" compares the tool's whole process with bnstat's run less its
-    fixed start-up (``net GB/s``: the Numba kernels' loading, about 0.6 s,
-    measured by the "Numba 2nd (cached)" start-up row).
+
+def table(rows):
+    """Markdown table: both throughput measures and bnstat's speed as a multiple of each tool's.
+
+    "GB/s" and "bnstat x" are whole processes (start-up included; for the
+    library rows, whose process also runs a warm-up, only "work" is shown);
+    "work GB/s" and "work x" are the time on the data after imports and
+    warm-up, measured in the process.
     """
-    print("| case | tool | GB/s | net GB/s | bnstat x | net x | peak RSS MB | note |")
+    print("| case | tool | GB/s | work GB/s | bnstat x | work x | peak RSS MB | note |")
     print("|---|---|---:|---:|---:|---:|---:|---|")
-    bnstat_of, net_of = {}, {}
     for r in rows:
-        if r["tool"] == "bnstat" and r["seconds"]:
-            bnstat_of[r["case"]] = r["seconds"]
-            if r.get("net_gbps"):
-                net_of[r["case"]] = r["bytes"] / r["net_gbps"] / 1e9
-    for r in rows:
-        ratio = net_ratio = ""
-        b = bnstat_of.get(r["case"])
-        if b and r["seconds"] and r["tool"] != "bnstat":
-            ratio = f"{r['seconds'] / b:.2f}"
-            if r["case"] in net_of:
-                net_ratio = f"{r['seconds'] / net_of[r['case']]:.2f}"
-        secs = f"{r['seconds']:.3f} s" if r["case"] == "startup" and r["seconds"] else fmt(r["gbps"]).strip()
+        if r["case"] == "startup":
+            wall = f"{r['seconds']:.3f} s" if r["seconds"] else "-"
+        elif r["tool"].endswith("(library)"):
+            wall = ""
+        else:
+            wall = fmt(r["gbps"]).strip()
+        work = fmt(r.get("work_gbps")).strip() if r.get("work_gbps") else ""
+        bx = f"{r['bnstat_x']:.2f}" if r.get("bnstat_x") else ""
+        wx = f"{r['work_x']:.2f}" if r.get("work_x") else ""
         rss = f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] else ""
-        net = fmt(r.get("net_gbps")).strip() if r.get("net_gbps") else ""
-        print(f"| {r['case']} | {r['tool']} | {secs} | {net} | {ratio} | {net_ratio} | {rss} | {r['note']} |")
+        print(f"| {r['case']} | {r['tool']} | {wall} | {work} | {bx} | {wx} | {rss} | {r['note']} |")
 
 
 def machine():

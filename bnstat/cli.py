@@ -42,10 +42,6 @@ SUMMARIES = {
 }
 
 
-class Terminated(BaseException):
-    """Raised by the SIGTERM handler so that cleanup code runs (exit 143)."""
-
-
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return list(COMMANDS)
@@ -79,8 +75,27 @@ def cli():
     """
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
+def _on_signal(signum, frame):
+    from bnstat import errors
+
+    errors.pending_signal = signum  # kept in case the exception below is swallowed
+    raise KeyboardInterrupt() if signum == signal.SIGINT else errors.Terminated()
+
+
+def _unraisable(hook):
+    """sys.unraisablehook that is quiet about a signal landing in a finalizer.
+
+    The signal is recorded by _on_signal and raised again by
+    errors.check_interrupt(); Python's "Exception ignored in ... Traceback"
+    would only break SPEC 4's promise of no traceback.
+    """
+    from bnstat.errors import Terminated
+
+    def quiet(unraisable):
+        if not isinstance(unraisable.exc_value, (KeyboardInterrupt, Terminated)):
+            hook(unraisable)
+
+    return quiet
 
 
 def _print_error(message: str) -> None:
@@ -133,7 +148,8 @@ IN_MAIN = False
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script; exits with SPEC 4's status codes."""
-    from bnstat.errors import BnstatError, BnstatWarning
+    from bnstat import errors
+    from bnstat.errors import BnstatError, BnstatWarning, Terminated
 
     global IN_MAIN
     IN_MAIN = True
@@ -143,7 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     options.state.reset()
-    previous_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    errors.pending_signal = None
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    sys.unraisablehook = _unraisable(sys.unraisablehook)
     code = 0
     with warnings.catch_warnings():
         warnings.simplefilter("always", BnstatWarning)
@@ -153,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
             # broken pipe into exit 1 and KeyboardInterrupt into Abort itself
             with cli.make_context("bnstat", args) as ctx:
                 cli.invoke(ctx)
+            errors.check_interrupt()
             sys.stdout.flush()
         except click.exceptions.Exit as exc:
             code = exc.exit_code
@@ -197,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
             _print_error(f"internal error: {type(exc).__name__}: {first} (run with --debug for the traceback)")
             code = 1
         finally:
-            signal.signal(signal.SIGTERM, previous_term)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     try:
         sys.stdout.flush()
     except (OSError, ValueError):  # bytes that cannot be delivered (full disk, closed pipe):

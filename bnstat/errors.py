@@ -57,3 +57,24 @@ class BnstatWarning(UserWarning):
 def warn(message: str) -> None:
     """Emit a :class:`BnstatWarning` pointing at the caller of the library."""
     warnings.warn(message, BnstatWarning, stacklevel=3)
+
+
+class Terminated(BaseException):
+    """Raised by the command line's SIGTERM handler so that cleanup runs (exit 143)."""
+
+
+# The signal (SIGINT or SIGTERM) the command line's handler last saw, or None.
+# Python ignores an exception raised while it runs a finalizer or a weakref
+# callback ("Exception ignored in ..."): a signal that lands there would be
+# lost and the run would go on to write its output and exit 0. The handler
+# records the signal here too, and check_interrupt(), called between chunks
+# and before an output is renamed into place, raises it again.
+pending_signal: int | None = None
+
+
+def check_interrupt() -> None:
+    """Raise KeyboardInterrupt / Terminated for a signal that was swallowed."""
+    if pending_signal is not None:
+        import signal
+
+        raise KeyboardInterrupt() if pending_signal == signal.SIGINT else Terminated()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bnstat.errors import DataError, InputError, UsageProblem, warn
+from bnstat.errors import DataError, InputError, UsageProblem, check_interrupt, warn
 from bnstat.io.base import ArraySource
 from bnstat.layout import Plan, make_plan
 from bnstat.stats import Stats
@@ -423,6 +423,7 @@ def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None,
             nans: list[int] = []
             with writer_cm as write:
                 for r0, chunk in src.iter_chunks(rows):
+                    check_interrupt()
                     if nan == "raise" and chunk.dtype.kind == "f" and (flat is not None) and np.isnan(chunk).any():
                         raise DataError(f"{src.where}: NaN values in the data (rows {r0}..{r0 + chunk.shape[0]})",
                                         "Use --nan omit or --nan propagate.")

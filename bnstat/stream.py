@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from bnstat.errors import DataError, InputError, UsageProblem, warn
+from bnstat.errors import DataError, InputError, UsageProblem, check_interrupt, warn
 from bnstat.io.base import ArraySource
 from bnstat.layout import Plan, make_plan
 from bnstat.stats import Moments, Stats, concatenate, merge_all, warn_degenerate
@@ -204,6 +204,7 @@ def source_moments(source: ArraySource, plan: Plan, *, chunk_size: int, higher: 
     state = Moments.empty((n_units,), higher)
     row_bytes = source.row_bytes
     for r0, chunk in source.iter_chunks(rows):
+        check_interrupt()
         part = chunk_moments(chunk, chunk_plan(splan, shape, chunk.shape[0]), higher=higher,
                              threads=threads, engine=engine)
         if first_kept:

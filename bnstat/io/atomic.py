@@ -13,7 +13,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 
-from bnstat.errors import OutputError
+from bnstat.errors import OutputError, check_interrupt
 
 STDOUT = "-"
 
@@ -68,6 +68,7 @@ def atomic_path(path: str, *, force: bool = False, inputs: Iterable[str] = ()) -
     os.close(fd)
     try:
         yield tmp
+        check_interrupt()  # a signal swallowed on the way must not let the output land
         try:
             if os.path.exists(path):
                 # keep the permissions of the file being replaced
