@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bnstat.errors import DataError, InputError, UsageProblem, check_interrupt, warn
+from bnstat.io import zlibx
 from bnstat.io.base import ArraySource
 from bnstat.layout import Plan, make_plan
 from bnstat.stats import Stats
@@ -359,6 +360,7 @@ def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None,
         jobs.append((src, plan, st))
 
     engine = pick_engine(sum(src.nbytes for src, _, _ in jobs), engine)
+    zlibx.set_threads(threads)  # the readers' helper threads (CRC-32, gzip inflate)
     n_threads = set_threads(threads) if engine == "numba" else 1
     _THREADS[0] = n_threads
 

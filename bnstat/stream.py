@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from bnstat.errors import DataError, InputError, UsageProblem, check_interrupt, warn
+from bnstat.io import zlibx
 from bnstat.io.base import ArraySource
 from bnstat.layout import Plan, make_plan
 from bnstat.stats import Moments, Stats, concatenate, merge_all, warn_degenerate
@@ -192,9 +193,7 @@ def source_moments(source: ArraySource, plan: Plan, *, chunk_size: int, higher: 
     splan = plan.transposed() if source.fortran else plan
     shape = source.read_shape
     n_units = math.prod(splan.unit_shape(shape))
-    # a reader that overlaps reading with computing holds two slabs: each of
-    # half the chunk size keeps memory bounded by the chunk size (SPEC 7)
-    rows = source.rows_for(chunk_size // 2 if getattr(source, "double_buffered", False) else chunk_size)
+    rows = source.rows_for(chunk_size)
     group_rows = 1
     if splan.groups is not None and splan.channel_axis == 0:
         group_rows = shape[0] // splan.groups  # a chunk must hold whole groups
@@ -292,6 +291,7 @@ def compute_stats(sources: list[ArraySource], *, layout=None, channel_axis=None,
             shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
             warn(f"no --layout given: assuming the PyTorch layout {letters} (channel axis 1) for {shown}")
     engine = pick_engine(sum(s.nbytes for s in sources), engine)
+    zlibx.set_threads(threads)  # the readers' helper threads (CRC-32, gzip inflate)
     n_threads = set_threads(threads) if engine == "numba" else 1
     results = {}
     for g, ps in zip(array_groups, plans):

@@ -96,8 +96,16 @@ class ArraySource:
     def row_bytes(self) -> int:
         return math.prod(self.read_shape[1:]) * self.dtype.itemsize
 
+    double_buffered: bool = False  # the reader fills a second buffer while one is in use
+
     def rows_for(self, chunk_size: int) -> int:
-        """Rows per chunk for a chunk size in bytes (at least one row, aligned)."""
+        """Rows per chunk for a chunk size in bytes (at least one row, aligned).
+
+        A double-buffered reader gets half the rows per buffer, so that its two
+        buffers together stay within the chunk size (SPEC 7).
+        """
+        if self.double_buffered:
+            chunk_size //= 2
         rows = max(1, chunk_size // max(1, self.row_bytes))
         if self.row_align > 1:
             rows = max(self.row_align, rows - rows % self.row_align)

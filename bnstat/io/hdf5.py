@@ -71,19 +71,20 @@ class Hdf5Source(ArraySource):
         self.chunks = dataset.chunks
         self.compression = dataset.compression
         self.row_align = int(dataset.chunks[0]) if dataset.chunks else 1
-        # two slab buffers when reads overlap computing (everything but deflate)
-        self.double_buffered = _deflate_pipeline(dataset) is None
+        # two slab buffers: reading (or inflating) the next slab overlaps computing on this one
+        self.double_buffered = True
         check_dtype(self.dtype, self.where)
 
     def iter_chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """Slabs of ``rows`` rows (aligned to the dataset's chunks by the caller).
 
         Deflate-compressed datasets: the chunks of a slab are read raw
-        (``read_direct_chunk``) and decompressed by a pool of threads (zlib
-        releases the GIL; one core decompresses about 0.12 GB/s, PERF-NOTES).
-        Everything else: ``read_direct`` of the next slab runs in a thread
-        while the caller computes on this one (two buffers; ``double_buffered``
-        tells the driver to halve the chunk size so memory stays one chunk).
+        (``read_direct_chunk``) and decompressed by a pool of threads
+        (_iter_deflate; one core inflates about 0.12 GB/s, PERF-NOTES).
+        Everything else: ``read_direct`` of the next slab runs in a thread.
+        Either way the next slab is prepared while the caller computes on
+        this one (two buffers; ``double_buffered`` tells the driver to halve
+        the chunk size so memory stays one chunk).
         """
         h5py = _h5py()
         n = self.shape[0]
@@ -93,11 +94,11 @@ class Hdf5Source(ArraySource):
             with h5py.File(self.path, "r") as f:
                 ds = f[self.name]
                 pipeline = _deflate_pipeline(ds)
-                if pipeline is not None:
-                    yield from _iter_deflate(ds, rows, np.empty(shape, dtype), pipeline)
-                    return
                 bufs = [np.empty(shape, dtype), np.empty(shape, dtype)]
-                yield from _iter_overlapped(ds, rows, bufs)
+                if pipeline is not None:
+                    yield from _iter_deflate(ds, rows, bufs, pipeline)
+                else:
+                    yield from _iter_overlapped(ds, rows, bufs)
         except (OSError, KeyError) as exc:
             raise InputError(f"{self.where}: cannot read ({exc})") from exc
 
@@ -143,53 +144,88 @@ def _deflate_pipeline(ds):
     return None
 
 
-def _iter_deflate(ds, rows, buf, pipeline):
-    """Slabs of a deflate dataset, its chunks decompressed in parallel."""
+def _iter_deflate(ds, rows, bufs, pipeline):
+    """Slabs of a deflate dataset, its chunks decompressed in parallel.
+
+    The raw chunks (``read_direct_chunk``, serialized: h5py holds one lock)
+    are inflated by a pool of threads (zlib and libdeflate release the GIL;
+    see bnstat.io.zlibx), straight into the slab buffer where a chunk spans
+    whole rows of the dataset and is not shuffled, else through a per-thread
+    scratch buffer. The pool inflates slab i+1 into the second buffer while
+    the caller computes on slab i.
+    """
     import itertools
-    import os
     import threading
-    import zlib
     from concurrent.futures import ThreadPoolExecutor, wait
+
+    from bnstat.io import zlibx
 
     shuffle = pipeline[0]
     n = ds.shape[0]
-    cshape = ds.chunks
+    cshape = tuple(int(c) for c in ds.chunks)
     itemsize = ds.dtype.itemsize
     cbytes = int(np.prod(cshape)) * itemsize
     grids = [range(0, s, c) for s, c in zip(ds.shape[1:], cshape[1:], strict=True)]
+    whole_rows = cshape[1:] == tuple(ds.shape[1:])  # a chunk is c0 contiguous rows of a slab
     dsid = ds.id
     lock = threading.Lock()
+    local = threading.local()
+
+    def scratch():
+        b = getattr(local, "buf", None)
+        if b is None:
+            b = local.buf = np.empty(cbytes, np.uint8)
+        return b
 
     def decode(r0, offset, out):
-        with lock:  # h5py calls are serialized anyway; keep the raw reads in order
+        with lock:
             mask, raw = dsid.read_direct_chunk(offset)
         if mask:
             raise ValueError("a filter was skipped for this chunk")
-        data = zlib.decompress(raw)
-        if len(data) != cbytes:
-            raise ValueError("unexpected chunk size")
-        arr = np.frombuffer(data, np.uint8)
-        if shuffle:
-            arr = arr.reshape(itemsize, -1).T.copy()
+        c0 = offset[0] - r0
+        if whole_rows and not shuffle and offset[0] + cshape[0] <= n:
+            zlibx.inflate_into(raw, out[c0:c0 + cshape[0]].reshape(-1).view(np.uint8))
+            return
+        tmp = scratch()
+        zlibx.inflate_into(raw, tmp)
+        if shuffle:  # byte planes back to values
+            arr = np.empty(cbytes, np.uint8)
+            arr.reshape(-1, itemsize)[...] = tmp.reshape(itemsize, -1).T
+        else:
+            arr = tmp
         arr = arr.view(ds.dtype).reshape(cshape)
         sel = tuple(slice(o, min(o + c, s)) for o, c, s in zip(offset, cshape, ds.shape, strict=True))
         src = arr[tuple(slice(0, sl.stop - sl.start) for sl in sel)]
         dst = (slice(sel[0].start - r0, sel[0].stop - r0),) + sel[1:]
         out[dst] = src
 
-    workers = max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
-                         (os.cpu_count() or 1), 8))
-    with ThreadPoolExecutor(workers, thread_name_prefix="bnstat-inflate") as pool:
-        for r0 in range(0, n, rows):
-            r1 = min(n, r0 + rows)
-            offsets = [(c0,) + rest for c0 in range(r0, r1, cshape[0])
-                       for rest in itertools.product(*grids)]
-            futures = [pool.submit(decode, r0, off, buf) for off in offsets]
-            wait(futures)
-            if any(fut.exception() is not None for fut in futures):
-                # an unallocated chunk, a skipped filter...: let HDF5 read the slab
-                ds.read_direct(buf, np.s_[r0:r1], np.s_[0:r1 - r0])
-            yield r0, buf[:r1 - r0]
+    def submit(pool, i):
+        r0 = starts[i]
+        r1 = min(n, r0 + rows)
+        out = bufs[i % 2]
+        offsets = [(c0,) + rest for c0 in range(r0, r1, cshape[0])
+                   for rest in itertools.product(*grids)]
+        return [pool.submit(decode, r0, off, out) for off in offsets]
+
+    starts = list(range(0, n, rows))
+    with ThreadPoolExecutor(zlibx.workers(), thread_name_prefix="bnstat-inflate") as pool:
+        pending = submit(pool, 0)
+        try:
+            for i, r0 in enumerate(starts):
+                r1 = min(n, r0 + rows)
+                wait(pending)
+                failed = any(fut.exception() is not None for fut in pending)
+                pending = submit(pool, i + 1) if i + 1 < len(starts) else []
+                buf = bufs[i % 2]
+                if failed:
+                    # an unallocated chunk, a skipped filter, a bad stream: HDF5 reads the slab
+                    # (and reports a corrupt chunk as an error of its own)
+                    ds.read_direct(buf, np.s_[r0:r1], np.s_[0:r1 - r0])
+                yield r0, buf[:r1 - r0]
+        finally:
+            for fut in pending:
+                fut.cancel()
+            wait(pending)  # nothing writes into a buffer after the caller is gone
 
 
 def open_hdf5(path: str, selected) -> list[ArraySource]:

@@ -36,6 +36,13 @@ _pool_lock = threading.Lock()
 threads = 0  # threads for CRC pieces and inflate pools; 0: every core (set by --threads)
 
 
+def set_threads(n: int | None) -> int:
+    """Use ``n`` helper threads (None or 0: every core); returns ``workers()``."""
+    global threads
+    threads = max(0, n or 0)
+    return workers()
+
+
 def workers() -> int:
     """The number of threads I/O helpers use (``threads``, else the cores this process may use)."""
     if threads > 0:
