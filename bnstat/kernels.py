@@ -23,9 +23,20 @@ a fast path for rows without NaN/inf) is explained above ``_row_fast``.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
-from numba import njit, prange, types
+
+# numba's OpenMP threading layer (libgomp) reads this when it is loaded, at the
+# first parallel kernel. Its default keeps idle workers spinning, and normalize
+# calls a kernel between write() calls, which then competed with the spinning
+# worker: 513 MB normalized at 0.33-0.42 GB/s by default, 1.0-1.5 GB/s passive,
+# `cp` 2.4-3.1 in the same minutes (bench/README.md). The moments kernels run
+# one parallel region per 64 MiB chunk: the wake-up costs them nothing. A value
+# the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+from numba import njit, prange, types  # noqa: E402 - after the environment above
 from numba.extending import overload
 from numba.np.numpy_support import as_dtype
 

@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -175,7 +176,10 @@ def summary_line(s: Stats, f: np.ndarray) -> str:
     std = np.asarray(cols["std"], float)
     n = int(np.prod(s.unit_shape))
     parts = [f"{n:,} units of {int(np.asarray(s.count).max(initial=0)):,} values"]
-    with np.errstate(all="ignore"), contextlib.suppress(ValueError):
+    # np.nanmin/nanmax of an all-NaN column (every unit empty) warn "All-NaN slice": a
+    # RuntimeWarning that reached the user as a bnstat warning (an error under -W error)
+    with np.errstate(all="ignore"), warnings.catch_warnings(), contextlib.suppress(ValueError):
+        warnings.simplefilter("ignore", RuntimeWarning)
         if np.isfinite(mean).any():
             parts.append(f"mean {fmt_num(float(np.nanmin(mean)))} .. {fmt_num(float(np.nanmax(mean)))}")
         if np.isfinite(std).any():

@@ -166,7 +166,8 @@ def _iter_deflate(ds, rows, bufs, pipeline):
     itemsize = ds.dtype.itemsize
     cbytes = int(np.prod(cshape)) * itemsize
     grids = [range(0, s, c) for s, c in zip(ds.shape[1:], cshape[1:], strict=True)]
-    whole_rows = cshape[1:] == tuple(ds.shape[1:])  # a chunk is c0 contiguous rows of a slab
+    # a chunk is c0 contiguous rows of a slab, in the slab's (native) byte order
+    whole_rows = cshape[1:] == tuple(ds.shape[1:]) and ds.dtype.isnative
     dsid = ds.id
     lock = threading.Lock()
     local = threading.local()

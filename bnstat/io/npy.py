@@ -45,8 +45,13 @@ def read_npy_header(fh, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
             shape, fortran, dtype = fmt.read_array_header_1_0(fh, max_header_size=1 << 20)
         elif version == (2, 0):
             shape, fortran, dtype = fmt.read_array_header_2_0(fh, max_header_size=1 << 20)
-        else:
-            shape, fortran, dtype = fmt._read_array_header(fh, version, max_header_size=1 << 20)
+        else:  # 3.0 (utf-8 field names) and any later version: numpy's own parser decides
+            read_header = getattr(fmt, "_read_array_header", None)
+            if read_header is None:  # numpy 2: the implementation module
+                from numpy.lib import _format_impl
+
+                read_header = _format_impl._read_array_header
+            shape, fortran, dtype = read_header(fh, version, max_header_size=1 << 20)
     except (ValueError, SyntaxError, TypeError, OSError, EOFError) as exc:
         raise InputError(f"{where}: corrupt .npy header ({exc})") from exc
     if dtype.hasobject:
