@@ -19,7 +19,7 @@ from bnstat._version import __version__
 __all__ = ["__version__", "moments", "normalize", "fold", "load_stats", "save_stats"]
 
 
-def _sources(source, dataset=None):
+def _sources(source, dataset=None, check_crc=True):
     import numpy as np
 
     from bnstat.io import MemorySource, open_sources
@@ -32,24 +32,25 @@ def _sources(source, dataset=None):
     patterns = [dataset] if isinstance(dataset, str) else list(dataset or ())
     import os
 
-    return open_sources([os.fspath(p) for p in paths], patterns)
+    return open_sources([os.fspath(p) for p in paths], patterns, check_crc=check_crc)
 
 
 def moments(source, *, layout=None, channel_axis=None, norm="batch", groups=None, reduce=None,
             ddof=0, dataset=None, chunk_size=None, threads=None, higher=False, nan="omit",
-            per_file=False, progress=None, engine=None):
+            per_file=False, progress=None, engine=None, check_crc=True):
     """Per-unit statistics of every selected array of ``source``.
 
     ``source``: a path, a list of paths (one data set split along N), a
     numpy array, or a dict of named arrays. Returns ``{name: Stats}``.
     ``engine``: "numba" (the parallel kernels), "numpy", or None: numpy for
     inputs under 32 MiB, where loading the kernels would cost more.
+    ``check_crc=False`` skips the CRC-32 check of .npz members (``--skip-crc``).
     Raises bnstat.errors.BnstatError (UsageProblem when the layout does not
     fit an array).
     """
     from bnstat.stream import compute_stats
 
-    sources = _sources(source, dataset)
+    sources = _sources(source, dataset, check_crc)
     return compute_stats(sources, layout=layout, channel_axis=channel_axis, norm=norm,
                          groups=groups, reduce=reduce, ddof=ddof, higher=higher, nan_policy=nan,
                          chunk_size=chunk_size, threads=threads, per_file=per_file,

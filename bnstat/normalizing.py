@@ -278,7 +278,8 @@ def _threads() -> int:
 
 def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None, per_batch=None,
               layout=None, channel_axis=None, norm=None, groups=None, reduce=None, dataset=None,
-              chunk_size=None, threads=None, nan="omit", force=False, progress=None, engine=None):
+              chunk_size=None, threads=None, nan="omit", force=False, progress=None, engine=None,
+              check_crc=True):
     """Normalize the selected arrays of ``source`` into ``output`` (same format).
 
     ``source``: a path ('-' for a .npy stream on stdin) or a numpy array; with
@@ -306,7 +307,7 @@ def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None,
         raise UsageProblem("--per-batch normalizes with each batch's own statistics; drop --stats/--model")
     chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
     in_memory = isinstance(source, np.ndarray)
-    sources = _sources(source, dataset)
+    sources = _sources(source, dataset, check_crc)
     paths = [] if in_memory else ([source] if isinstance(source, str) else list(source))
     if len(set(s.path for s in sources)) > 1:
         raise UsageProblem("normalize takes one input file")

@@ -144,6 +144,12 @@ per_file_option = click.option(
     help="Keep arrays of the same name in different files apart (default: merged along N).")
 
 
+skip_crc_option = click.option(
+    "--skip-crc", is_flag=True,
+    help="Do not check the CRC-32 of .npz members: a stored member then reads as fast as a "
+         ".npy (the check costs about half of it), and a damaged member goes unnoticed.")
+
+
 def selection_options(func):
     for deco in reversed((dataset_option, per_file_option)):
         func = deco(func)

@@ -88,3 +88,43 @@ def test_inflated_member_stream_reads_in_bounded_pieces(tmp_path):
         s2.seek(1000)
         assert s2.tell() == 1000
         assert s2.read(64) == expected[1000:1064]
+
+
+@pytest.mark.parametrize("saver", ["savez", "savez_compressed"])
+def test_skip_crc(tmp_path, saver):
+    """A member whose CRC-32 in the zip is wrong: refused by default, read with --skip-crc
+    (its statistics are those of the bytes as they are) by moments and normalize."""
+    from conftest import run_inproc
+    from reference import ref_moments
+
+    a = np.random.default_rng(5).standard_normal((400, 3, 7)).astype(np.float32)
+    good = tmp_path / "good.npz"
+    getattr(np, saver)(good, a=a)
+    raw = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as zf:
+        info = zf.getinfo("a.npy")
+    # the CRC-32 field of the central directory entry, which readers take the CRC from
+    cd = raw.rindex(b"PK\x01\x02")  # the one member's entry
+    raw[cd + 16:cd + 20] = (info.CRC ^ 1).to_bytes(4, "little")
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(bytes(raw))
+
+    rc, out, err = run_inproc("moments", bad, "--layout", "NCL", "--format", "json")
+    assert rc == 1 and "bad.npz:a: corrupt zip member (bad CRC-32" in err and "Traceback" not in err
+    rc, out, err = run_inproc("moments", bad, "--layout", "NCL", "--format", "json", "--skip-crc")
+    assert rc == 0, err
+    import json
+
+    got = json.loads(out)["arrays"][0]
+    np.testing.assert_allclose(got["mean"], ref_moments(a, "NCL").mean.ravel(), rtol=1e-9)
+    rc, out, err = run_inproc("normalize", bad, "--layout", "NCL", "-o", tmp_path / "n.npz")
+    assert rc == 1 and "CRC-32" in err and not (tmp_path / "n.npz").exists()
+    rc, out, err = run_inproc("normalize", bad, "--layout", "NCL", "-o", tmp_path / "n.npz",
+                              "--skip-crc")
+    assert rc == 0, err
+    with np.load(tmp_path / "n.npz") as z:
+        y = z["a"]
+    x = a.astype(np.float64)
+    m = x.mean(axis=(0, 2), keepdims=True)
+    ref = (x - m) / np.sqrt(((x - m) ** 2).mean(axis=(0, 2), keepdims=True) + 1e-5)
+    np.testing.assert_allclose(y, ref, rtol=2e-6, atol=2e-6)

@@ -12,13 +12,14 @@ from bnstat import options
 @options.layout_options
 @options.ddof_option
 @options.selection_options
+@options.skip_crc_option
 @options.nan_option
 @options.higher_option
 @options.format_option
 @options.table_options
 @options.common_options
 def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, per_file,
-            nan_policy, higher, fmt, sort, top, show_all, output, force, quiet, threads, chunk_size):
+            skip_crc, nan_policy, higher, fmt, sort, top, show_all, output, force, quiet, threads, chunk_size):
     """Exact per-unit count, mean, var, std, min, max and NaN count.
 
     PATH is a .npy, .npz or HDF5 file, or '-' for a .npy stream on standard
@@ -42,7 +43,7 @@ def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, 
     spec = options.layout_spec(layout, channel_axis, norm, groups, reduce)
     fmt = options.format_for(fmt, output)
     check_target(output, fmt, force, inputs)
-    sources = open_sources(inputs, datasets)
+    sources = open_sources(inputs, datasets, check_crc=not skip_crc)
     total = sum(s.nbytes for s in sources)
     with progress(total, "moments", enabled=not quiet) as advance:
         stats = compute_stats(sources, ddof=ddof, higher=higher, nan_policy=nan_policy,

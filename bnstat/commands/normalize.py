@@ -21,10 +21,11 @@ from bnstat import options
               help="Normalize each run of B samples along N with its own statistics (BN training).")
 @options.layout_options
 @options.dataset_option
+@options.skip_crc_option
 @options.nan_option
 @options.common_options
 def command(input_path, stats_file, model, bn_name, eps, per_batch, layout, channel_axis, norm,
-            groups, reduce, datasets, nan_policy, output, force, quiet, threads, chunk_size):
+            groups, reduce, datasets, skip_crc, nan_policy, output, force, quiet, threads, chunk_size):
     """Write PATH normalized: y = (x - mean) / sqrt(var + eps) * gamma + beta.
 
     The output has the input's format (.npy, .npz members, HDF5 datasets with
@@ -60,4 +61,4 @@ def command(input_path, stats_file, model, bn_name, eps, per_batch, layout, chan
     with progress(total * passes, "normalize", enabled=not quiet and total > 0) as advance:
         normalize(input_path, output, stats=stats_file, model=model, bn=bn_name, eps=eps,
                   per_batch=per_batch, dataset=datasets, chunk_size=chunk_size, threads=threads,
-                  nan=nan_policy, force=force, progress=advance, **spec)
+                  nan=nan_policy, force=force, progress=advance, check_crc=not skip_crc, **spec)

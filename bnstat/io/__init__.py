@@ -55,8 +55,10 @@ def _selector(patterns):
     return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def open_path(path: str, patterns=()) -> list[ArraySource]:
-    """The selected arrays of one path ('-' is a .npy stream on stdin)."""
+def open_path(path: str, patterns=(), *, check_crc: bool = True) -> list[ArraySource]:
+    """The selected arrays of one path ('-' is a .npy stream on stdin).
+
+    ``check_crc=False``: the CRC-32 of .npz members is not checked."""
     selected = _selector(patterns)
     if path == "-":
         from bnstat.io.npy import open_stdin
@@ -70,11 +72,11 @@ def open_path(path: str, patterns=()) -> list[ArraySource]:
             return open_hdf5(path, selected)
         from bnstat.io.npy import open_npy, open_npz
 
-        sources = open_npy(path) if kind == "npy" else open_npz(path)
+        sources = open_npy(path) if kind == "npy" else open_npz(path, check_crc=check_crc)
     return [s for s in sources if selected(s.name) is not False]
 
 
-def open_sources(paths, patterns=(), *, check: bool = True) -> list[ArraySource]:
+def open_sources(paths, patterns=(), *, check: bool = True, check_crc: bool = True) -> list[ArraySource]:
     """All selected arrays of all paths, in command-line and file order.
 
     With ``check`` (for computing), arrays of fewer than 2 dimensions or no
@@ -85,7 +87,7 @@ def open_sources(paths, patterns=(), *, check: bool = True) -> list[ArraySource]
         raise InputError("-: standard input can be given once")
     sources = []
     for path in paths:
-        sources.extend(open_path(path, patterns))
+        sources.extend(open_path(path, patterns, check_crc=check_crc))
     if check:
         for src in sources:
             check_shape(src.shape, src.where)

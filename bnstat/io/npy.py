@@ -412,8 +412,11 @@ def _stored_offset(path: str, info: zipfile.ZipInfo) -> int:
     return info.header_offset + _ZIP_LOCAL_HEADER + name_len + extra_len
 
 
-def open_npz(path: str) -> list[ArraySource]:
-    """Every member of a .npz, streamed (stored members read straight from the file)."""
+def open_npz(path: str, *, check_crc: bool = True) -> list[ArraySource]:
+    """Every member of a .npz, streamed (stored members read straight from the file).
+
+    Each member's CRC-32 is checked as it is read, unless ``check_crc`` is False.
+    """
     try:
         with _open_file(path) as fh, zipfile.ZipFile(fh) as zf:
             infos = zf.infolist()
@@ -434,7 +437,7 @@ def open_npz(path: str) -> list[ArraySource]:
                 return _Window(path, offset, info.file_size)
 
             sources.append(NpyStreamSource(opener, name, path, "npz", data_size=info.file_size,
-                                           crc=info.CRC))
+                                           crc=info.CRC if check_crc else None))
         elif info.compress_type == zipfile.ZIP_DEFLATED:
             offset = _stored_offset(path, info)
 
@@ -443,7 +446,7 @@ def open_npz(path: str) -> list[ArraySource]:
 
             try:
                 src = NpyStreamSource(opener, name, path, "npz", data_size=info.file_size,
-                                      crc=info.CRC)
+                                      crc=info.CRC if check_crc else None)
             except (zlib.error, EOFError) as exc:
                 raise InputError(f"{where}: corrupt zip member ({exc})") from exc
             src.compression = "deflate"
