@@ -27,6 +27,7 @@ to JSON as well (``--out``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -83,11 +84,14 @@ def run(cmd, *, env=None, stdout=subprocess.DEVNULL, work=False):
     return dt, rss, rc, err, wt
 
 
-def best_of(cmd, reps, **kw):
-    """Best wall time, max peak RSS, exit code, stderr, best work time over ``reps`` runs."""
+def best_of(cmd, reps, before=None, **kw):
+    """Best wall time, max peak RSS, exit code, stderr, best work time over ``reps`` runs
+    (``before()``, if given, runs before each, untimed)."""
     best = work = None
     peak = 0.0
     for _ in range(reps):
+        if before is not None:
+            before()
         dt, rss, rc, err, wt = run(cmd, **kw)
         peak = max(peak, rss)
         if rc != 0:
@@ -213,23 +217,25 @@ with open(sys.argv[2], 'wb') as fh:
 # bnstat's library on one file, after a warm-up on a tiny array and a tiny file of the
 # same kind (imports h5py / zipfile, loads the cached kernels): the time of the call
 # that does the same as the CLI row.
-# argv: mode (moments|normalize) path layout chunk_bytes threads(0: default) warm_file [out warm_out]
+# argv: mode (moments|normalize) path layout chunk_bytes threads(0: default) warm_file kwargs_json
+#       [out warm_out]
 BNSTAT_LIB = """
-import sys
+import json, sys
 import numpy as np, bnstat
-mode, path, layout, chunk, threads, warm = sys.argv[1:7]
-chunk = int(chunk); threads = int(threads) or None
+mode, path, layout, chunk, threads, warm, kw = sys.argv[1:8]
+chunk = int(chunk); threads = int(threads) or None; kw = json.loads(kw)
 bnstat.moments(np.ones((4, 4), np.float32), layout='NC', engine='numba')
 if mode == 'normalize':
-    out, warm_out = sys.argv[7:9]
-    bnstat.normalize(warm, warm_out, layout=layout, force=True, engine='numba')
+    out, warm_out = sys.argv[8:10]
+    bnstat.normalize(warm, warm_out, layout=layout, force=True, engine='numba', **kw)
 else:
-    bnstat.moments(warm, layout=layout, threads=threads, engine='numba')
+    bnstat.moments(warm, layout=layout, threads=threads, engine='numba', **kw)
 """ + WORK_START + """
 if mode == 'normalize':
-    bnstat.normalize(path, out, layout=layout, force=True, chunk_size=chunk, threads=threads, engine='numba')
+    bnstat.normalize(path, out, layout=layout, force=True, chunk_size=chunk, threads=threads, engine='numba',
+                     **kw)
 else:
-    bnstat.moments(path, layout=layout, chunk_size=chunk, threads=threads, engine='numba')
+    bnstat.moments(path, layout=layout, chunk_size=chunk, threads=threads, engine='numba', **kw)
 """ + WORK_END
 
 
@@ -299,6 +305,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None, help="best of N for small cases (3)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--tmp", default=None, help="folder for the data (default: a temp folder)")
+    ap.add_argument("--only", default=None, type=lambda t: set(t.split(",")), metavar="CASE,...",
+                    help="run only these cases (e.g. 'npz stored,normalize')")
     args = ap.parse_args(argv)
     size = int((args.size_mb or (100 if args.quick else 1024)) * 1e6)
     reps = args.reps or (2 if args.quick else 3)
@@ -328,6 +336,8 @@ def main(argv=None):
             """One row. work: None (not measured), "wall" (work time = wall time: cat, cp)
             or "stdout" (the child prints "@@work SECONDS"). role: "cli" for the bnstat CLI
             row of the case ("bnstat x" reference), "lib" for its library row ("work x")."""
+            if args.only and case not in args.only:
+                return None
             dt, rss, rc, err, wt = best_of(cmd, reps_, work=work == "stdout", **kw)
             if work == "wall":
                 wt = dt
@@ -345,6 +355,8 @@ def main(argv=None):
             return row
 
         def skip(case, tool, why):
+            if args.only and case not in args.only:
+                return
             rows.append({"case": case, "tool": tool, "bytes": 0, "seconds": None, "peak_rss_mb": None,
                          "gbps": None, "work_seconds": None, "work_gbps": None, "role": None, "note": why})
 
@@ -374,12 +386,13 @@ def main(argv=None):
                          "--force", "--quiet", "--chunk-size", chunk, "--threads", str(threads), *extra]
 
         def lib(case, tool, path, layout, warm, nb, *, chunk_b=chunk_bytes, threads_=threads,
-                role=None, mode="moments", out=None, reps_=reps, note=""):
+                role=None, mode="moments", out=None, reps_=reps, note="", kw=None, before=None):
             """bnstat's library on ``path`` after a warm-up on ``warm`` (a tiny file of the same kind)."""
-            cmd = [PY, "-c", BNSTAT_LIB, mode, path, layout, str(chunk_b), str(threads_ or 0), warm]
+            cmd = [PY, "-c", BNSTAT_LIB, mode, path, layout, str(chunk_b), str(threads_ or 0), warm,
+                   json.dumps(kw or {})]
             if mode == "normalize":
                 cmd += [out, os.path.join(d, "warm_out.npy")]
-            return add(case, tool, cmd, nb, reps_, note=note, work="stdout", role=role)
+            return add(case, tool, cmd, nb, reps_, note=note, work="stdout", role=role, before=before)
 
         def npy_cases(case, path, layout, axes):
             nb = os.path.getsize(path)
@@ -434,6 +447,9 @@ def main(argv=None):
         nb = os.path.getsize(files["nchw"])
         add("npz stored", "bnstat", moments(files["npz_stored"], "NCHW"), nb, role="cli")
         lib("npz stored", "bnstat (library)", files["npz_stored"], "NCHW", files["tiny_npz"], nb, role="lib")
+        add("npz stored", "bnstat --skip-crc", moments(files["npz_stored"], "NCHW", ("--skip-crc",)), nb)
+        lib("npz stored", "bnstat --skip-crc (library)", files["npz_stored"], "NCHW", files["tiny_npz"], nb,
+            kw={"check_crc": False})
         add("npz stored", "bnstat on the .npy", moments(files["nchw"], "NCHW"), nb)
         lib("npz stored", "bnstat on the .npy (library)", files["nchw"], "NCHW", files["tiny"], nb)
         nb = os.path.getsize(files["gzip_npy"])
@@ -454,18 +470,33 @@ def main(argv=None):
             threads_=None, role="lib", note=f"chunk_size={small_chunk}")
         add("100x chunk", "cat", ["cat", files["nchw"]], nb, work="wall")
 
-        # normalize
+        # normalize: every run writes a new file (the previous output is removed first, untimed).
+        # Writing over an existing output measures the kernel's writeback of the old and new
+        # pages instead (ext4 flushes a file renamed over another, and one truncated by cp, at
+        # that moment); the "over an existing output" case below shows it.
         out_npy = os.path.join(d, "normed.npy")
-        if have_normalize:
-            add("normalize", "bnstat", bn + ["normalize", files["nchw"], "-o", out_npy, "--layout", "NCHW",
-                                             "--force", "--quiet", "--chunk-size", chunk], nb, big_reps, role="cli")
-            lib("normalize", "bnstat (library)", files["nchw"], "NCHW", files["tiny"], nb, threads_=None,
-                role="lib", mode="normalize", out=out_npy, reps_=big_reps)
-        else:
-            skip("normalize", "bnstat", "`bnstat normalize` not available yet")
-        add("normalize", "cp", ["cp", files["nchw"], out_npy], nb, big_reps, work="wall")
-        add("normalize", "numpy chunked", [PY, "-c", NUMPY_NORMALIZE, files["nchw"], out_npy, str(chunk_bytes)],
-            nb, big_reps, work="stdout")
+
+        def fresh():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(out_npy)
+
+        def exists():
+            if not os.path.exists(out_npy):
+                shutil.copyfile(files["nchw"], out_npy)
+            run(["sync"])
+
+        for case, before in (("normalize", fresh), ("normalize over existing", exists)):
+            if have_normalize:
+                add(case, "bnstat", bn + ["normalize", files["nchw"], "-o", out_npy, "--layout", "NCHW",
+                                          "--force", "--quiet", "--chunk-size", chunk], nb, big_reps,
+                    role="cli", before=before)
+                lib(case, "bnstat (library)", files["nchw"], "NCHW", files["tiny"], nb, threads_=None,
+                    role="lib", mode="normalize", out=out_npy, reps_=big_reps, before=before)
+            else:
+                skip(case, "bnstat", "`bnstat normalize` not available yet")
+            add(case, "cp", ["cp", files["nchw"], out_npy], nb, big_reps, work="wall", before=before)
+            add(case, "numpy chunked", [PY, "-c", NUMPY_NORMALIZE, files["nchw"], out_npy, str(chunk_bytes)],
+                nb, big_reps, work="stdout", before=before)
     finally:
         if not os.environ.get("BNSTAT_BENCH_KEEP"):
             shutil.rmtree(d, ignore_errors=True)
