@@ -476,9 +476,10 @@ def main(argv=None):
         # that moment); the "over an existing output" case below shows it.
         out_npy = os.path.join(d, "normed.npy")
 
-        def fresh():
+        def fresh():  # and no writeback of the previous run's output left to overlap this one
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(out_npy)
+            run(["sync"])
 
         def exists():
             if not os.path.exists(out_npy):

@@ -202,19 +202,30 @@ def source_moments(source: ArraySource, plan: Plan, *, chunk_size: int, higher: 
     per_row = n_units * group_rows // shape[0] if first_kept else 0
     state = Moments.empty((n_units,), higher)
     row_bytes = source.row_bytes
-    for r0, chunk in source.iter_chunks(rows):
-        check_interrupt()
-        part = chunk_moments(chunk, chunk_plan(splan, shape, chunk.shape[0]), higher=higher,
-                             threads=threads, engine=engine)
-        if first_kept:
-            lo = (r0 // group_rows) * per_row
-            hi = lo + part.count.size
-            for key, value in part.arrays().items():
-                getattr(state, key)[lo:hi] = value
-        else:
-            state = state.merge(part)
-        if progress is not None:
-            progress(chunk.shape[0] * row_bytes)
+    # A reader with a thread of its own (HDF5: read_direct or inflating the next slab)
+    # gets a core: the kernels run on one thread fewer, instead of a parallel region
+    # waiting for a thread that shares its core with the reader (bench/README.md).
+    spare = engine == "numba" and threads > 1 and source.double_buffered
+    kthreads = threads - 1 if spare else threads
+    if spare:
+        set_threads(kthreads)
+    try:
+        for r0, chunk in source.iter_chunks(rows):
+            check_interrupt()
+            part = chunk_moments(chunk, chunk_plan(splan, shape, chunk.shape[0]), higher=higher,
+                                 threads=kthreads, engine=engine)
+            if first_kept:
+                lo = (r0 // group_rows) * per_row
+                hi = lo + part.count.size
+                for key, value in part.arrays().items():
+                    getattr(state, key)[lo:hi] = value
+            else:
+                state = state.merge(part)
+            if progress is not None:
+                progress(chunk.shape[0] * row_bytes)
+    finally:
+        if spare:
+            set_threads(threads)
     state = state.map(lambda a: a.reshape(splan.unit_shape(shape)))
     if source.fortran:
         state = state.map(lambda a: np.ascontiguousarray(a.transpose()))
