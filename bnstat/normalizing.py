@@ -447,6 +447,8 @@ def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None,
             rows = min(rows, read_shape[0])
             row_out = math.prod(read_shape[1:]) * dtype.itemsize  # bytes of output per row
             piece_rows = max(1, min(rows, WRITE_PIECE // max(1, row_out)))
+            if src.row_align > 1:  # whole HDF5 chunks (the output has the input's): no partial writes
+                piece_rows = min(rows, max(src.row_align, piece_rows - piece_rows % src.row_align))
             if splan.groups is not None and splan.channel_axis == 0:
                 piece_rows = rows  # a piece must hold whole groups: keep the chunk
             buf = np.empty(rows * math.prod(read_shape[1:]), dtype)
