@@ -31,7 +31,7 @@ from bnstat.stats import Stats
 
 DEFAULT_EPS = 1e-5
 # Bytes of output normalized and written at a time: a piece this size is still in
-# the CPU's cache (L3: 32 MiB here) when write() copies it into the page cache.
+# the CPU's cache (L3: 32-48 MiB on these machines) when write() copies it into the page cache.
 # Whole 64 MiB chunks wrote at about half the speed (bench/README.md).
 WRITE_PIECE = 4 << 20
 
