@@ -86,6 +86,7 @@ _load_target()
 
 BLOCK_COLS = 16384  # values per unit per block when B > 1 (64 KiB of float32)
 BLOCK_ROWS = 65536  # values per block when B == 1 (256 KiB of float32; PERF-NOTES)
+PAD = 16  # values of padding around per-task lane arrays (128 bytes: two cache lines)
 
 
 # ---- min/max on ordered keys, fast rows ------------------------------------------
@@ -426,11 +427,13 @@ def _rows_task(x, p, a0, a1, u0, u1, cnt, mean, m2, mn, mx, nanc):
     q = np.zeros(nu)
     lo = np.full(nu, kmax)
     hi = np.full(nu, kmin)
-    blo = np.full(nu, kmax)
-    bhi = np.full(nu, kmin)
-    shift = np.zeros(nu)
-    s1 = np.zeros(nu)
-    s2 = np.zeros(nu)
+    # the lanes the inner loop updates on every row, each on cache lines of its own
+    # (PAD values either side): tasks on other threads allocate theirs at the same time
+    blo = np.full(nu + 2 * PAD, kmax)[PAD:PAD + nu]
+    bhi = np.full(nu + 2 * PAD, kmin)[PAD:PAD + nu]
+    shift = np.zeros(nu + 2 * PAD)[PAD:PAD + nu]
+    s1 = np.zeros(nu + 2 * PAD)[PAD:PAD + nu]
+    s2 = np.zeros(nu + 2 * PAD)[PAD:PAD + nu]
     for ab in range(a0, a1, rb):
         ae = min(ab + rb, a1)
         for j in range(nu):
