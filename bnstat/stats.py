@@ -272,6 +272,14 @@ class Stats:
 
 
 def merge_all(stats: list[Stats]) -> Stats:
+    """Merge statistics of parts of one data set (see Stats.merge); the first part's ddof
+    is kept, with a warning when the parts were saved with different ones."""
+    ddofs = sorted({s.ddof for s in stats})
+    if len(ddofs) > 1:
+        warnings.warn(
+            f"{stats[0].name}: the statistics were saved with different --ddof ({', '.join(map(str, ddofs))}); "
+            f"the merged variance uses --ddof {stats[0].ddof} (m2 is merged exactly either way)",
+            BnstatWarning, stacklevel=2)
     out = stats[0]
     for s in stats[1:]:
         out = out.merge(s)

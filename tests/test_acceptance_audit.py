@@ -748,3 +748,26 @@ def test_bug_npy_unknown_format_version_is_a_clear_error(tmp_path):
     (tmp_path / "v9.npy").write_bytes(bytes(raw))
     assert_fails(run_inproc("moments", tmp_path / "v9.npy", "--layout", "NC"), 1,
                  r"v9\.npy: .*(version|corrupt|not a \.npy)")
+
+
+def test_merge_of_files_saved_with_different_ddof_warns(tmp_path):
+    """m2 merges exactly whatever ddof was saved; the merged var uses the first file's ddof,
+    and a warning says the files disagreed."""
+    rng = np.random.default_rng(21)
+    a = rng.normal(size=(30, 3, 4)).astype(np.float64)
+    b = rng.normal(size=(20, 3, 4)).astype(np.float64)
+    for part, x in (("p1", a), ("p2", b)):
+        (tmp_path / part).mkdir()
+        np.save(tmp_path / part / "x.npy", x)  # one array name, "x", in both parts
+    assert run_inproc("moments", tmp_path / "p1" / "x.npy", "--layout", "NCL",
+                      "-o", tmp_path / "a.npz")[0] == 0
+    assert run_inproc("moments", tmp_path / "p2" / "x.npy", "--layout", "NCL", "--ddof", "1",
+                      "-o", tmp_path / "b.npz")[0] == 0
+    rc, out, err = run_inproc("merge", tmp_path / "a.npz", tmp_path / "b.npz", "--format", "json")
+    assert rc == 0, err
+    assert "different --ddof (0, 1)" in err and "uses --ddof 0" in err and "Traceback" not in err
+    both = np.concatenate([a, b]).transpose(1, 0, 2).reshape(3, -1)
+    rec = json.loads(out)["arrays"][0]
+    np.testing.assert_allclose(rec["var"], both.var(axis=1, ddof=0), rtol=1e-12)
+    rc, out, err = run_inproc("merge", tmp_path / "a.npz", tmp_path / "a.npz", "--format", "json")
+    assert rc == 0 and "ddof" not in err
