@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     options.state.reset()
     errors.pending_signal = None
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    sys.unraisablehook = _unraisable(sys.unraisablehook)
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _unraisable(previous_hook)
     code = 0
     with warnings.catch_warnings():
         warnings.simplefilter("always", BnstatWarning)
@@ -218,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            sys.unraisablehook = previous_hook
+            errors.pending_signal = None  # handled: library calls after this one start clean
     try:
         sys.stdout.flush()
     except (OSError, ValueError):  # bytes that cannot be delivered (full disk, closed pipe):
