@@ -451,13 +451,13 @@ def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None,
                 piece_rows = min(rows, max(src.row_align, piece_rows - piece_rows % src.row_align))
             if splan.groups is not None and splan.channel_axis == 0:
                 piece_rows = rows  # a piece must hold whole groups: keep the chunk
-            buf = np.empty(rows * math.prod(read_shape[1:]), dtype)
+            pipelined = flat is not None and box is not None  # written in pieces by a thread
+            buf = None if pipelined else np.empty(rows * math.prod(read_shape[1:]), dtype)
             if box is None:
                 result = np.empty(read_shape, dtype)
             writer_cm = box.array(src.name, src.shape, dtype, src.fortran, like=src) if box is not None \
                 else contextlib.nullcontext(None)
             nans: list[int] = []
-            pipelined = flat is not None and box is not None
             with writer_cm as write, _pipeline(write if pipelined else None, piece_rows * row_out,
                                                n_threads) as pipe:
                 for r0, chunk in src.iter_chunks(rows):
