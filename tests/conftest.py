@@ -136,3 +136,17 @@ def moments_on_few_threads(source, **kw):
         kw["threads"] = 2 if whole else 1
     return bnstat.moments(source, **kw)
 
+
+
+@pytest.fixture(params=["libdeflate", "zlib"])
+def zlib_backend(request, monkeypatch):
+    """Both code paths of bnstat.io.zlibx: libdeflate through ctypes, where the system has
+    it (else that case is skipped: the zlib case still runs), and Python's zlib module."""
+    from bnstat.io import zlibx
+
+    if request.param == "zlib":
+        monkeypatch.setattr(zlibx, "_lib", None)
+        monkeypatch.setattr(zlibx, "_lib_checked", True)
+    elif zlibx.libdeflate() is None:
+        pytest.skip("libdeflate is not installed on this system (zlib path tested instead)")
+    return request.param

@@ -12,19 +12,7 @@ import pytest
 from reference import assert_matches, ref_moments
 
 import bnstat
-from bnstat.io import zlibx
 from bnstat.io.hdf5 import open_hdf5
-
-
-@pytest.fixture(params=["libdeflate", "zlib"])
-def backend(request, monkeypatch):
-    if request.param == "zlib":
-        monkeypatch.setattr(zlibx, "_lib", None)
-        monkeypatch.setattr(zlibx, "_lib_checked", True)
-    elif zlibx.libdeflate() is None:
-        pytest.skip("libdeflate is not installed on this system (zlib path tested instead)")
-    return request.param
-
 
 CASES = [
     # shape, chunks, shuffle, dtype
@@ -39,7 +27,7 @@ CASES = [
 
 @pytest.mark.parametrize("shape, chunks, shuffle, dtype", CASES)
 @pytest.mark.parametrize("chunk_size", [1, 700, 1 << 30])
-def test_gzip_dataset_moments(tmp_path, backend, shape, chunks, shuffle, dtype, chunk_size):
+def test_gzip_dataset_moments(tmp_path, zlib_backend, shape, chunks, shuffle, dtype, chunk_size):
     rng = np.random.default_rng(sum(shape))
     if np.dtype(dtype).kind == "f":
         x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
@@ -62,7 +50,7 @@ def test_gzip_dataset_moments(tmp_path, backend, shape, chunks, shuffle, dtype, 
     assert seen == shape[0]
 
 
-def test_unallocated_chunks_read_as_fill_value(tmp_path, backend):
+def test_unallocated_chunks_read_as_fill_value(tmp_path, zlib_backend):
     """Chunks never written have no raw data: the slab falls back to HDF5's read."""
     path = tmp_path / "sparse.h5"
     with h5py.File(path, "w") as f:
