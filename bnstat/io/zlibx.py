@@ -61,9 +61,14 @@ def libdeflate():
     _lib_checked = True
     if os.environ.get("BNSTAT_NO_LIBDEFLATE"):
         return None
-    name = ctypes.util.find_library("deflate") or "libdeflate.so.0"
     try:
-        lib = ctypes.CDLL(name)
+        try:  # the soname first: find_library runs ldconfig (or a compiler) in a subprocess
+            lib = ctypes.CDLL("libdeflate.so.0")
+        except OSError:
+            name = ctypes.util.find_library("deflate")
+            if name is None:
+                return None
+            lib = ctypes.CDLL(name)
         lib.libdeflate_crc32.restype = ctypes.c_uint32
         lib.libdeflate_crc32.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
         lib.libdeflate_alloc_decompressor.restype = ctypes.c_void_p
