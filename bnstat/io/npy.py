@@ -232,8 +232,6 @@ class NpyStreamSource(ArraySource):
                 yield r0, native(chunk)
         except zlib.error as exc:
             raise InputError(f"{self.where}: corrupt compressed data ({exc})") from exc
-        except zipfile.BadZipFile as exc:
-            raise InputError(f"{self.where}: corrupt zip member ({exc})") from exc
         finally:
             fh.close()
 
