@@ -138,6 +138,21 @@ def moments_on_few_threads(source, **kw):
 
 
 
+def import_torchvision():
+    """torchvision's model code, or a skip where torch or torchvision is absent.
+
+    torchvision 0.28.0 from PyPI (installed with --no-deps beside the CPU torch) fails to
+    import its compiled ops ("operator torchvision::nms does not exist"); the model code does
+    not need them, so the module that registers their fake kernels is stubbed out first.
+    """
+    import types
+
+    pytest.importorskip("torch", reason="torch is not installed (the test-frameworks extra)")
+    sys.modules.setdefault("torchvision._meta_registrations",
+                           types.ModuleType("torchvision._meta_registrations"))
+    return pytest.importorskip("torchvision", reason="torchvision is not installed (.ci/run)")
+
+
 @pytest.fixture(params=["libdeflate", "zlib"])
 def zlib_backend(request, monkeypatch):
     """Both code paths of bnstat.io.zlibx: libdeflate through ctypes, where the system has
