@@ -39,7 +39,7 @@ def stats_record(s: Stats) -> dict:
            "nan_policy": s.nan_policy,
            "count": _ints(cols["count"]), "mean": _floats(cols["mean"]), "var": _floats(cols["var"]),
            "std": _floats(cols["std"]), "min": _floats(cols["min"]), "max": _floats(cols["max"]),
-           "nan_count": _ints(cols["nan_count"])}
+           "nan_count": _ints(cols["nan_count"]), "inf_count": _ints(cols["inf_count"])}
     if s.higher:
         rec["skew"] = _floats(cols["skew"])
         rec["kurtosis"] = _floats(cols["kurtosis"])
@@ -52,7 +52,7 @@ def to_json(stats: dict[str, Stats]) -> str:
     return json.dumps(doc) + "\n"
 
 
-CSV_COLUMNS = ["name", "unit", "count", "mean", "var", "std", "min", "max", "nan_count"]
+CSV_COLUMNS = ["name", "unit", "count", "mean", "var", "std", "min", "max", "nan_count", "inf_count"]
 
 
 def write_csv(stats: dict[str, Stats], fh) -> None:
@@ -65,7 +65,7 @@ def write_csv(stats: dict[str, Stats], fh) -> None:
         for i in range(int(np.prod(s.unit_shape))):
             row = [s.name, i, int(cols["count"][i])]
             row += [repr(float(cols[k][i])) for k in ("mean", "var", "std", "min", "max")]
-            row.append(int(cols["nan_count"][i]))
+            row += [int(cols["nan_count"][i]), int(cols["inf_count"][i])]
             if higher:
                 row += [repr(float(cols[k][i])) if k in cols else "" for k in ("skew", "kurtosis")]
             writer.writerow(row)
@@ -120,11 +120,12 @@ def unit_label(s: Stats, flat: int) -> str:
 
 
 def flags(s: Stats) -> np.ndarray:
-    """Per-unit flags: const (zero variance), nan, empty, mean (a mean far from the others)."""
+    """Per-unit flags: const (zero variance), nan, inf, empty, mean (a mean far from the others)."""
     mean = np.asarray(s.mean, dtype=float).ravel()
     var = np.asarray(s.moments.m2, dtype=float).ravel()
     count = np.asarray(s.count).ravel()
     nan = np.asarray(s.nan_count).ravel()
+    inf = np.asarray(s.inf_count).ravel()
     out = np.full(mean.shape, "", dtype=object)
     finite = np.isfinite(mean)
     extreme = np.zeros(mean.shape, bool)
@@ -141,6 +142,8 @@ def flags(s: Stats) -> np.ndarray:
             f.append("const")
         if nan[i]:
             f.append("nan")
+        if inf[i]:
+            f.append("inf")
         if extreme[i]:
             f.append("mean")
         out[i] = ",".join(f)
@@ -185,8 +188,9 @@ def summary_line(s: Stats, f: np.ndarray) -> str:
         if np.isfinite(std).any():
             parts.append(f"std {fmt_num(float(np.nanmin(std)))} .. {fmt_num(float(np.nanmax(std)))}")
         parts.append(f"min {fmt_num(float(np.nanmin(cols['min'])))}, max {fmt_num(float(np.nanmax(cols['max'])))}")
-    counts = {name: sum(1 for x in f if name in x.split(",")) for name in ("const", "nan", "mean", "empty")}
-    labels = {"const": "zero variance", "nan": "with NaN", "mean": "extreme mean", "empty": "empty"}
+    counts = {name: sum(1 for x in f if name in x.split(",")) for name in ("const", "nan", "inf", "mean", "empty")}
+    labels = {"const": "zero variance", "nan": "with NaN", "inf": "with inf", "mean": "extreme mean",
+              "empty": "empty"}
     flagged = [f"{c} {labels[k]}" for k, c in counts.items() if c]
     parts.append("flags: " + (", ".join(flagged) if flagged else "none"))
     return " · ".join(parts)

@@ -18,7 +18,7 @@ import numpy as np
 from bnstat._version import __version__
 from bnstat.errors import BnstatWarning, DataError, InputError
 
-FIELDS = ("count", "mean", "m2", "min", "max", "nan_count")
+FIELDS = ("count", "mean", "m2", "min", "max", "nan_count", "inf_count")
 HIGHER = ("m3", "m4")
 
 
@@ -34,6 +34,11 @@ class Moments:
     nan_count: np.ndarray
     m3: np.ndarray | None = None
     m4: np.ndarray | None = None
+    inf_count: np.ndarray | None = None  # values +-inf per unit (None: none counted, zeros)
+
+    def __post_init__(self):
+        if self.inf_count is None:
+            self.inf_count = np.zeros(np.shape(self.count), np.int64)
 
     @classmethod
     def empty(cls, shape, higher: bool = False) -> Moments:
@@ -94,7 +99,7 @@ class Moments:
                     m4 = np.where(infinite, np.nan, m4)
         return Moments(self.count + other.count, mean, m2,
                        np.fmin(self.min, other.min), np.fmax(self.max, other.max),
-                       self.nan_count + other.nan_count, m3, m4)
+                       self.nan_count + other.nan_count, m3, m4, self.inf_count + other.inf_count)
 
 
 def concatenate(parts: list[Moments], axis: int) -> Moments:
@@ -157,6 +162,10 @@ class Stats:
         return self.moments.nan_count
 
     @property
+    def inf_count(self) -> np.ndarray:
+        return self.moments.inf_count
+
+    @property
     def mean(self) -> np.ndarray:
         return self._mask(self.moments.mean)
 
@@ -213,7 +222,8 @@ class Stats:
     def columns(self) -> dict[str, np.ndarray]:
         """The reported per-unit statistics, in the order of the outputs."""
         cols = {"count": self.count, "mean": self.mean, "var": self.var, "std": self.std,
-                "min": self.min, "max": self.max, "nan_count": self.nan_count}
+                "min": self.min, "max": self.max, "nan_count": self.nan_count,
+                "inf_count": self.inf_count}
         if self.higher:
             cols["skew"] = self.skew
             cols["kurtosis"] = self.kurtosis
@@ -312,6 +322,7 @@ def save_stats(stats: dict[str, Stats], fh) -> None:
         arrays[f"{name}/min"] = np.where(empty, np.nan, s.moments.min)
         arrays[f"{name}/max"] = np.where(empty, np.nan, s.moments.max)
         arrays[f"{name}/nan_count"] = s.nan_count
+        arrays[f"{name}/inf_count"] = s.inf_count
         if s.higher:
             arrays[f"{name}/m3"] = s.moments.m3
             arrays[f"{name}/m4"] = s.moments.m4
@@ -346,10 +357,13 @@ def load_stats(path: str) -> dict[str, Stats]:
                 mn = np.where(count > 0, mn, np.inf)
                 mx = np.where(count > 0, mx, -np.inf)
                 nan_count = get("nan_count").astype(np.int64)
+                # files written before inf_count existed: no infinite value was counted
+                inf_count = (get("inf_count").astype(np.int64).reshape(shape) if f"{name}/inf_count" in files
+                             else np.zeros(shape, np.int64))
                 moments = Moments(count.reshape(shape), get("mean").reshape(shape), get("m2").reshape(shape),
                                   mn.reshape(shape), mx.reshape(shape), nan_count.reshape(shape),
                                   get("m3").reshape(shape) if higher else None,
-                                  get("m4").reshape(shape) if higher else None)
+                                  get("m4").reshape(shape) if higher else None, inf_count)
                 out[name] = Stats(name=name, moments=moments, shape=tuple(m["shape"]), dtype=m["dtype"],
                                   layout=m["layout"], reduce=m["reduce"], unit_axes=list(m["unit_axes"]),
                                   ddof=int(m["ddof"]), sources=list(m["sources"]), norm=m.get("norm", "batch"),

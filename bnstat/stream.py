@@ -93,9 +93,31 @@ def kernel_input(chunk: np.ndarray, plan: Plan) -> np.ndarray:
 def chunk_moments(chunk: np.ndarray, plan: Plan, *, higher: bool = False,
                   threads: int = 1, engine: str = "numba") -> Moments:
     """Moments of every unit a chunk covers, flat in C order over (P, U)."""
-    x = kernel_input(chunk, plan)
+    return view_moments(kernel_input(chunk, plan), higher=higher, threads=threads, engine=engine)
+
+
+def count_infs(x: np.ndarray, part: Moments) -> Moments:
+    """``part`` with the +-inf values of each unit of the (P, A, U, B) view ``x`` counted.
+
+    Only a unit whose min is -inf or max is +inf can hold one: those units
+    alone are counted, with numpy; clean data pays two comparisons per unit.
+    """
+    suspect = np.flatnonzero((part.min == -np.inf) | (part.max == np.inf))
+    if suspect.size:
+        U = x.shape[2]
+        inf = part.inf_count.copy()
+        for i in suspect:
+            p, u = divmod(int(i), U)
+            inf[i] = np.count_nonzero(np.isinf(x[p, :, u, :]))
+        part = replace(part, inf_count=inf)
+    return part
+
+
+def view_moments(x: np.ndarray, *, higher: bool = False, threads: int = 1,
+                 engine: str = "numba") -> Moments:
+    """Moments of every unit of a (P, A, U, B) kernel view, flat in C order over (P, U)."""
     if engine == "numpy":
-        return numpy_moments(x, higher)
+        return count_infs(x, numpy_moments(x, higher))
     from bnstat import kernels
 
     P, A, U, B = x.shape
@@ -120,7 +142,7 @@ def chunk_moments(chunk: np.ndarray, plan: Plan, *, higher: bool = False,
     out = parts[0]
     for part in parts[1:]:
         out = out.merge(part)
-    return out
+    return count_infs(x, out)
 
 
 def blocks(shape4: tuple[int, int, int, int]) -> Iterator[tuple[slice, slice]]:
@@ -188,8 +210,15 @@ def chunk_plan(splan: Plan, read_shape: tuple[int, ...], rows: int) -> Plan:
 
 def source_moments(source: ArraySource, plan: Plan, *, chunk_size: int, higher: bool = False,
                    threads: int = 1, progress: Callable[[int], None] | None = None,
-                   engine: str = "numba") -> Moments:
-    """Moments of one source, of shape ``plan.unit_shape(source.shape)``."""
+                   engine: str = "numba", visit: Callable | None = None,
+                   moments: bool = True) -> Moments | None:
+    """Moments of one source, of shape ``plan.unit_shape(source.shape)``.
+
+    ``visit(x, lo, hi)``, when given, also sees every chunk's (P, A, U, B)
+    kernel view ``x`` covering the units ``lo:hi`` (flat, in the order of the
+    transposed plan for a Fortran-ordered source); ``moments=False`` skips
+    the moments (and returns None): a pass for ``visit`` alone.
+    """
     splan = plan.transposed() if source.fortran else plan
     shape = source.read_shape
     n_units = math.prod(splan.unit_shape(shape))
@@ -212,13 +241,21 @@ def source_moments(source: ArraySource, plan: Plan, *, chunk_size: int, higher: 
     try:
         for r0, chunk in source.iter_chunks(rows):
             check_interrupt()
-            part = chunk_moments(chunk, chunk_plan(splan, shape, chunk.shape[0]), higher=higher,
-                                 threads=kthreads, engine=engine)
-            if first_kept:
-                lo = (r0 // group_rows) * per_row
-                hi = lo + part.count.size
+            cplan = chunk_plan(splan, shape, chunk.shape[0])
+            lo = (r0 // group_rows) * per_row if first_kept else 0
+            part = None
+            if visit is None:
+                part = chunk_moments(chunk, cplan, higher=higher, threads=kthreads, engine=engine)
+            else:
+                x = kernel_input(chunk, cplan)
+                visit(x, lo, lo + x.shape[0] * x.shape[2] if first_kept else n_units)
+                if moments:
+                    part = view_moments(x, higher=higher, threads=kthreads, engine=engine)
+            if part is None:
+                pass
+            elif first_kept:
                 for key, value in part.arrays().items():
-                    getattr(state, key)[lo:hi] = value
+                    getattr(state, key)[lo:lo + part.count.size] = value
             else:
                 state = state.merge(part)
             if progress is not None:
@@ -226,6 +263,8 @@ def source_moments(source: ArraySource, plan: Plan, *, chunk_size: int, higher: 
     finally:
         if spare:
             set_threads(threads)
+    if not moments:
+        return None
     state = state.map(lambda a: a.reshape(splan.unit_shape(shape)))
     if source.fortran:
         state = state.map(lambda a: np.ascontiguousarray(a.transpose()))
