@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from bnstat._version import __version__
 
-__all__ = ["__version__", "moments", "normalize", "fold", "load_stats", "save_stats"]
+__all__ = ["__version__", "moments", "hist", "normalize", "fold", "load_stats", "save_stats"]
 
 
 def _sources(source, dataset=None, check_crc=True):
@@ -85,3 +85,32 @@ def save_stats(stats, path, *, force=False):
 
     with atomic_open(path, "wb", force=force) as fh:
         _save(stats, fh)
+
+
+def hist(source, *, layout=None, channel_axis=None, norm="batch", groups=None, reduce=None, ddof=0,
+         bins=2048, range="auto", quantiles=None, amax=None, per_tensor=False, num_bits=8,
+         unsigned=False, dataset=None, chunk_size=None, threads=None, nan="omit", per_file=False,
+         progress=None, check_crc=True):
+    """Exact per-unit histograms of every selected array of ``source`` (README "Histograms").
+
+    ``source`` as for ``moments``. ``range``: "auto" (each unit's min..max), "abs"
+    (|x| over 0..max |x|) or (lo, hi) / "LO:HI"; ``quantiles``: q values computed
+    exactly (np.quantile, method "linear"); ``amax``: calibration methods (max,
+    percentile:P, mse, entropy; with ``range="abs"``). Returns ``{name: Histogram}``,
+    each with ``edges``, ``counts``, ``quantile(q)``, ``amax(method)`` and ``stats``.
+    Raises bnstat.errors.BnstatError.
+    """
+    import functools
+
+    from bnstat.histrun import compute_hist
+
+    kwargs = dict(layout=layout, channel_axis=channel_axis, norm=norm, groups=groups, reduce=reduce,
+                  ddof=ddof, bins=bins, range=range, quantiles=quantiles, amax=amax,
+                  per_tensor=per_tensor, num_bits=num_bits, unsigned=unsigned, nan_policy=nan,
+                  chunk_size=chunk_size, threads=threads, per_file=per_file, progress=progress)
+
+    def run(**changes):
+        return compute_hist(_sources(source, dataset, check_crc), **{**kwargs, **changes})
+
+    return compute_hist(_sources(source, dataset, check_crc), **kwargs,
+                        rerun=functools.partial(run))

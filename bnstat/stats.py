@@ -309,10 +309,14 @@ def warn_degenerate(stats: Stats) -> None:
 STATS_KEY = "__bnstat__"
 
 
-def save_stats(stats: dict[str, Stats], fh) -> None:
-    """Write a stats file (.npz, loadable with plain numpy) to a binary file object."""
-    arrays: dict[str, np.ndarray] = {}
-    meta = {"bnstat": __version__, "format": 1, "arrays": []}
+def save_stats(stats: dict[str, Stats], fh, extra: dict | None = None, extra_meta: dict | None = None) -> None:
+    """Write a stats file (.npz, loadable with plain numpy) to a binary file object.
+
+    ``extra`` arrays (``NAME/edges``...) and ``extra_meta`` keys of the metadata are
+    written beside the moments (bnstat.histogram's files).
+    """
+    arrays: dict[str, np.ndarray] = dict(extra or {})
+    meta = {"bnstat": __version__, "format": 1, "arrays": [], **(extra_meta or {})}
     for name, s in stats.items():
         for key in ("count", "mean", "m2"):
             arrays[f"{name}/{key}"] = getattr(s.moments, key)

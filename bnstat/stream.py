@@ -317,10 +317,12 @@ def compute_stats(sources: list[ArraySource], *, layout=None, channel_axis=None,
                   groups=None, reduce=None, ddof=0, higher=False, nan_policy="omit",
                   chunk_size=None, threads=None, per_file=False,
                   progress: Callable[[int], None] | None = None,
-                  engine: str | None = None) -> dict[str, Stats]:
+                  engine: str | None = None, visit: Callable | None = None) -> dict[str, Stats]:
     """Statistics of every named array. Raises BnstatError subclasses.
 
     ``engine``: "numba", "numpy" or None (``pick_engine`` by the input size).
+    ``visit(name, i, source, plan)``, when given, returns the ``visit`` callback of
+    ``source_moments`` for the i-th source of the array ``name`` (or None).
     """
     chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
     array_groups = group_sources(sources, per_file=per_file)
@@ -346,9 +348,10 @@ def compute_stats(sources: list[ArraySource], *, layout=None, channel_axis=None,
     results = {}
     for g, ps in zip(array_groups, plans):
         parts = []
-        for src, plan in zip(g.sources, ps):
+        for i, (src, plan) in enumerate(zip(g.sources, ps)):
             moments = source_moments(src, plan, chunk_size=chunk_size, higher=higher,
-                                     threads=n_threads, progress=progress, engine=engine)
+                                     threads=n_threads, progress=progress, engine=engine,
+                                     visit=visit(g.name, i, src, plan) if visit else None)
             parts.append(Stats(name=g.name, moments=moments, shape=tuple(src.shape),
                                dtype=np.dtype(src.dtype).name, layout=plan.letters,
                                reduce=plan.reduce_letters, unit_axes=plan.unit_axes, ddof=ddof,
