@@ -27,6 +27,8 @@ COMMANDS = {
     "merge": "bnstat.commands.merge",
     "normalize": "bnstat.commands.normalize",
     "fold": "bnstat.commands.fold",
+    "hist": "bnstat.commands.hist",
+    "plot": "bnstat.commands.plot",
 }
 
 # one-line summaries for the root help, so that listing the commands does not
@@ -39,6 +41,8 @@ SUMMARIES = {
     "merge": "Merge saved stats files exactly into one.",
     "normalize": "Normalize arrays as BN / LayerNorm / InstanceNorm / GroupNorm would.",
     "fold": "Fold BatchNorm layers into the conv / linear layers that feed them.",
+    "hist": "Exact per-unit histograms, quantiles and calibration ranges (amax).",
+    "plot": "Plot a stats or histogram file (PNG, SVG, PDF; the plot extra).",
 }
 
 

@@ -276,3 +276,19 @@ def check_bins(bins: int) -> int:
     if int(bins) < 1:
         raise UsageProblem(f"--bins/bins={bins}: needs at least one bin")
     return int(bins)
+
+
+def kind_of_files(paths) -> str:
+    """"histogram" when every file is a histogram file, "moments" when none is.
+
+    Raises InputError for a file that is not a stats file, DataError for a mix.
+    """
+    kinds = {path: is_hist_file(path) for path in paths}
+    if all(kinds.values()):
+        return "histogram"
+    if any(kinds.values()):
+        hist = [p for p, k in kinds.items() if k]
+        other = [p for p, k in kinds.items() if not k]
+        raise DataError(f"{hist[0]} is a histogram file but {other[0]} holds moments only",
+                        "Merge files made by the same command (bnstat hist or bnstat moments).")
+    return "moments"

@@ -151,42 +151,74 @@ def select4(x, su, nslot, slo, shi, sshift, sbase, scollect, pos, counts, keys):
 # that the criterion of every candidate is what numpy computes on the same arrays.
 
 @njit(**_JIT)
-def _pairwise(a, n0, n):
-    """np.add.reduce of a[n0:n0 + n] (numpy's pairwise_sum: 8 accumulators, blocks of 128)."""
+def _leaf(a, n0, n):
+    """numpy's pairwise_sum for n <= 128: 8 accumulators, then the rest in order."""
     if n < 8:
         res = 0.0
         for i in range(n0, n0 + n):
             res += a[i]
         return res
+    r = np.empty(8)
+    for k in range(8):
+        r[k] = a[n0 + k]
+    i = 8
+    while i < n - (n % 8):
+        for k in range(8):
+            r[k] += a[n0 + i + k]
+        i += 8
+    res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+    while i < n:
+        res += a[n0 + i]
+        i += 1
+    return res
+
+
+@njit(**_JIT)
+def _pairwise(a, n0, n):
+    """np.add.reduce of a[n0:n0 + n]: numpy's pairwise_sum (blocks of 128 split in halves
+    rounded to 8), walked with an explicit stack (a recursive function does not load from
+    numba's cache)."""
     if n <= 128:
-        r0 = a[n0]
-        r1 = a[n0 + 1]
-        r2 = a[n0 + 2]
-        r3 = a[n0 + 3]
-        r4 = a[n0 + 4]
-        r5 = a[n0 + 5]
-        r6 = a[n0 + 6]
-        r7 = a[n0 + 7]
-        i = 8
-        while i < n - (n % 8):
-            j = n0 + i
-            r0 += a[j]
-            r1 += a[j + 1]
-            r2 += a[j + 2]
-            r3 += a[j + 3]
-            r4 += a[j + 4]
-            r5 += a[j + 5]
-            r6 += a[j + 6]
-            r7 += a[j + 7]
-            i += 8
-        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-        while i < n:
-            res += a[n0 + i]
-            i += 1
-        return res
-    n2 = n // 2
-    n2 -= n2 % 8
-    return _pairwise(a, n0, n2) + _pairwise(a, n0 + n2, n - n2)
+        return _leaf(a, n0, n)
+    fn0 = np.empty(70, np.int64)
+    fn = np.empty(70, np.int64)
+    ph = np.zeros(70, np.int64)
+    left = np.zeros(70)
+    sp = 0
+    fn0[0] = n0
+    fn[0] = n
+    result = 0.0
+    while sp >= 0:
+        m0 = fn0[sp]
+        m = fn[sp]
+        done = False
+        v = 0.0
+        if m <= 128:
+            v = _leaf(a, m0, m)
+            done = True
+        else:
+            n2 = m // 2
+            n2 -= n2 % 8
+            if ph[sp] == 0:
+                ph[sp] = 1
+                sp += 1
+                fn0[sp], fn[sp], ph[sp] = m0, n2, 0
+            elif ph[sp] == 1:
+                ph[sp] = 2
+                sp += 1
+                fn0[sp], fn[sp], ph[sp] = m0 + n2, m - n2, 0
+            else:
+                v = left[sp] + left[sp + 1]
+                done = True
+        if done:
+            sp -= 1
+            if sp < 0:
+                result = v
+            elif ph[sp] == 1:
+                left[sp] = v
+            else:
+                left[sp + 1] = v
+    return result
 
 
 @njit(**_JIT)

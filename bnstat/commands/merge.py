@@ -31,6 +31,12 @@ def command(stats_files, fmt, output, force, quiet, threads, chunk_size):
         raise click.UsageError("give -o OUT.npz (or --format json|csv|table for standard output)")
     fmt = options.format_for(fmt, output)
     check_target(output, fmt, force, stats_files)
+    from bnstat.histogram import kind_of_files
+
+    if kind_of_files(stats_files) == "histogram":  # histogram files: counts added (bnstat hist)
+        from bnstat.histogram import load_hist as load_stats
+        from bnstat.histogram import merge_hists as merge_all
+        from bnstat.render_hist import emit
     loaded = [(path, load_stats(path)) for path in stats_files]
     names = list(dict.fromkeys(name for _, st in loaded for name in st))
     merged = {}
