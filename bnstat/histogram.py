@@ -214,7 +214,11 @@ def read_meta(path: str) -> dict:
     import zipfile
 
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise InputError(f"{path}: not a bnstat stats file (a single array)",
+                             "Make one with: bnstat moments DATA -o stats.npz (or bnstat hist)")
+        with z:
             if STATS_KEY not in z.files:
                 raise InputError(f"{path}: not a bnstat stats file (no {STATS_KEY} key)",
                                  "Make one with: bnstat hist DATA -o hist.npz")
