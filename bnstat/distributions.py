@@ -74,8 +74,9 @@ class UnitState:
     def set_edges(self, lo, hi) -> None:
         self.lo, self.hi = lo.ravel().astype(np.float64), hi.ravel().astype(np.float64)
         self.edges = make_edges(self.lo, self.hi, self.bins)
-        with np.errstate(divide="ignore"):
-            self.inv = self.bins / (self.hi - self.lo)
+        with np.errstate(divide="ignore", over="ignore"):
+            inv = self.bins / (self.hi - self.lo)
+        self.inv = np.where(np.isfinite(inv), inv, 0.0)
         self.counts = np.zeros((self.n_units, self.bins), np.int64)
         self.extra = {k: np.zeros(self.n_units, np.int64) for k in ("underflow", "overflow", "zero_count")}
 

@@ -67,7 +67,8 @@ def _task_range(t, P, A, U, sa, su):
 def hist4(x, sa, su, absval, lo, hi, inv, edges, counts, under, over, nanc, infc, zeroc):
     """Counts of every unit of a (P, A, U, B) view in fixed bins, as np.histogram.
 
-    ``lo``/``hi``/``inv`` (P, U): the outer edges and bins / (hi - lo);
+    ``lo``/``hi``/``inv`` (P, U): the outer edges and bins / (hi - lo) (0 where it
+    overflows);
     ``edges`` (P, U, bins + 1) float64; ``counts`` (sa, P, U, bins) and
     ``under``/``over``/``nanc``/``infc``/``zeroc`` (sa, P, U) int64, added to.
     A value v (float64; |v| when ``absval``) that is NaN or +-inf is counted
@@ -104,7 +105,14 @@ def hist4(x, sa, su, absval, lo, hi, inv, edges, counts, under, over, nanc, infc
                     elif v > hi_:
                         over[ia, p, u] += 1
                     else:
-                        i = min(int((v - lo_) * iv), nb - 1)
+                        # numpy's own guess where the reciprocal overflows (subnormal widths)
+                        f = (v - lo_) * iv if iv > 0.0 else (v - lo_) / (hi_ - lo_) * nb
+                        if f >= nb:
+                            i = nb - 1
+                        elif f >= 0.0:
+                            i = int(f)
+                        else:  # NaN: a zero width (c - 0.5 == c + 0.5 past 2**53)
+                            i = 0
                         if v < e[i]:
                             i -= 1
                         elif i != nb - 1 and v >= e[i + 1]:
