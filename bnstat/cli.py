@@ -141,19 +141,14 @@ def _buffer_stdout() -> None:
                                       errors=sys.stdout.errors, write_through=True)
 
 
-# True once main() runs: the process is the command line tool, not a library
-# user's program (bnstat.kernels takes a start-up shortcut only then)
-IN_MAIN = False
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script; exits with SPEC 4's status codes."""
     from bnstat import errors
     from bnstat.errors import BnstatError, BnstatWarning, Terminated
 
-    global IN_MAIN
-    IN_MAIN = True
+    from bnstat.kernels import _jit
 
+    _jit.setup(cli=True)  # the command line tool: numba's start-up shortcut (imports nothing)
     _buffer_stdout()
 
     args = list(sys.argv[1:] if argv is None else argv)

@@ -223,7 +223,8 @@ def _unit_range(splan: Plan, read_shape, r0: int, rows: int, n_units: int):
 def _apply(chunk: np.ndarray, splan: Plan, params: UnitParams, out: np.ndarray,
            engine: str = "numba") -> np.ndarray:
     """Normalize one chunk with flat per-unit params of its units into ``out`` (a buffer)."""
-    from bnstat.stream import blocks, kernel_input
+    from bnstat.kernels.numpy_engine import blocks
+    from bnstat.stream import kernel_input
 
     shape4, perm = splan.kernel_view(chunk.shape)
     x4 = kernel_input(chunk, splan)
@@ -237,7 +238,7 @@ def _apply(chunk: np.ndarray, splan: Plan, params: UnitParams, out: np.ndarray,
         for ps, as_ in blocks(shape4):
             t4[ps, as_] = (x4[ps, as_] - mean[ps]) * scale[ps] + shift[ps]
     else:
-        from bnstat import kernels
+        from bnstat.kernels import normalize as kernels
 
         kernels.normalize4(x4, params.mean.reshape(P, U), params.scale.reshape(P, U),
                            params.shift.reshape(P, U), target.reshape(shape4))

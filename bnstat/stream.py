@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -20,7 +20,9 @@ from bnstat.errors import DataError, InputError, UsageProblem, check_interrupt, 
 from bnstat.io import zlibx
 from bnstat.io.base import ArraySource
 from bnstat.layout import Plan, make_plan
-from bnstat.stats import Moments, Stats, concatenate, merge_all, warn_degenerate
+from bnstat.kernels._jit import set_threads
+from bnstat.kernels.numpy_engine import numpy_moments
+from bnstat.stats import Moments, Stats, merge_all, warn_degenerate
 
 DEFAULT_CHUNK_SIZE = 64 * 1024**2
 TASKS_PER_THREAD = 4
@@ -30,8 +32,6 @@ TASKS_PER_THREAD = 4
 # than numpy needs for 32 MiB. BNSTAT_ENGINE=numba|numpy overrides.
 SMALL_INPUT = 32 * 1024**2
 ENGINES = ("numba", "numpy")
-# numpy engine: elements per block of a chunk (8 MB of float64 temporaries)
-NUMPY_BLOCK = 1 << 20
 
 
 def pick_engine(nbytes: int, engine: str | None = None) -> str:
@@ -42,15 +42,6 @@ def pick_engine(nbytes: int, engine: str | None = None) -> str:
     if engine != "auto":
         raise UsageProblem(f"BNSTAT_ENGINE={engine}: must be numba, numpy or auto")
     return "numpy" if nbytes < SMALL_INPUT else "numba"
-
-
-def set_threads(threads: int | None) -> int:
-    """Set numba's thread count (None: all it has); returns the count in use."""
-    import numba
-
-    limit = numba.config.NUMBA_NUM_THREADS
-    numba.set_num_threads(max(1, min(threads or limit, limit)))
-    return numba.get_num_threads()
 
 
 def split_tasks(shape4: tuple[int, int, int, int], threads: int) -> tuple[int, int]:
@@ -96,7 +87,7 @@ def chunk_moments(chunk: np.ndarray, plan: Plan, *, higher: bool = False,
     x = kernel_input(chunk, plan)
     if engine == "numpy":
         return numpy_moments(x, higher)
-    from bnstat import kernels
+    from bnstat.kernels import moments as kernels
 
     P, A, U, B = x.shape
     sa, su = split_tasks(x.shape, threads)
@@ -121,58 +112,6 @@ def chunk_moments(chunk: np.ndarray, plan: Plan, *, higher: bool = False,
     for part in parts[1:]:
         out = out.merge(part)
     return out
-
-
-def blocks(shape4: tuple[int, int, int, int]) -> Iterator[tuple[slice, slice]]:
-    """(P, A) slices of a (P, A, U, B) view of about NUMPY_BLOCK elements each, P outer."""
-    P, A, U, B = shape4
-    rows = max(1, NUMPY_BLOCK // max(1, P * U * B))  # rows of A per block, all of P
-    ps = P if rows > 1 or P * U * B <= NUMPY_BLOCK else max(1, NUMPY_BLOCK // max(1, U * B))
-    for p0 in range(0, P, ps):
-        for a0 in range(0, A, rows):
-            yield slice(p0, p0 + ps), slice(a0, a0 + rows)
-
-
-def numpy_moments(x: np.ndarray, higher: bool = False) -> Moments:
-    """The kernels' results computed with numpy: per block a float64 mean, then
-    central power sums (two passes), blocks merged with Chan / Pébay.
-
-    Same conventions as the kernels: NaN counted and left out, an empty unit
-    has count 0, mean 0, min +inf, max -inf; ±inf gives a ±inf mean and NaN m2.
-    """
-    P, A, U, B = x.shape
-    rows: dict[int, list[Moments]] = {}
-    for ps, as_ in blocks(x.shape):
-        v = x[ps, as_].astype(np.float64)
-        bad = np.isnan(v) if x.dtype.kind == "f" else None
-        nanc = np.zeros(v.shape[::2], np.int64) if bad is None else bad.sum(axis=(1, 3))
-        cnt = np.full(v.shape[::2], v.shape[1] * B, np.int64) - nanc
-        if bad is not None:
-            v[bad] = 0.0
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(cnt > 0, v.sum(axis=(1, 3)) / np.maximum(cnt, 1), 0.0)
-            d = v - mean[:, None, :, None]
-            if bad is not None:
-                d[bad] = 0.0
-            d2 = d * d
-            m2 = d2.sum(axis=(1, 3))
-            m3 = (d2 * d).sum(axis=(1, 3)) if higher else None
-            m4 = (d2 * d2).sum(axis=(1, 3)) if higher else None
-        if bad is not None:
-            v[bad] = np.nan  # fmin/fmax skip NaN
-        mn = np.fmin.reduce(v, axis=(1, 3), initial=np.inf)
-        mx = np.fmax.reduce(v, axis=(1, 3), initial=-np.inf)
-        part = Moments(cnt.ravel(), mean.ravel(), m2.ravel(), mn.ravel(), mx.ravel(), nanc.ravel(),
-                       None if m3 is None else m3.ravel(), None if m4 is None else m4.ravel())
-        key = ps.start
-        rows[key] = [part] if key not in rows else rows[key] + [part]
-    merged = []
-    for key in sorted(rows):
-        out = rows[key][0]
-        for part in rows[key][1:]:
-            out = out.merge(part)
-        merged.append(out)
-    return merged[0] if len(merged) == 1 else concatenate(merged, axis=0)
 
 
 def chunk_plan(splan: Plan, read_shape: tuple[int, ...], rows: int) -> Plan:
