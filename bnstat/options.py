@@ -16,17 +16,10 @@ import click
 
 @dataclass
 class RunState:
-    """Process-wide switches set by option callbacks, read by ``cli``."""
+    """The switches of one run, set by option callbacks: ``ctx.obj`` (``cli.main`` creates it)."""
 
     quiet: bool = False
     debug: bool = False
-
-    def reset(self) -> None:
-        self.quiet = False
-        self.debug = False
-
-
-state = RunState()
 
 NORMS = ("batch", "layer", "instance", "group")
 FORMATS = ("table", "json", "csv", "npz")
@@ -97,13 +90,13 @@ def _reduce_callback(ctx, param, value):
 
 def _quiet_callback(ctx, param, value):
     if value:
-        state.quiet = True
+        ctx.ensure_object(RunState).quiet = True
     return value
 
 
 def _debug_callback(ctx, param, value):
     if value:
-        state.debug = True
+        ctx.ensure_object(RunState).debug = True
     return value
 
 
@@ -128,9 +121,15 @@ chunk_size_option = click.option(
 
 
 def common_options(func):
-    """-o, --force, --quiet, --threads, --chunk-size, --debug (every command)."""
-    for deco in reversed((output_option, force_option, quiet_option, threads_option,
-                          chunk_size_option, debug_option)):
+    """-o, --force, --quiet, --debug (every command)."""
+    for deco in reversed((output_option, force_option, quiet_option, debug_option)):
+        func = deco(func)
+    return func
+
+
+def compute_options(func):
+    """--threads, --chunk-size: only on the commands that compute over data."""
+    for deco in reversed((threads_option, chunk_size_option)):
         func = deco(func)
     return func
 

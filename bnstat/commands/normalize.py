@@ -24,6 +24,7 @@ from bnstat import options
 @options.skip_crc_option
 @options.nan_option
 @options.common_options
+@options.compute_options
 def command(input_path, stats_file, model, bn_name, eps, per_batch, layout, channel_axis, norm,
             groups, reduce, datasets, skip_crc, nan_policy, output, force, quiet, threads, chunk_size):
     """Write PATH normalized: y = (x - mean) / sqrt(var + eps) * gamma + beta.
