@@ -34,6 +34,51 @@ ENGINES = ("numba", "numpy")
 NUMPY_BLOCK = 1 << 20
 
 
+def slab_rows(n: int, row_bytes: int, chunk_size: int, *, multiple_of: int = 1,
+              buffers: int = 1) -> int:
+    """Rows per slab: as many as fit in ``chunk_size // buffers`` bytes, rounded down to a
+    multiple of ``multiple_of`` but at least one multiple (and at least one row), at most ``n``.
+
+    ``buffers``: a reader that fills a second buffer while the first is in use (HDF5)
+    gets half the rows, so that both stay within the chunk size (README, --chunk-size).
+    """
+    rows = max(1, (chunk_size // max(1, buffers)) // max(1, row_bytes))
+    if multiple_of > 1:
+        rows = max(multiple_of, rows - rows % multiple_of)
+    return min(rows, max(1, n))
+
+
+def slabs(n: int, rows: int) -> list[slice]:
+    """``range(n)`` cut into slices of ``rows`` rows, the last one ragged."""
+    return [slice(r0, min(n, r0 + rows)) for r0 in range(0, n, max(1, rows))]
+
+
+def plan_rows(n: int, row_bytes: int, chunk_size: int, *, multiple_of: int = 1,
+              buffers: int = 1) -> list[slice]:
+    """The one row planner: ``range(n)`` as slabs of about ``chunk_size`` bytes each.
+
+    Every slab but the last holds a multiple of ``multiple_of`` rows (an HDF5
+    dataset's chunk rows, whole groups, whole batches); a row larger than the
+    chunk size still makes a slab of one multiple. A task splitter (Dask) calls
+    it with the task size as ``chunk_size`` and the dataset's chunk rows as
+    ``multiple_of``: each task is then a slab of whole HDF5 chunks.
+    """
+    return slabs(n, slab_rows(n, row_bytes, chunk_size, multiple_of=multiple_of, buffers=buffers))
+
+
+def source_rows(source: ArraySource, chunk_size: int, *, multiple_of: int = 1) -> int:
+    """Rows per chunk of ``source``: whole HDF5 chunks (``row_align``) and a multiple of
+    ``multiple_of`` (whole groups or batches); both when their common multiple fits the
+    chunk size, else ``multiple_of`` only."""
+    buffers = 2 if source.double_buffered else 1
+    align = source.row_align
+    if multiple_of > 1:
+        both = math.lcm(align, multiple_of)
+        align = both if both * source.row_bytes <= chunk_size // buffers else multiple_of
+    return slab_rows(source.read_shape[0], source.row_bytes, chunk_size, multiple_of=align,
+                     buffers=buffers)
+
+
 def pick_engine(nbytes: int, engine: str | None = None) -> str:
     """The engine for ``nbytes`` of input: ``engine`` if given, else BNSTAT_ENGINE, else by size."""
     engine = engine or os.environ.get("BNSTAT_ENGINE") or "auto"
@@ -193,11 +238,10 @@ def source_moments(source: ArraySource, plan: Plan, *, chunk_size: int, higher: 
     splan = plan.transposed() if source.fortran else plan
     shape = source.read_shape
     n_units = math.prod(splan.unit_shape(shape))
-    rows = source.rows_for(chunk_size)
     group_rows = 1
     if splan.groups is not None and splan.channel_axis == 0:
         group_rows = shape[0] // splan.groups  # a chunk must hold whole groups
-        rows = max(group_rows, rows - rows % group_rows)
+    rows = source_rows(source, chunk_size, multiple_of=group_rows)
     first_kept = 0 not in splan.reduce or group_rows > 1
     per_row = n_units * group_rows // shape[0] if first_kept else 0
     state = Moments.empty((n_units,), higher)

@@ -99,17 +99,11 @@ class ArraySource:
     double_buffered: bool = False  # the reader fills a second buffer while one is in use
 
     def rows_for(self, chunk_size: int) -> int:
-        """Rows per chunk for a chunk size in bytes (at least one row, aligned).
+        """Rows per chunk for a chunk size in bytes (``bnstat.stream.source_rows``: at least
+        one row, aligned to ``row_align``, halved for a double-buffered reader)."""
+        from bnstat.stream import source_rows
 
-        A double-buffered reader gets half the rows per buffer, so that its two
-        buffers together stay within the chunk size (SPEC 7).
-        """
-        if self.double_buffered:
-            chunk_size //= 2
-        rows = max(1, chunk_size // max(1, self.row_bytes))
-        if self.row_align > 1:
-            rows = max(self.row_align, rows - rows % self.row_align)
-        return min(rows, max(1, self.read_shape[0]))
+        return source_rows(self, chunk_size)
 
     def iter_chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
         raise NotImplementedError  # pragma: no cover - every reader defines it
@@ -153,9 +147,11 @@ class MemorySource(ArraySource):
         return self.name
 
     def iter_chunks(self, rows):
+        from bnstat.stream import slabs
+
         arr = self.array.T if self.fortran else self.array
-        for r0 in range(0, arr.shape[0], rows):
-            chunk = arr[r0:r0 + rows]
+        for sl in slabs(arr.shape[0], rows):
+            r0, chunk = sl.start, arr[sl]
             if not chunk.flags.c_contiguous or not chunk.dtype.isnative:
                 chunk = np.ascontiguousarray(chunk, dtype=chunk.dtype.newbyteorder("="))
             yield r0, chunk
