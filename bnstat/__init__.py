@@ -100,10 +100,7 @@ def fold(source, *, output: str | None = None, pairs: Iterable = (), plan=None,
     (refusals; FoldCheckError when a check fails), UsageProblem (bad pairs),
     OutputError. Nothing is written when it raises.
     """
-    try:
-        from bnstat.folding import fold as _fold
-    except ImportError:  # until the folding package lands (bnstat/fold.py)
-        from bnstat.fold import fold as _fold
+    from bnstat.folding import fold as _fold
 
     return _fold(source, output=output, pairs=pairs, plan=plan, eps=eps, bn=bn, check=check,
                  dry_run=dry_run, plan_output=plan_output, force=force, seed=seed)
