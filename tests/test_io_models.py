@@ -172,3 +172,30 @@ def test_a_new_format_is_one_registry_entry(tmp_path, monkeypatch, rng):
     # a read-only format is never chosen for an output
     monkeypatch.setattr(models, "FORMATS", (dataclasses.replace(toy, write=None), *FORMATS))
     assert output_format("x.toy", None) is None
+
+
+def test_a_broken_link_in_an_hdf5_model_names_the_dataset(tmp_path, rng):
+    h5py = pytest.importorskip("h5py", reason="HDF5 model files")
+    with h5py.File(tmp_path / "m.h5", "w") as f:
+        f.create_dataset("bn/moving_mean", data=np.zeros(3))
+        f["bn/gone"] = h5py.SoftLink("/nowhere")
+    with pytest.raises(InputError, match=r"m\.h5:bn/gone: broken soft link to /nowhere"):
+        read_model(str(tmp_path / "m.h5"))
+
+
+def test_hdf5_groups_that_track_creation_order_give_the_model_order(tmp_path):
+    h5py = pytest.importorskip("h5py", reason="HDF5 model files")
+    with h5py.File(tmp_path / "m.h5", "w", track_order=True) as f:
+        g = f.create_group("net", track_order=True)
+        for name in ("z.weight", "a.weight", "m.bias"):
+            g.create_dataset(name, data=np.ones(2))
+    idx = index_model(str(tmp_path / "m.h5"))
+    assert list(idx.entries) == ["net/z.weight", "net/a.weight", "net/m.bias"]
+    # (idx.ordered is still False here: the root's creation-order flag is read from the file's
+    # plist; the HDF5 order logic belongs to the folding work)
+
+
+def test_an_npz_member_of_python_objects_is_refused(tmp_path):
+    np.savez(tmp_path / "m.npz", w=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(InputError, match=r"m\.npz:w: dtype object holds Python objects"):
+        read_model(str(tmp_path / "m.npz"))

@@ -13,18 +13,23 @@ from bnstat.errors import InputError
 SUPPORTED_KINDS = "fiu"
 
 
+def input_error(path: str, exc: OSError) -> InputError:
+    """An OSError met reading ``path`` as the InputError naming the file: the one mapping."""
+    if isinstance(exc, FileNotFoundError):
+        return InputError(f"{path}: no such file")
+    if isinstance(exc, PermissionError):
+        return InputError(f"{path}: permission denied")
+    return InputError(f"{path}: cannot read: {exc.strerror or exc}")
+
+
 def open_input(path: str, directory_hint: str = "Give the files inside it."):
-    """``open(path, "rb")``, its failures as InputError naming the file (SPEC 4)."""
+    """``open(path, "rb")``, its failures as InputError naming the file (README, errors)."""
     if os.path.isdir(path):
         raise InputError(f"{path}: is a directory", directory_hint)
     try:
         return open(path, "rb")
-    except FileNotFoundError as exc:
-        raise InputError(f"{path}: no such file") from exc
-    except PermissionError as exc:
-        raise InputError(f"{path}: permission denied") from exc
     except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
+        raise input_error(path, exc) from exc
 
 
 def read_head(path: str, n: int, directory_hint: str = "Give the files inside it.") -> bytes:
@@ -33,7 +38,7 @@ def read_head(path: str, n: int, directory_hint: str = "Give the files inside it
         try:
             return fh.read(n)
         except OSError as exc:
-            raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
+            raise input_error(path, exc) from exc
 
 
 def check_dtype(dtype: np.dtype, where: str) -> None:

@@ -28,15 +28,34 @@ def is_hdf5(path: str) -> bool:
         return False
 
 
-def walk(path: str, h5file) -> Iterator[tuple[str, object, str | None]]:
+def open_h5(path: str):
+    """``h5py.File(path, "r")``, its failure an InputError naming the file."""
+    try:
+        return _h5py().File(path, "r")
+    except OSError as exc:
+        raise InputError(f"{path}: not a readable HDF5 file ({exc})") from exc
+
+
+def tracks_creation_order(group) -> bool:
+    """Whether ``group`` iterates its links in creation order (else alphabetically)."""
+    try:
+        return bool(group.id.get_create_plist().get_link_creation_order())
+    except Exception:  # noqa: BLE001 - an old HDF5 library: assume alphabetical
+        return False
+
+
+def walk(path: str, h5file, groups: list | None = None) -> Iterator[tuple[str, object, str | None]]:
     """Yield (name, dataset or None, problem) for every dataset below the root.
 
     ``problem`` describes a link that cannot be followed (a broken soft or
-    external link); such entries have no dataset.
+    external link); such entries have no dataset. ``groups``, if given,
+    receives every group visited, the root first.
     """
     h5py = _h5py()
 
     def visit(group, prefix):
+        if groups is not None:
+            groups.append(group)
         for key in group:
             name = f"{prefix}{key}"
             link = group.get(key, getlink=True)
@@ -235,13 +254,8 @@ def open_hdf5(path: str, selected) -> list[ArraySource]:
     error only when named by a pattern; when walking everything, non-numeric
     and scalar datasets are skipped (SPEC 2) but broken links are errors.
     """
-    h5py = _h5py()
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise InputError(f"{path}: not a readable HDF5 file ({exc})") from exc
     sources = []
-    with f:
+    with open_h5(path) as f:
         for name, ds, problem in walk(path, f):
             explicit = selected(name)
             if explicit is False:
