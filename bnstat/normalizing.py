@@ -1,7 +1,7 @@
 """Normalization of arrays as BatchNorm / LayerNorm / InstanceNorm / GroupNorm would.
 
 y = (x - mean) / sqrt(var + eps) * gamma + beta per unit, with the biased
-variance (SPEC 1). The statistics come from
+variance (README, `bnstat normalize`). The statistics come from
 
 - the input itself: batch norm reads it twice (moments, then the writing
   pass); when the first axis is kept (layer, instance, group norm over N)
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bnstat.affine import WRITE_PIECE, UnitParams, apply_params, out_dtype, unit_range, write_pipeline
 from bnstat.errors import DataError, UsageProblem, check_interrupt, warn
 from bnstat.io import zlibx
 from bnstat.io.base import ArraySource
@@ -31,42 +32,6 @@ from bnstat.layout import Plan, make_plan
 from bnstat.stats import Stats
 
 DEFAULT_EPS = 1e-5
-# Bytes of output normalized and written at a time: a piece this size is still in
-# the CPU's cache (L3: 32-48 MiB on these machines) when write() copies it into the page cache.
-# Whole 64 MiB chunks wrote at about half the speed (bench/README.md).
-WRITE_PIECE = 4 << 20
-
-
-@dataclass
-class UnitParams:
-    """Per-unit mean, scale = gamma/sqrt(var+eps) and shift = beta, float64, of unit_shape."""
-
-    mean: np.ndarray
-    scale: np.ndarray
-    shift: np.ndarray
-
-    @classmethod
-    def from_moments(cls, mean, var, eps, gamma=None, beta=None) -> UnitParams:
-        mean = np.asarray(mean, np.float64)
-        var = np.asarray(var, np.float64)
-        gamma = np.ones_like(var) if gamma is None else np.broadcast_to(np.asarray(gamma, np.float64), var.shape)
-        beta = np.zeros_like(var) if beta is None else np.broadcast_to(np.asarray(beta, np.float64), var.shape)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            scale = gamma / np.sqrt(var + eps)
-        return cls(mean, scale, np.array(beta, np.float64))
-
-    def map(self, fn) -> UnitParams:
-        return UnitParams(fn(self.mean), fn(self.scale), fn(self.shift))
-
-
-def out_dtype(dtype: np.dtype) -> np.dtype:
-    """float16/32/64 keep their dtype; integers become float32 (SPEC 3)."""
-    dtype = np.dtype(dtype).newbyteorder("=")
-    if dtype.kind == "f" and dtype.itemsize <= 8:
-        return dtype
-    if dtype.kind == "f":
-        return np.dtype(np.float64)
-    return np.dtype(np.float32)
 
 
 # ---- model files: BatchNorm parameters ---------------------------------------------
@@ -163,72 +128,6 @@ def _container_kind(source: ArraySource) -> str:
 def _ext_kind(path: str) -> str | None:
     ext = os.path.splitext(path)[1].lower()
     return {".npy": "npy", ".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5", ".hdf": "hdf5"}.get(ext)
-
-
-@contextlib.contextmanager
-def _pipeline(write, nbytes: int, n_threads: int):
-    """A BackgroundWriter for ``write`` (None: no pipeline, yields None).
-
-    While it runs, the kernels use one thread fewer: the writer thread has a
-    core of its own (on 2 cores: one computes, one writes).
-    """
-    if write is None:
-        yield None
-        return
-    from bnstat.io.writers import BackgroundWriter
-    from bnstat.stream import set_threads
-
-    if n_threads > 1:
-        set_threads(n_threads - 1)
-    try:
-        with BackgroundWriter(write, nbytes) as pipe:
-            yield pipe
-    finally:
-        if n_threads > 1:
-            set_threads(n_threads)
-
-
-def _unit_range(splan: Plan, read_shape, r0: int, rows: int, n_units: int):
-    """The flat units a chunk of rows [r0, r0+rows) covers (None: all units)."""
-    if 0 in splan.reduce and not (splan.groups is not None and splan.channel_axis == 0):
-        return None
-    if splan.groups is not None and splan.channel_axis == 0:
-        per = read_shape[0] // splan.groups
-        per_group = n_units // splan.groups
-        return (r0 // per) * per_group, ((r0 + rows) // per) * per_group
-    per_row = n_units // read_shape[0]
-    return r0 * per_row, (r0 + rows) * per_row
-
-
-def _apply(chunk: np.ndarray, splan: Plan, params: UnitParams, out: np.ndarray,
-           engine: str = "numba") -> np.ndarray:
-    """Normalize one chunk with flat per-unit params of its units into ``out`` (a buffer)."""
-    from bnstat.stream import blocks, kernel_input
-
-    shape4, perm = splan.kernel_view(chunk.shape)
-    x4 = kernel_input(chunk, splan)
-    P, _, U, _ = x4.shape
-    kdtype = np.float32 if out.dtype == np.float16 else out.dtype
-    result = out[:chunk.size].reshape(chunk.shape)
-    target = result if (perm is None and kdtype == out.dtype) else np.empty(shape4, kdtype)
-    mean, scale, shift = (a.reshape(P, 1, U, 1) for a in (params.mean, params.scale, params.shift))
-    if engine == "numpy":  # the kernel's arithmetic, in float64, a block at a time
-        t4 = target.reshape(shape4)
-        for ps, as_ in blocks(shape4):
-            t4[ps, as_] = (x4[ps, as_] - mean[ps]) * scale[ps] + shift[ps]
-    else:
-        from bnstat import kernels
-
-        kernels.normalize4(x4, params.mean.reshape(P, U), params.scale.reshape(P, U),
-                           params.shift.reshape(P, U), target.reshape(shape4))
-    if perm is None and target is result:
-        return result
-    if perm is not None:
-        exp, _ = splan.expanded(chunk.shape)
-        inv = np.argsort(perm)
-        target = target.reshape(tuple(exp[i] for i in perm)).transpose(inv).reshape(chunk.shape)
-    result[...] = target.reshape(chunk.shape)
-    return result
 
 
 def _chunk_params(chunk, splan, run: Run, where: str, nans: list[int]) -> UnitParams:
@@ -398,8 +297,8 @@ def _plan_job(src: ArraySource, spec: dict, saved, model, per_batch, n_sources: 
         if not src.repeatable:
             raise UsageProblem(
                 f"{src.where}: batch statistics of standard input need two passes over the data",
-                "Save the stream to a file, or give --stats, --per-batch or --model "
-                "(stats=, per_batch=, model=).")
+                "Save the stream to a file, or give --stats/stats=, --per-batch/per_batch= or "
+                "--model/model=.")
         return Job(src, plan, "own")
     return Job(src, plan, "per-sample", applied="per-sample")
 
@@ -458,7 +357,7 @@ class _Array:
     def params_for(self, r0: int, nrows: int) -> UnitParams:
         """The flat params of the units rows [r0, r0+nrows) cover."""
         n_units = math.prod(self.splan.unit_shape(self.read_shape))
-        rng = _unit_range(self.splan, self.read_shape, r0, nrows, n_units)
+        rng = unit_range(self.splan, self.read_shape, r0, nrows, n_units)
         return self.flat if rng is None else self.flat.map(lambda a: a[rng[0]:rng[1]])
 
 
@@ -490,11 +389,11 @@ def _fixed_chunk(arr: _Array, r0: int, chunk: np.ndarray, pipe) -> np.ndarray | 
     engine = arr.run.engine
     if pipe is None:
         cplan = chunk_plan(arr.splan, arr.read_shape, chunk.shape[0])
-        return _apply(chunk, cplan, arr.params_for(r0, chunk.shape[0]), arr.buf, engine)
+        return apply_params(chunk, cplan, arr.params_for(r0, chunk.shape[0]), arr.buf, engine)
     for sl in slabs(chunk.shape[0], arr.piece_rows):
         sub = chunk[sl]
         ring = pipe.buffer()
-        pipe.submit(_apply(sub, chunk_plan(arr.splan, arr.read_shape, sub.shape[0]),
+        pipe.submit(apply_params(sub, chunk_plan(arr.splan, arr.read_shape, sub.shape[0]),
                            arr.params_for(r0 + sl.start, sub.shape[0]), ring.view(arr.dtype),
                            engine), ring)
     return None
@@ -508,7 +407,7 @@ def _per_batch_chunk(arr: _Array, chunk: np.ndarray, nans: list[int]) -> np.ndar
     for sl in slabs(chunk.shape[0], arr.run.per_batch):
         sub = chunk[sl]
         cp = _chunk_params(sub, arr.splan, arr.run, arr.job.src.where, nans)
-        y[sl] = _apply(sub, arr.splan, cp, np.empty(sub.size, arr.dtype), arr.run.engine)
+        y[sl] = apply_params(sub, arr.splan, cp, np.empty(sub.size, arr.dtype), arr.run.engine)
     return y
 
 
@@ -518,7 +417,7 @@ def _per_sample_chunk(arr: _Array, chunk: np.ndarray, nans: list[int]) -> np.nda
 
     cplan = chunk_plan(arr.splan, arr.read_shape, chunk.shape[0])
     cp = _chunk_params(chunk, cplan, arr.run, arr.job.src.where, nans)
-    return _apply(chunk, cplan, cp, arr.buf, arr.run.engine)
+    return apply_params(chunk, cplan, cp, arr.buf, arr.run.engine)
 
 
 def _write_job(job: Job, run: Run, box) -> np.ndarray | None:
@@ -532,7 +431,7 @@ def _write_job(job: Job, run: Run, box) -> np.ndarray | None:
         else contextlib.nullcontext(None)
     nans: list[int] = []
     row_out = math.prod(arr.read_shape[1:]) * arr.dtype.itemsize
-    with writer_cm as write, _pipeline(write if pipelined else None, arr.piece_rows * row_out,
+    with writer_cm as write, write_pipeline(write if pipelined else None, arr.piece_rows * row_out,
                                        run.threads) as pipe:
         for r0, chunk in src.iter_chunks(arr.rows):
             check_interrupt()

@@ -283,16 +283,10 @@ class ArrayGroup:
     name: str
     sources: list[ArraySource]
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.sources[0].shape
 
-
-def group_sources(sources: list[ArraySource], *, per_file: bool = False,
-                  n_axis: Callable[[ArraySource], int] | None = None) -> list[ArrayGroup]:
+def group_sources(sources: list[ArraySource], *, per_file: bool = False) -> list[ArrayGroup]:
     """Arrays of the same name across files become one group, unless ``per_file``."""
     groups: dict[str, ArrayGroup] = {}
-    names = {s.name for s in sources}
     multi_file = len({s.path for s in sources}) > 1
     for src in sources:
         key = f"{src.path}:{src.name}" if (per_file and multi_file) else src.name
@@ -300,7 +294,6 @@ def group_sources(sources: list[ArraySource], *, per_file: bool = False,
             groups[key].sources.append(src)
         else:
             groups[key] = ArrayGroup(key, [src])
-    del names
     return list(groups.values())
 
 
@@ -315,7 +308,7 @@ def check_group_shapes(group: ArrayGroup, plans: list[Plan]) -> None:
             raise InputError(
                 f"{group.name}: {first.path} has shape {first.shape} but {src.path} has shape "
                 f"{src.shape}; arrays of one name are merged along {plan.letters[n]} and must agree "
-                "on the other axes", "Use --per-file to keep them apart.")
+                "on the other axes", "Use --per-file/per_file=True to keep them apart.")
 
 
 def compute_stats(sources: list[ArraySource], *, layout=None, channel_axis=None, norm="batch",
@@ -344,7 +337,7 @@ def compute_stats(sources: list[ArraySource], *, layout=None, channel_axis=None,
                 by_letters.setdefault(ps[0].letters, []).append(g.name)
         for letters, names in by_letters.items():
             shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-            warn(f"no --layout given: assuming the PyTorch layout {letters} (channel axis 1) for {shown}")
+            warn(f"no --layout/layout= given: assuming the PyTorch layout {letters} (channel axis 1) for {shown}")
     engine = pick_engine(sum(s.nbytes for s in sources), engine)
     zlibx.set_threads(threads)  # the readers' helper threads (CRC-32, gzip inflate)
     n_threads = set_threads(threads) if engine == "numba" else 1
@@ -376,7 +369,7 @@ def check_nans(stats: Stats, nan_policy: str) -> None:
         first = np.unravel_index(int(np.flatnonzero(stats.nan_count.ravel())[0]), stats.unit_shape)
         unit = ", ".join(f"{a}={i}" for a, i in zip(stats.unit_axes, first))
         raise DataError(f"{stats.name}: {total} NaN value(s), the first in unit ({unit})",
-                        "Use --nan omit to leave them out, or --nan propagate.")
+                        "Use --nan/nan= omit to leave them out, or propagate.")
     if nan_policy == "omit":
         warn(f"{stats.name}: {total} NaN value(s) in {units} unit(s) counted and left out")
     else:

@@ -84,7 +84,7 @@ def open_sources(paths, patterns=(), *, check: bool = True, check_crc: bool = Tr
     if not sources:
         where = ", ".join(paths)
         if patterns:
-            raise InputError(f"{where}: no array matches -d {' -d '.join(patterns)}",
+            raise InputError(f"{where}: no array matches -d/dataset= {' -d '.join(patterns)}",
                              "List the arrays with: bnstat info " + " ".join(paths))
         raise InputError(f"{where}: no numeric array of 2 or more dimensions found")
     return sources

@@ -98,7 +98,7 @@ class Hdf5Source(ArraySource):
 
         Deflate-compressed datasets: the chunks of a slab are read raw
         (``read_direct_chunk``) and decompressed by a pool of threads
-        (_iter_deflate; one core inflates about 0.12 GB/s, PERF-NOTES).
+        (_iter_deflate; one core inflates about 0.12 GB/s, measured on these machines).
         Everything else: ``read_direct`` of the next slab runs in a thread.
         Either way the next slab is prepared while the caller computes on
         this one (two buffers; ``double_buffered`` tells the driver to halve
@@ -252,7 +252,7 @@ def open_hdf5(path: str, selected) -> list[ArraySource]:
 
     A selected dataset that cannot be read (non-numeric, broken link) is an
     error only when named by a pattern; when walking everything, non-numeric
-    and scalar datasets are skipped (SPEC 2) but broken links are errors.
+    and scalar datasets are skipped (README, inputs) but broken links are errors.
     """
     sources = []
     with open_h5(path) as f:

@@ -152,9 +152,9 @@ class NpyStreamSource(ArraySource):
         """Chunks as windows of one read-only memory map of the file.
 
         No copy: the kernels read the page cache directly (a 64 MiB
-        ``readinto`` ran at 6.3 GB/s, PERF-NOTES, about what the 2-thread
+        ``readinto`` ran at 6.3 GB/s (measured), about what the 2-thread
         kernel needs for itself). The next window is announced with
-        MADV_WILLNEED (5.5 -> 6.8 GB/s on a 6.6 GB file, PERF-NOTES) and a window is
+        MADV_WILLNEED (5.5 -> 6.8 GB/s on a 6.6 GB file, measured) and a window is
         dropped with MADV_DONTNEED once the consumer asks for the next one,
         so resident memory (file pages mapped into the process count) stays
         one window whatever the file size.
