@@ -162,6 +162,21 @@ def _deflate_pipeline(ds):
     return None
 
 
+def _unshuffle(raw: np.ndarray, itemsize: int) -> np.ndarray:
+    """HDF5's shuffle filter undone: byte planes back to values."""
+    arr = np.empty(raw.size, np.uint8)
+    arr.reshape(-1, itemsize)[...] = raw.reshape(itemsize, -1).T
+    return arr
+
+
+def _place(chunk: np.ndarray, offset, shape, r0: int, out: np.ndarray) -> None:
+    """Copy a decoded chunk at ``offset`` of a dataset of ``shape`` into the slab from row ``r0``
+    (edge chunks are cut to the dataset)."""
+    sel = tuple(slice(o, min(o + c, s)) for o, c, s in zip(offset, chunk.shape, shape, strict=True))
+    src = chunk[tuple(slice(0, sl.stop - sl.start) for sl in sel)]
+    out[(slice(sel[0].start - r0, sel[0].stop - r0),) + sel[1:]] = src
+
+
 def _iter_deflate(ds, rows, bufs, pipeline):
     """Slabs of a deflate dataset, its chunks decompressed in parallel.
 
@@ -207,16 +222,8 @@ def _iter_deflate(ds, rows, bufs, pipeline):
             return
         tmp = scratch()
         zlibx.inflate_into(raw, tmp)
-        if shuffle:  # byte planes back to values
-            arr = np.empty(cbytes, np.uint8)
-            arr.reshape(-1, itemsize)[...] = tmp.reshape(itemsize, -1).T
-        else:
-            arr = tmp
-        arr = arr.view(ds.dtype).reshape(cshape)
-        sel = tuple(slice(o, min(o + c, s)) for o, c, s in zip(offset, cshape, ds.shape, strict=True))
-        src = arr[tuple(slice(0, sl.stop - sl.start) for sl in sel)]
-        dst = (slice(sel[0].start - r0, sel[0].stop - r0),) + sel[1:]
-        out[dst] = src
+        arr = _unshuffle(tmp, itemsize) if shuffle else tmp
+        _place(arr.view(ds.dtype).reshape(cshape), offset, ds.shape, r0, out)
 
     def submit(pool, i):
         r0 = starts[i]
