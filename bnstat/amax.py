@@ -63,7 +63,7 @@ def compute_amax(hist, method: str) -> np.ndarray:
 
     Raises UsageProblem when there are too few bins for mse/entropy (start_bin 128).
     """
-    from bnstat import kernels_hist
+    from bnstat.kernels import hist as kernels_hist
 
     method = check_method(method)
     shape = hist.unit_shape

@@ -82,7 +82,7 @@ class UnitState:
 
     def count(self, x: np.ndarray, g: np.ndarray, threads: int) -> None:
         """Add the counts of a chunk's view ``x`` whose units are the flat units ``g``."""
-        from bnstat import kernels_hist
+        from bnstat.kernels import hist as kernels_hist
 
         P, A, U, B = x.shape
         sa, su = _split(P, A, U, threads, split_a=True)

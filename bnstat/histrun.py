@@ -82,7 +82,7 @@ class _Array:
 
 
 def _select(x, units, t, threads) -> None:
-    from bnstat import kernels_hist
+    from bnstat.kernels import hist as kernels_hist
     from bnstat.distributions import _split
 
     P, A, U, B = x.shape

@@ -9,7 +9,9 @@ import numpy as np
 
 from bnstat._version import __version__
 from bnstat.histogram import Histogram, fmt_range
-from bnstat.render import _floats, _ints, emit_rich, flags, fmt_num, select_rows, stats_record, unit_label
+from bnstat.render.console import emit_rich
+from bnstat.render.records import _floats, _ints, stats_record
+from bnstat.render.tables import flags, fmt_num, select_rows, unit_label
 
 BLOCKS = " ▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 32

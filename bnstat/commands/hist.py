@@ -67,6 +67,7 @@ def _amax(ctx, param, value):
 @options.format_option
 @options.table_options
 @options.common_options
+@options.compute_options
 def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, per_file, skip_crc,
             nan_policy, bins, range_, quantiles, amax, per_tensor, num_bits, unsigned, fmt, sort, top,
             show_all, output, force, quiet, threads, chunk_size):
