@@ -143,17 +143,18 @@ def hist(source, *, layout=None, channel_axis=None, norm="batch", groups=None, r
     each with ``edges``, ``counts``, ``quantile(q)``, ``amax(method)`` and ``stats``.
     Raises bnstat.errors.BnstatError.
     """
-    import functools
-
     from bnstat.histrun import compute_hist
+    from bnstat.io import open_any
+    from bnstat.sizes import size_bytes
+    from bnstat.stream import DEFAULT_CHUNK_SIZE
 
     kwargs = dict(layout=layout, channel_axis=channel_axis, norm=norm, groups=groups, reduce=reduce,
                   ddof=ddof, bins=bins, range=range, quantiles=quantiles, amax=amax,
                   per_tensor=per_tensor, num_bits=num_bits, unsigned=unsigned, nan_policy=nan,
-                  chunk_size=chunk_size, threads=threads, per_file=per_file, progress=progress)
+                  chunk_size=size_bytes(chunk_size, DEFAULT_CHUNK_SIZE), threads=threads,
+                  per_file=per_file, progress=progress)
 
-    def run(**changes):
-        return compute_hist(_sources(source, dataset, check_crc), **{**kwargs, **changes})
+    def run(**changes):  # quantile(q) / amax(method) not computed: the passes again
+        return compute_hist(open_any(source, dataset, check_crc=check_crc), **{**kwargs, **changes})
 
-    return compute_hist(_sources(source, dataset, check_crc), **kwargs,
-                        rerun=functools.partial(run))
+    return compute_hist(open_any(source, dataset, check_crc=check_crc), **kwargs, rerun=run)
