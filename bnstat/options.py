@@ -8,10 +8,11 @@ flag declared twice. Validation of a single value raises
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import click
+
+from bnstat.sizes import parse_size
 
 
 @dataclass
@@ -24,27 +25,6 @@ class RunState:
 NORMS = ("batch", "layer", "instance", "group")
 FORMATS = ("table", "json", "csv", "npz")
 NAN_POLICIES = ("omit", "propagate", "raise")
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3,
-    "t": 1024**4, "tib": 1024**4,
-    "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
-}
-
-
-def parse_size(text: str) -> int:
-    """``'64MiB'`` -> 67108864. KiB/MiB/GiB (and K/M/G) are powers of 1024,
-    KB/MB/GB powers of 1000. Raises ValueError."""
-    match = _SIZE_RE.match(str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"{text!r} is not a size (examples: 65536, 512KiB, 64MiB, 1GiB, 100MB)")
-    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    if value < 1:
-        raise ValueError(f"{text!r} is smaller than one byte")
-    return int(value)
-
 
 def _size_callback(ctx, param, value):
     if value is None:

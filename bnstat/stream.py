@@ -34,6 +34,51 @@ SMALL_INPUT = 32 * 1024**2
 ENGINES = ("numba", "numpy")
 
 
+def slab_rows(n: int, row_bytes: int, chunk_size: int, *, multiple_of: int = 1,
+              buffers: int = 1) -> int:
+    """Rows per slab: as many as fit in ``chunk_size // buffers`` bytes, rounded down to a
+    multiple of ``multiple_of`` but at least one multiple (and at least one row), at most ``n``.
+
+    ``buffers``: a reader that fills a second buffer while the first is in use (HDF5)
+    gets half the rows, so that both stay within the chunk size (README, --chunk-size).
+    """
+    rows = max(1, (chunk_size // max(1, buffers)) // max(1, row_bytes))
+    if multiple_of > 1:
+        rows = max(multiple_of, rows - rows % multiple_of)
+    return min(rows, max(1, n))
+
+
+def slabs(n: int, rows: int) -> list[slice]:
+    """``range(n)`` cut into slices of ``rows`` rows, the last one ragged."""
+    return [slice(r0, min(n, r0 + rows)) for r0 in range(0, n, max(1, rows))]
+
+
+def plan_rows(n: int, row_bytes: int, chunk_size: int, *, multiple_of: int = 1,
+              buffers: int = 1) -> list[slice]:
+    """The one row planner: ``range(n)`` as slabs of about ``chunk_size`` bytes each.
+
+    Every slab but the last holds a multiple of ``multiple_of`` rows (an HDF5
+    dataset's chunk rows, whole groups, whole batches); a row larger than the
+    chunk size still makes a slab of one multiple. A task splitter (Dask) calls
+    it with the task size as ``chunk_size`` and the dataset's chunk rows as
+    ``multiple_of``: each task is then a slab of whole HDF5 chunks.
+    """
+    return slabs(n, slab_rows(n, row_bytes, chunk_size, multiple_of=multiple_of, buffers=buffers))
+
+
+def source_rows(source: ArraySource, chunk_size: int, *, multiple_of: int = 1) -> int:
+    """Rows per chunk of ``source``: whole HDF5 chunks (``row_align``) and a multiple of
+    ``multiple_of`` (whole groups or batches); both when their common multiple fits the
+    chunk size, else ``multiple_of`` only."""
+    buffers = 2 if source.double_buffered else 1
+    align = source.row_align
+    if multiple_of > 1:
+        both = math.lcm(align, multiple_of)
+        align = both if both * source.row_bytes <= chunk_size // buffers else multiple_of
+    return slab_rows(source.read_shape[0], source.row_bytes, chunk_size, multiple_of=align,
+                     buffers=buffers)
+
+
 def pick_engine(nbytes: int, engine: str | None = None) -> str:
     """The engine for ``nbytes`` of input: ``engine`` if given, else BNSTAT_ENGINE, else by size."""
     engine = engine or os.environ.get("BNSTAT_ENGINE") or "auto"
@@ -132,11 +177,10 @@ def source_moments(source: ArraySource, plan: Plan, *, chunk_size: int, higher: 
     splan = plan.transposed() if source.fortran else plan
     shape = source.read_shape
     n_units = math.prod(splan.unit_shape(shape))
-    rows = source.rows_for(chunk_size)
     group_rows = 1
     if splan.groups is not None and splan.channel_axis == 0:
         group_rows = shape[0] // splan.groups  # a chunk must hold whole groups
-        rows = max(group_rows, rows - rows % group_rows)
+    rows = source_rows(source, chunk_size, multiple_of=group_rows)
     first_kept = 0 not in splan.reduce or group_rows > 1
     per_row = n_units * group_rows // shape[0] if first_kept else 0
     state = Moments.empty((n_units,), higher)
@@ -178,16 +222,10 @@ class ArrayGroup:
     name: str
     sources: list[ArraySource]
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.sources[0].shape
 
-
-def group_sources(sources: list[ArraySource], *, per_file: bool = False,
-                  n_axis: Callable[[ArraySource], int] | None = None) -> list[ArrayGroup]:
+def group_sources(sources: list[ArraySource], *, per_file: bool = False) -> list[ArrayGroup]:
     """Arrays of the same name across files become one group, unless ``per_file``."""
     groups: dict[str, ArrayGroup] = {}
-    names = {s.name for s in sources}
     multi_file = len({s.path for s in sources}) > 1
     for src in sources:
         key = f"{src.path}:{src.name}" if (per_file and multi_file) else src.name
@@ -195,7 +233,6 @@ def group_sources(sources: list[ArraySource], *, per_file: bool = False,
             groups[key].sources.append(src)
         else:
             groups[key] = ArrayGroup(key, [src])
-    del names
     return list(groups.values())
 
 
@@ -210,7 +247,7 @@ def check_group_shapes(group: ArrayGroup, plans: list[Plan]) -> None:
             raise InputError(
                 f"{group.name}: {first.path} has shape {first.shape} but {src.path} has shape "
                 f"{src.shape}; arrays of one name are merged along {plan.letters[n]} and must agree "
-                "on the other axes", "Use --per-file to keep them apart.")
+                "on the other axes", "Use --per-file/per_file=True to keep them apart.")
 
 
 def compute_stats(sources: list[ArraySource], *, layout=None, channel_axis=None, norm="batch",
@@ -239,7 +276,7 @@ def compute_stats(sources: list[ArraySource], *, layout=None, channel_axis=None,
                 by_letters.setdefault(ps[0].letters, []).append(g.name)
         for letters, names in by_letters.items():
             shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-            warn(f"no --layout given: assuming the PyTorch layout {letters} (channel axis 1) for {shown}")
+            warn(f"no --layout/layout= given: assuming the PyTorch layout {letters} (channel axis 1) for {shown}")
     engine = pick_engine(sum(s.nbytes for s in sources), engine)
     zlibx.set_threads(threads)  # the readers' helper threads (CRC-32, gzip inflate)
     n_threads = set_threads(threads) if engine == "numba" else 1
@@ -271,7 +308,7 @@ def check_nans(stats: Stats, nan_policy: str) -> None:
         first = np.unravel_index(int(np.flatnonzero(stats.nan_count.ravel())[0]), stats.unit_shape)
         unit = ", ".join(f"{a}={i}" for a, i in zip(stats.unit_axes, first))
         raise DataError(f"{stats.name}: {total} NaN value(s), the first in unit ({unit})",
-                        "Use --nan omit to leave them out, or --nan propagate.")
+                        "Use --nan/nan= omit to leave them out, or propagate.")
     if nan_policy == "omit":
         warn(f"{stats.name}: {total} NaN value(s) in {units} unit(s) counted and left out")
     else:
