@@ -29,7 +29,8 @@ plus one entry in ``FORMATS``:
   when no ``sniff`` says yes, the ``mismatch`` message; ``label`` names the
   format in the "unknown model file format" hint;
 - framework imports (torch, onnx, h5py) happen inside the functions, never at
-  module level (``bnstat --help`` imports this package's registry).
+  module level: importing the registry must stay cheap for every command that
+  reads a model, and the core package never needs a framework installed.
 """
 
 from __future__ import annotations
