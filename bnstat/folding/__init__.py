@@ -41,17 +41,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bnstat.errors import DataError, InputError, OutputError, UsageProblem, warn
-from bnstat.folding.apply import fold_pair
-from bnstat.folding.check import check_pair
+from bnstat.folding.apply import apply_plan
+from bnstat.folding.check import CHECK_SCOPE, check_plan
 from bnstat.folding.keras import apply_keras_config, keras_graph
 from bnstat.folding.layers import (CONVENTION_LABEL, DEFAULT_EPS, KERAS, PYTORCH, Layer,
-                                   convention_of, parse_layers)
+                                   apply_layer_metadata, convention_of, parse_layers)
 from bnstat.folding.pairing import PAIRING_RULES, make_plan
 from bnstat.folding.plans import Pair, Unpaired, load_plan, parse_pair
 from bnstat.folding.readings import Reading
 
 __all__ = ["fold", "describe_model", "FoldResult", "Pair", "Unpaired", "Layer", "Reading",
-           "parse_layers", "make_plan", "DEFAULT_EPS", "PAIRING_RULES", "FoldCheckError"]
+           "parse_layers", "make_plan", "DEFAULT_EPS", "PAIRING_RULES", "FoldCheckError",
+           "FoldAssumptionError", "CHECK_SCOPE"]
 
 # ---- the API -------------------------------------------------------------------
 
@@ -83,6 +84,11 @@ class FoldResult:
         return [p for p in self.pairs if not p.ok]
 
     @property
+    def assumed(self) -> list[Pair]:
+        """Pairs that rest on an assumption (warned about; refused with strict=)."""
+        return [p for p in self.pairs if not p.certain]
+
+    @property
     def default_eps(self) -> dict[str, float]:
         convs = {p.bn.convention for p in self.pairs} | {u.bn.convention for u in self.unpaired}
         return {c: DEFAULT_EPS[c] for c in sorted(convs)}
@@ -97,6 +103,18 @@ class FoldResult:
                "unfolded": [u.record() for u in self.unpaired]}
         if self.eps is not None:
             doc["eps"] = self.eps
+        return doc
+
+    def report_dict(self) -> dict:
+        """The plan plus what was done (what fold --format json prints)."""
+        doc = self.plan_dict()
+        doc.update({"assumed": [f"{p.conv.display}={p.bn.display}" for p in self.assumed],
+                    "dry_run": self.dry_run, "output": self.output,
+                    "output_format": self.output_format, "plan_output": self.plan_output,
+                    "added": self.added, "removed": self.removed})
+        if self.checked:
+            doc["check_scope"] = CHECK_SCOPE
+            doc["check_failed"] = [f"{p.conv.display}={p.bn.display}" for p in self.failed]
         return doc
 
     def plan_json(self) -> str:
@@ -115,6 +133,26 @@ class FoldCheckError(DataError):
         self.result = result
 
 
+class FoldAssumptionError(DataError):
+    """strict= and a pair rests on an assumption; ``result`` holds the plan."""
+
+    def __init__(self, result: FoldResult):
+        bad = result.assumed
+        names = "; ".join(f"{p.conv.display}+{p.bn.display}: {p.assumption}" for p in bad)
+        super().__init__(f"{result.source}: --strict/strict=: {len(bad)} pair(s) rest on an "
+                         f"assumption, nothing written: {names}",
+                         "Settle each with a plan entry (bnstat fold MODEL --dry-run --plan FILE, "
+                         "set its \"kind\" and \"certain\": true) or --pair CONV=BN.")
+        self.result = result
+
+
+def _warn_assumed(result: FoldResult) -> None:
+    for p in result.assumed:
+        warn(f"{p.conv.display} <- {p.bn.display}: folded on an assumption: {p.assumption}. "
+             "Settle it with a plan entry (bnstat fold MODEL --dry-run --plan FILE; set \"kind\" "
+             "and \"certain\": true) or --pair; --strict refuses such pairs")
+
+
 def _layers_of(model) -> tuple[list[Layer], dict | None]:
     layers = parse_layers(model.entries)
     sequence = getattr(model, "layer_sequence", None)
@@ -125,6 +163,8 @@ def _layers_of(model) -> tuple[list[Layer], dict | None]:
     graph = keras_graph(model.config) if getattr(model, "config", None) else None
     if graph:
         apply_keras_config(layers, graph)
+    apply_layer_metadata(layers, (getattr(model, "metadata", None) or {}).get("layers")
+                         if isinstance(getattr(model, "metadata", None), dict) else None)
     return layers, graph
 
 
@@ -140,7 +180,8 @@ def _load(source):
 
 def fold(source, *, output: str | None = None, pairs: Iterable = (), plan=None,
          eps: float | None = None, bn: str = "drop", check: bool = False, dry_run: bool = False,
-         plan_output: str | None = None, force: bool = False, seed: int = 0) -> FoldResult:
+         plan_output: str | None = None, force: bool = False, seed: int = 0,
+         strict: bool = False) -> FoldResult:
     """Fold every BatchNorm of a model into the layer that feeds it.
 
     ``source``: a model file (.npz, HDF5, .safetensors) or a mapping of named
@@ -149,13 +190,16 @@ def fold(source, *, output: str | None = None, pairs: Iterable = (), plan=None,
     ``eps``: overrides every default. ``bn``: ``"drop"`` removes the folded
     BNs' arrays and gives every folded layer a bias; ``"identity"`` keeps the
     keys, the BN computing x + shift. ``check``: run every pair against the
-    original on random inputs. With ``output`` (and not ``dry_run``) the
+    original on random inputs (and, where the file carries a graph, the
+    whole model). ``strict``: refuse to fold when a pair rests on an
+    assumption (FoldAssumptionError, nothing written). With ``output`` (and not ``dry_run``) the
     folded model is written there atomically, in the format its extension
     names (else the input's); ``plan_output`` receives the plan as JSON.
 
     Returns a :class:`FoldResult`. Raises InputError (unreadable model or
     plan), DataError (refusals: negative/NaN variance, NaN parameters,
-    channel mismatch; FoldCheckError when a check fails), UsageProblem (bad
+    channel mismatch; FoldCheckError when a check fails; FoldAssumptionError
+    with ``strict``), UsageProblem (bad
     pairs), OutputError. Nothing is written when it raises.
     """
     from bnstat.io.atomic import atomic_open, check_output
@@ -199,47 +243,18 @@ def fold(source, *, output: str | None = None, pairs: Iterable = (), plan=None,
                         "moving_mean/moving_variance); nothing to fold",
                         "Give the model file whose BatchNorm layers should be folded.")
 
-    arrays = model.arrays
-    updates: dict[str, np.ndarray] = {}
-    removed: list[str] = []
-    added: dict[str, str] = {}
-    for pair in found:
-        folded = fold_pair(pair, arrays, bn, model.round_stored)
-        updates.update(folded.updates)
-        removed += folded.removed
-        added.update(folded.added)
-        pair.note = "; ".join(n for n in (folded.note, "read as conv?" if pair.caution else "") if n)
-        if pair.caution:
-            warn(pair.caution)
-    for new, anchor in added.items():  # a bias added to a bfloat16 weight is bfloat16 too
-        if model.stored.get(anchor) == "BF16":
-            model.stored[new] = "BF16"
-            updates[new] = model.round_stored(new, updates[new])
-    out: dict[str, np.ndarray] = {}
-    gone = set(removed)
-    follows: dict[str, list[str]] = {}
-    for new, anchor in added.items():
-        follows.setdefault(anchor, []).append(new)
-    for key, value in arrays.items():
-        if key in gone:
-            continue
-        out[key] = updates.get(key, value)
-        for new in follows.get(key, ()):
-            out[new] = updates[new]
-
+    out, added, removed = apply_plan(found, model, bn)
     result = FoldResult(model.label, convention, model.order_source if model.format != "memory"
-                        else "mapping order", bn, eps, found, unpaired, out, list(added), removed,
+                        else "mapping order", bn, eps, found, unpaired, out, added, removed,
                         layer_count=len(layers), dry_run=dry_run,
                         requested_output=output if dry_run else None)
     if check:
-        rng = np.random.default_rng(seed)
-        for pair in found:
-            wkey = pair.conv.params[pair.conv.weight_param]
-            pair.check_abs, pair.check_rel, pair.tolerance = check_pair(
-                pair, arrays, out, bn, rng, model.stored.get(wkey))
-        result.checked = True
+        check_plan(result, model, seed)
         if result.failed:
             raise FoldCheckError(result)
+    if strict and result.assumed:
+        raise FoldAssumptionError(result)
+    _warn_assumed(result)
     if unpaired:
         names = ", ".join(u.bn.display for u in unpaired[:5]) + (" ..." if len(unpaired) > 5 else "")
         warn(f"{len(unpaired)} BatchNorm layer(s) left unfolded ({names}); the plan says why. "
