@@ -67,7 +67,7 @@ def plan_table(result: FoldResult):
         "eps", "by", "evidence")
     for head in heads:
         table.add_column(head, justify="right" if head in ("channels", "groups", "eps") else "left",
-                         overflow="fold")
+                         overflow="fold", no_wrap=head not in ("conv", "bn", "evidence"))
     if checked:
         table.add_column("max abs err", justify="right")
         table.add_column("max rel err", justify="right")

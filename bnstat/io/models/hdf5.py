@@ -86,7 +86,9 @@ def _hdf5_walk(f):
             elif isinstance(obj, h5py.Dataset):
                 found.append((name, obj))
 
-    visit(f, "")
+    # the root *group*'s creation property list: the File object's reports no order tracking
+    # even for h5py.File(..., track_order=True)
+    visit(f["/"], "")
     return found, tracked[0]
 
 
