@@ -190,7 +190,7 @@ def run_case(name: str, fmt: str, mode: str, model=None, workdir: str | None = N
         save(model, src, fmt)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            res = fold(src, output=dst, bn=mode, check=True)
+            res = fold(src, output=dst, bn=mode, check=True, eps=model_eps(model))
         from bnstat.io.models import read_model
 
         arrays = read_model(dst).arrays
@@ -209,6 +209,15 @@ def run_case(name: str, fmt: str, mode: str, model=None, workdir: str | None = N
             "warnings": [str(w.message) for w in caught], "result": res}
 
 
+def model_eps(model) -> float | None:
+    """The --eps a user gives for a state_dict (which does not store it): the model's BN eps
+    when it is not PyTorch's default (MobileNetV3, EfficientNet: 1e-3)."""
+    eps = {m.eps for m in _bns(model)}
+    if len(eps) != 1:
+        raise AssertionError(f"BNs with several eps: {eps}")
+    return None if eps == {1e-5} else eps.pop()
+
+
 def _bns(model):
     from torch import nn
 
@@ -217,7 +226,7 @@ def _bns(model):
 
 def main(names) -> None:
     print(f"{'model':20} {'format':13} {'bn':9} {'BNs':>4} {'folded/foldable':>16} {'wrong':>6} "
-          f"{'assumed':>8} {'max rel out err':>16} {'vs torch fusion':>16}")
+          f"{'assumed':>8} {'max rel out err':>16} {'vs torch fusion':>16}  --eps")
     for name in names:
         model = build(name)
         for fmt in FORMATS:
@@ -225,7 +234,8 @@ def main(names) -> None:
                 r = run_case(name, fmt, mode, model)
                 print(f"{name:20} {fmt:13} {mode:9} {r['bns']:>4} "
                       f"{r['folded']:>7}/{r['foldable']:<8} {len(r['wrong']):>6} {r['assumed']:>8} "
-                      f"{r['rel_err']:>16.2e} {r['fused_err']:>16.2e}", flush=True)
+                      f"{r['rel_err']:>16.2e} {r['fused_err']:>16.2e}  {model_eps(model) or '-'}",
+                      flush=True)
 
 
 if __name__ == "__main__":
