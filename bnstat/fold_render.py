@@ -125,8 +125,17 @@ def _print_plan(result: FoldResult, console) -> None:
         lines.append(f"wrote {result.output} ({result.output_format}; {what})")
     if result.plan_output:
         lines.append(f"wrote the plan to {result.plan_output}")
+    mc = result.model_check
+    if mc is not None and "refused" in mc:
+        lines.append(f"whole-model check (the file's graph) not run: {mc['refused']}")
+    elif mc is not None:
+        lines.append(f"whole-model check (the file's graph, random inputs {tuple(mc['input_shape'])}): "
+                     f"max rel output error {_err(mc['max_rel_error'])} "
+                     f"({'ok' if mc['ok'] else 'FAIL'}, tolerance {mc['tolerance']:.0e})")
     if result.failed:
         lines.append(f"check failed for {len(result.failed)} pair(s): nothing written")
+    elif mc is not None and not mc.get("ok", True):
+        lines.append("whole-model check failed: nothing written")
     elif result.dry_run:
         lines.append("dry run: no model written" + (f" (-o {result.requested_output} ignored)"
                                                     if result.requested_output else ""))

@@ -100,6 +100,10 @@ def test_keras_legacy_h5_folds_and_loads_back(tmp_path, mode, saved):
     assert all(p.certain for p in res.pairs)
     if saved == "model.save":
         assert all(p.evidence[0] == "graph" for p in res.pairs)
+        mc = res.model_check  # --check ran the whole model from the file's graph
+        assert mc["ok"] and mc["max_rel_error"] < 1e-5 and mc["input_shape"] == [2, 8, 8, 3]
+    else:
+        assert res.model_check is None
     if mode == "identity" and saved == "model.save":
         folded = keras.saving.load_model(str(out), compile=False)
     elif mode == "identity":
@@ -109,3 +113,37 @@ def test_keras_legacy_h5_folds_and_loads_back(tmp_path, mode, saved):
     got = np.asarray(folded.predict(x, verbose=0), np.float64)
     rel = np.abs(got - want).max() / np.abs(want).max()
     assert rel < 1e-5
+
+
+def test_whole_model_check_runner_matches_keras(tmp_path):
+    """The numpy runner of --check's whole-model check against Keras' own predictions; a layer
+    it does not run is named in the result, never skipped."""
+    from bnstat.folding.graphcheck import _run
+    from bnstat.folding.keras import keras_graph
+    from bnstat.io.models import read_model
+
+    model = _model(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save(str(tmp_path / "m.h5"))
+    x = np.random.default_rng(3).normal(size=(2, 8, 8, 3))
+    want = np.asarray(model.predict(x.astype(np.float32), verbose=0), np.float64)
+    m = read_model(str(tmp_path / "m.h5"))
+
+    def get(name, param):
+        hits = [k for k in m.arrays if k.split("/")[-2] == name and k.split("/")[-1].split(":")[0]
+                == param]
+        return np.asarray(m.arrays[hits[0]], np.float64) if hits else None
+
+    got = _run(keras_graph(m.config), m.config, get, x)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    # a refused layer is said, not silently skipped
+    from keras import layers
+
+    odd = keras.Sequential([keras.Input((4, 4, 2)), layers.Conv2D(3, 1, name="c"),
+                            layers.BatchNormalization(name="c_bn"), layers.LayerNormalization()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        odd.save(str(tmp_path / "odd.h5"))
+    res = _fold(tmp_path / "odd.h5", tmp_path / "odd_f.h5", "identity")
+    assert "layer class LayerNormalization" in res.model_check["refused"]

@@ -77,6 +77,8 @@ class FoldResult:
     layer_count: int = 0
     dry_run: bool = False
     requested_output: str | None = None  # -o given with a dry run
+    # --check on the whole model (a file with a graph): max_rel_error, tolerance, ok; or refused
+    model_check: dict | None = None
 
     @property
     def failed(self) -> list[Pair]:
@@ -114,6 +116,7 @@ class FoldResult:
                     "added": self.added, "removed": self.removed})
         if self.checked:
             doc["check_scope"] = CHECK_SCOPE
+            doc["model_check"] = self.model_check
             doc["check_failed"] = [f"{p.conv.display}={p.bn.display}" for p in self.failed]
         return doc
 
@@ -127,8 +130,10 @@ class FoldCheckError(DataError):
     def __init__(self, result: FoldResult):
         bad = result.failed
         names = ", ".join(f"{p.conv.display}+{p.bn.display}" for p in bad[:4])
-        super().__init__(f"{result.source}: the check failed for {len(bad)} pair(s) ({names}): the "
-                         "folded layer differs from layer then BN; nothing written",
+        what = (f"the check failed for {len(bad)} pair(s) ({names}): the folded layer differs "
+                "from layer then BN" if bad else "the whole folded model differs from the "
+                f"original (max relative error {result.model_check['max_rel_error']:.2e})")
+        super().__init__(f"{result.source}: {what}; nothing written",
                          "Check the pairing and kinds in the plan (bnstat fold --dry-run --plan FILE).")
         self.result = result
 
@@ -250,7 +255,12 @@ def fold(source, *, output: str | None = None, pairs: Iterable = (), plan=None,
                         requested_output=output if dry_run else None)
     if check:
         check_plan(result, model, seed)
-        if result.failed:
+        if graph and getattr(model, "config", None):
+            from bnstat.folding.graphcheck import check_model
+
+            result.model_check = check_model(graph, model.config, layers, model.arrays, out,
+                                             np.random.default_rng(seed))
+        if result.failed or not (result.model_check or {}).get("ok", True):
             raise FoldCheckError(result)
     if strict and result.assumed:
         raise FoldAssumptionError(result)
