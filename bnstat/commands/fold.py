@@ -39,8 +39,7 @@ def _pair_callback(ctx, param, value):
               help="Refuse to fold when a pair rests on an assumption (exit 1, nothing written).")
 @options.format_option
 @options.common_options
-def command(model, pairs, plan, dry_run, eps, bn_mode, check, strict, fmt, output, force, quiet,
-            threads, chunk_size):
+def command(model, pairs, plan, dry_run, eps, bn_mode, check, strict, fmt, output, force, quiet):
     """Fold every BatchNorm of MODEL into the conv, conv-transpose or linear
     layer that feeds it: W' = W * gamma/sqrt(var+eps), b' = (b - mean) *
     gamma/sqrt(var+eps) + beta.
