@@ -62,7 +62,7 @@ def command(model, pairs, plan, dry_run, eps, bn_mode, check, strict, fmt, outpu
       bnstat fold weights.h5 -o folded.h5 --bn identity
       bnstat fold model.safetensors --dry-run --format json --strict
     """
-    from bnstat import fold_render
+    from bnstat.render import fold as fold_render
     from bnstat.folding import FoldAssumptionError, FoldCheckError, fold
 
     if fmt not in (None, "table", "json"):

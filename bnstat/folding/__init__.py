@@ -26,7 +26,7 @@ The pieces, in the order :func:`fold` runs them:
    BN (inference mode), on random inputs, through the pure-numpy reference
    convolution / transposed convolution / matmul of this module.
 
-No click and no rich here; :mod:`bnstat.fold_render` draws the plan.
+No click and no rich here; :mod:`bnstat.render.fold` draws the plan.
 """
 
 

@@ -10,7 +10,7 @@ import json
 import math
 
 from bnstat.folding import CHECK_SCOPE, CONVENTION_LABEL, FoldResult
-from bnstat.render import emit_rich
+from bnstat.render.console import emit_rich
 
 
 def _err(v: float | None) -> str:
