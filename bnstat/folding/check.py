@@ -136,9 +136,8 @@ def check_pair(pair: Pair, before: Mapping[str, np.ndarray], after: Mapping[str,
 
 
 
-CHECK_SCOPE = ("the arithmetic of each planned pair: the folded layer against the original layer "
-               "then BN, on random inputs, under the pair's reading; it cannot tell a wrong "
-               "pairing or reading (the evidence column says what each pair rests on)")
+CHECK_SCOPE = ("the arithmetic of each planned pair (folded layer vs layer then BN, random "
+               "inputs, the pair's reading); it cannot tell a wrong pairing: see the evidence")
 
 
 def check_plan(result, model, seed: int = 0) -> None:
