@@ -158,6 +158,44 @@ def _warn_assumed(result: FoldResult) -> None:
              "and \"certain\": true) or --pair; --strict refuses such pairs")
 
 
+def _check_outputs(output, plan_output, force: bool, inputs: list) -> None:
+    """Refuse outputs that would overwrite something, before any work. Raises OutputError."""
+    from bnstat.io.atomic import check_output
+
+    if output is not None:
+        check_output(output, force=force, inputs=inputs)
+    if plan_output is not None:
+        if os.path.exists(plan_output) and not force and not os.path.isdir(plan_output):
+            raise OutputError(f"{plan_output}: the plan file exists; with --dry-run, --plan FILE is "
+                              "where the plan is written; nothing was written",
+                              "Use --force to replace it, or drop --dry-run to fold with it.")
+        check_output(plan_output, force=force, inputs=inputs)
+
+
+def _explicit(pairs, plan) -> tuple[list, float | None]:
+    """The explicit pairs (--pair first: it wins over the plan) and the plan's eps."""
+    explicit = [parse_pair(p) for p in pairs]
+    plan_eps = None
+    if plan is not None:
+        from_plan, plan_eps = load_plan(plan)
+        listed = {e.bn for e in explicit}
+        explicit += [e for e in from_plan if e.bn not in listed]
+    return explicit, plan_eps
+
+
+def _check(result: FoldResult, model, layers, graph, seed: int) -> None:
+    """--check: every pair, and the whole model where the file has a graph. Raises
+    FoldCheckError."""
+    check_plan(result, model, seed)
+    if graph and getattr(model, "config", None):
+        from bnstat.folding.graphcheck import check_model
+
+        result.model_check = check_model(graph, model.config, layers, model.arrays,
+                                         result.arrays, np.random.default_rng(seed))
+    if result.failed or not (result.model_check or {}).get("ok", True):
+        raise FoldCheckError(result)
+
+
 def _layers_of(model) -> tuple[list[Layer], dict | None]:
     layers = parse_layers(model.entries)
     sequence = getattr(model, "layer_sequence", None)
@@ -207,7 +245,7 @@ def fold(source, *, output: str | None = None, pairs: Iterable = (), plan=None,
     with ``strict``), UsageProblem (bad
     pairs), OutputError. Nothing is written when it raises.
     """
-    from bnstat.io.atomic import atomic_open, check_output
+    from bnstat.io.atomic import atomic_open
     from bnstat.io.models import write_model
 
     if bn not in ("drop", "identity"):
@@ -218,14 +256,7 @@ def fold(source, *, output: str | None = None, pairs: Iterable = (), plan=None,
     inputs = [path] if path else []
     if isinstance(plan, str | os.PathLike):
         inputs.append(os.fspath(plan))
-    if output is not None and not dry_run:
-        check_output(output, force=force, inputs=inputs)
-    if plan_output is not None:
-        if os.path.exists(plan_output) and not force and not os.path.isdir(plan_output):
-            raise OutputError(f"{plan_output}: the plan file exists; with --dry-run, --plan FILE is "
-                              "where the plan is written; nothing was written",
-                              "Use --force to replace it, or drop --dry-run to fold with it.")
-        check_output(plan_output, force=force, inputs=inputs)
+    _check_outputs(None if dry_run else output, plan_output, force, inputs)
 
     model = _load(source)
     layers, graph = _layers_of(model)
@@ -234,12 +265,7 @@ def fold(source, *, output: str | None = None, pairs: Iterable = (), plan=None,
         raise InputError(f"{model.label}: no layer weights found: not a model in PyTorch or Keras "
                          "naming (x.weight, y.running_mean / kernel, moving_mean)",
                          "List its arrays with: bnstat info " + (path or "FILE"))
-    explicit = [parse_pair(p) for p in pairs]
-    plan_eps = None
-    if plan is not None:
-        from_plan, plan_eps = load_plan(plan)
-        listed = {e.bn for e in explicit}
-        explicit += [e for e in from_plan if e.bn not in listed]  # --pair wins over the plan
+    explicit, plan_eps = _explicit(pairs, plan)
     keras_order = model.ordered and (model.order_source == "Keras layer order" or model.format != "hdf5")
     found, unpaired = make_plan(layers, explicit=explicit, eps=eps, ordered=model.ordered,
                                 keras_order=keras_order, plan_eps=plan_eps, graph=graph)
@@ -254,14 +280,7 @@ def fold(source, *, output: str | None = None, pairs: Iterable = (), plan=None,
                         layer_count=len(layers), dry_run=dry_run,
                         requested_output=output if dry_run else None)
     if check:
-        check_plan(result, model, seed)
-        if graph and getattr(model, "config", None):
-            from bnstat.folding.graphcheck import check_model
-
-            result.model_check = check_model(graph, model.config, layers, model.arrays, out,
-                                             np.random.default_rng(seed))
-        if result.failed or not (result.model_check or {}).get("ok", True):
-            raise FoldCheckError(result)
+        _check(result, model, layers, graph, seed)
     if strict and result.assumed:
         raise FoldAssumptionError(result)
     _warn_assumed(result)
