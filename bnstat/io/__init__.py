@@ -20,11 +20,11 @@ HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 
 def sniff(path: str) -> str:
-    """'npy', 'npz' or 'hdf5' from the file's first bytes (else its extension).
+    """'npy', 'npz' (any zip), 'hdf5' or 'safetensors' from the file's first bytes (else its extension).
 
     Raises InputError for missing, unreadable, empty or unknown files.
     """
-    head = read_head(path, 8)
+    head = read_head(path, 16)
     if not head:
         raise InputError(f"{path}: empty file")
     if head.startswith(NPY_MAGIC):
@@ -34,6 +34,13 @@ def sniff(path: str) -> str:
     if head.startswith(HDF5_MAGIC):
         return "hdf5"
     ext = os.path.splitext(path)[1].lower()
+    if head[8:9] == b"{" or ext == ".safetensors":
+        return "safetensors"
+    if ext in (".pt", ".pth", ".ckpt", ".bin"):
+        from bnstat.io.torchfile import RESAVE, refuse_legacy
+
+        refuse_legacy(path, read_head(path, 263))
+        raise InputError(f"{path}: not a torch.save (zip) file", RESAVE)
     if ext in (".h5", ".hdf5", ".hdf"):
         # HDF5 allows a user block before the signature (at 512, 1024, ...)
         from bnstat.io.hdf5 import is_hdf5
@@ -70,6 +77,14 @@ def open_path(path: str, patterns=(), *, check_crc: bool = True) -> list[ArraySo
             from bnstat.io.hdf5 import open_hdf5
 
             return open_hdf5(path, selected)
+        if kind == "safetensors":
+            from bnstat.io.torchfile import open_safetensors
+
+            return open_safetensors(path, selected)
+        from bnstat.io.torchfile import is_torch_zip, open_torch
+
+        if kind == "npz" and is_torch_zip(path):
+            return open_torch(path, selected)
         from bnstat.io.npy import open_npy, open_npz
 
         sources = open_npy(path) if kind == "npy" else open_npz(path, check_crc=check_crc)

@@ -47,7 +47,8 @@ ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 NPY_MAGIC = b"\x93NUMPY"
 HDF5_EXTS = (".h5", ".hdf5", ".hdf", ".keras.h5", ".weights.h5")
 FORMAT_EXTS = {".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5", ".hdf": "hdf5",
-               ".safetensors": "safetensors"}
+               ".safetensors": "safetensors", ".pt": "torch", ".pth": "torch", ".ckpt": "torch",
+               ".bin": "torch"}
 
 # safetensors dtype codes <-> numpy (little-endian)
 _ST_DTYPES = {
@@ -111,7 +112,9 @@ def model_format(path: str) -> str:
     if not head:
         raise InputError(f"{path}: empty file")
     if head.startswith(ZIP_MAGICS):
-        return "npz"
+        from bnstat.io.torchfile import is_torch_zip
+
+        return "torch" if is_torch_zip(path) else "npz"
     if head.startswith(HDF5_MAGIC):
         return "hdf5"
     if head.startswith(NPY_MAGIC):
@@ -120,6 +123,11 @@ def model_format(path: str) -> str:
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
     lower = path.lower()
+    if lower.endswith((".pt", ".pth", ".ckpt", ".bin", ".tar")):
+        from bnstat.io.torchfile import RESAVE, refuse_legacy
+
+        refuse_legacy(path, _head(path, 263))
+        raise InputError(f"{path}: not a torch.save (zip) file", RESAVE)
     if lower.endswith((".h5", ".hdf5", ".hdf")):
         import h5py  # HDF5 allows a user block before the signature
 
@@ -154,6 +162,10 @@ def index_model(path: str) -> ModelIndex:
     Raises InputError for a missing, unreadable or corrupt file.
     """
     fmt = model_format(path)
+    if fmt == "torch":
+        from bnstat.io.torchmodel import read_torch
+
+        return read_torch(path, values=False)
     if fmt == "npz":
         return _npz_index(path)
     if fmt == "hdf5":
@@ -164,6 +176,10 @@ def index_model(path: str) -> ModelIndex:
 def read_model(path: str) -> ModelFile:
     """Every array of a model file, in model order. Raises InputError."""
     fmt = model_format(path)
+    if fmt == "torch":
+        from bnstat.io.torchmodel import read_torch
+
+        return read_torch(path)
     if fmt == "npz":
         return _npz_read(path)
     if fmt == "hdf5":
@@ -433,15 +449,19 @@ def write_model(path: str, arrays: dict[str, np.ndarray], *, fmt: str | None = N
     an OutputError naming the path).
     """
     fmt = fmt or output_format(path, template.format if template is not None else None)
-    if fmt not in ("npz", "hdf5", "safetensors"):
+    if fmt not in ("npz", "hdf5", "safetensors", "torch"):
         raise OutputError(f"{path}: cannot tell the model format from the extension",
-                          "Use .npz, .h5 or .safetensors.")
+                          "Use .npz, .h5, .safetensors or .pt.")
     with atomic_path(path, force=force, inputs=inputs) as tmp:
         try:
             if fmt == "npz":
                 _npz_write(tmp, arrays, compressed=bool(template and template.compressed))
             elif fmt == "safetensors":
                 _st_write(tmp, arrays, template)
+            elif fmt == "torch":
+                from bnstat.io.torchmodel import write_torch
+
+                write_torch(tmp, arrays, template)
             else:
                 _hdf5_write(tmp, arrays, template)
         except OSError as exc:
