@@ -7,46 +7,33 @@
 from __future__ import annotations
 
 import fnmatch
-import os
 
 from bnstat.errors import InputError
 from bnstat.io.base import ArraySource, MemorySource, check_shape, read_head
 
 __all__ = ["ArraySource", "MemorySource", "open_sources", "sniff"]
 
-NPY_MAGIC = b"\x93NUMPY"
-ZIP_MAGIC = b"PK\x03\x04"
-HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
-
-
 def sniff(path: str) -> str:
-    """'npy', 'npz' (any zip), 'hdf5' or 'safetensors' from the file's first bytes (else its extension).
+    """'npy', 'npz' (any zip), 'hdf5' or 'safetensors' from the first bytes (else the extension).
 
     Raises InputError for missing, unreadable, empty or unknown files.
     """
-    head = read_head(path, 16)
+    from bnstat.io import magic
+
+    head = read_head(path, magic.HEAD_BYTES)
     if not head:
         raise InputError(f"{path}: empty file")
-    if head.startswith(NPY_MAGIC):
-        return "npy"
-    if head.startswith(ZIP_MAGIC) or head.startswith(b"PK\x05\x06"):
-        return "npz"
-    if head.startswith(HDF5_MAGIC):
-        return "hdf5"
-    ext = os.path.splitext(path)[1].lower()
-    if head[8:9] == b"{" or ext == ".safetensors":
-        return "safetensors"
+    kind = {"npy": "npy", "zip": "npz", "hdf5": "hdf5",
+            "safetensors": "safetensors"}.get(magic.container(path, head))
+    if kind is not None:
+        return kind
+    ext = magic.extension(path)
     if ext in (".pt", ".pth", ".ckpt", ".bin"):
-        from bnstat.io.torchfile import RESAVE, refuse_legacy
+        from bnstat.io.models.torch_zip import RESAVE, refuse_legacy
 
         refuse_legacy(path, read_head(path, 263))
         raise InputError(f"{path}: not a torch.save (zip) file", RESAVE)
-    if ext in (".h5", ".hdf5", ".hdf"):
-        # HDF5 allows a user block before the signature (at 512, 1024, ...)
-        from bnstat.io.hdf5 import is_hdf5
-
-        if is_hdf5(path):
-            return "hdf5"
+    if ext in magic.HDF5_EXTS:
         raise InputError(f"{path}: not an HDF5 file (no HDF5 signature)")
     kinds = {".npy": "a .npy array", ".npz": "a .npz (zip) file"}
     if ext in kinds:
@@ -78,10 +65,10 @@ def open_path(path: str, patterns=(), *, check_crc: bool = True) -> list[ArraySo
 
             return open_hdf5(path, selected)
         if kind == "safetensors":
-            from bnstat.io.torchfile import open_safetensors
+            from bnstat.io.models.torch_zip import open_safetensors
 
             return open_safetensors(path, selected)
-        from bnstat.io.torchfile import is_torch_zip, open_torch
+        from bnstat.io.models.torch_zip import is_torch_zip, open_torch
 
         if kind == "npz" and is_torch_zip(path):
             return open_torch(path, selected)

@@ -30,9 +30,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bnstat.errors import InputError, OutputError
-from bnstat.io.models import ModelFile, _bf16_round
-from bnstat.io.torchfile import TorchArchive
-from bnstat.io.torchpickle import (DTYPE_STORAGE, STORAGE_DTYPES, GraphPickler, Placeholder,
+from bnstat.io import magic
+from bnstat.io.models.base import ModelFile, ModelFormat
+from bnstat.io.models.safetensors import bf16_round
+from bnstat.io.models.torch_zip import RESAVE, TORCH_EXTS, TorchArchive, is_torch_zip, refuse_legacy
+from bnstat.io.models.torch_pickle import (DTYPE_STORAGE, STORAGE_DTYPES, GraphPickler, Placeholder,
                                    TensorRecord, TorchGlobal, placeholder)
 
 STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "model_ema",
@@ -161,6 +163,12 @@ class TorchModel(ModelFile):
 
 def read_torch(path: str, values: bool = True) -> TorchModel:
     """A torch.save file as a model. Raises InputError (refused globals, no state_dict...)."""
+    from bnstat.io.base import read_head
+
+    head = read_head(path, 263)
+    if not magic.is_zip(head):
+        refuse_legacy(path, head)
+        raise InputError(f"{path}: not a torch.save (zip) file", RESAVE)
     archive = TorchArchive(path)
     container, how = find_state(archive.root)
     if container is None:
@@ -192,8 +200,24 @@ def read_torch(path: str, values: bool = True) -> TorchModel:
     naming = how + (f", prefix {prefix!r} stripped" if prefix else "")
     return TorchModel(path, "torch", entries, ordered=True,
                       order_source=f"torch.save zip: {naming}; registration order",
-                      stored=stored, arrays=arrays, modules=modules, naming=naming, prefix=prefix,
+                      stored=stored, metadata=layer_metadata(modules) if modules else None, arrays=arrays, modules=modules, naming=naming, prefix=prefix,
                       archive=archive, container=container, records=records, tree=tree)
+
+
+def layer_metadata(modules: dict) -> dict:
+    """The fold hook (bnstat/folding/layers.py): ``{"layers": {path: {"module_type",
+    "groups", "eps"}}}`` for the torch.nn modules of a pickled module tree."""
+    layers = {}
+    for path, info in modules.items():
+        if not info.cls.startswith("torch.nn") or not path:
+            continue
+        entry = {"module_type": info.kind}
+        for key in ("groups", "eps"):
+            value = info.attrs.get(key)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                entry[key] = value
+        layers[path] = entry
+    return {"layers": layers}
 
 
 def _strip_modules(modules: dict, prefix: str) -> dict:
@@ -248,12 +272,12 @@ def _contiguous(shape) -> tuple:
 
 
 def _raw(a: np.ndarray, dtype: str, byteorder: str) -> bytes:
-    from bnstat.io.torchpickle import TORCH_DTYPES
+    from bnstat.io.models.torch_pickle import TORCH_DTYPES
 
     code = TORCH_DTYPES[dtype]
     order = "<" if byteorder == "little" else ">"
     if code == "bf16":
-        bits = (_bf16_round(np.asarray(a, np.float32)).view(np.uint32) >> 16).astype(order + "u2")
+        bits = (bf16_round(np.asarray(a, np.float32)).view(np.uint32) >> 16).astype(order + "u2")
         return bits.tobytes()
     dt = np.dtype("?" if code == "b1" else code)
     dt = dt.newbyteorder(order) if dt.itemsize > 1 else dt
@@ -409,3 +433,17 @@ def _write_zip(tmp: str, root, archive: TorchArchive | None, source: str | None)
             pad = -(fh.tell() + header + 4) % 64
             info.extra = b"FB" + struct.pack("<H", pad) + b"Z" * pad
             zf.writestr(info, data if isinstance(data, bytes) else memoryview(data))
+
+
+def _sniff(path: str, head: bytes) -> bool:
+    """A torch zip (torch.save or TorchScript, refused later), or a legacy torch file
+    by its extension (refused by read with what to do)."""
+    if magic.is_zip(head):
+        return is_torch_zip(path)
+    return magic.extension(path) in TORCH_EXTS and head[:1] == b"\x80"
+
+
+FORMAT = ModelFormat(
+    name="torch", label="PyTorch .pt", extensions=(".pt", ".pth", ".ckpt", ".bin"),
+    sniff=_sniff, index=lambda path: read_torch(path, values=False), read=read_torch,
+    write=write_torch, mismatch="not a torch.save (zip) file (magic bytes {head!r}); " + RESAVE)

@@ -3,15 +3,15 @@
 The archive holds ``<name>/data.pkl`` (the pickled object), one member
 ``<name>/data/<key>`` per storage (raw bytes, 64-byte aligned, stored), and
 the records ``byteorder``, ``.format_version``, ``.storage_alignment`` and
-``version``. The pickle is read by :class:`bnstat.io.torchpickle.
-SafeUnpickler`, which never runs code from the file; tensors become views
+``version``. The pickle is read by :class:`bnstat.io.models.
+torch_pickle.SafeUnpickler`, which never runs code from the file; tensors become views
 (storage offset, size, stride) of the storage members, memory-mapped where
 stored as ``.npz`` members are. bfloat16 is read exactly as float32.
 
 Here: the archive (:class:`TorchArchive`), tensor views, and the activation
 sources (``.pt`` tensors and ``.safetensors`` tensors as inputs of
 ``moments``/``normalize``). The model layer (state_dict, module tree,
-writing) is :mod:`bnstat.io.torchmodel`.
+writing) is :mod:`bnstat.io.models.torch_pt`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 from bnstat.errors import InputError
 from bnstat.io.base import ArraySource, check_dtype
 from bnstat.io.npy import _Inflated, _open_file, _stored_offset, npy_name
-from bnstat.io.torchpickle import TORCH_DTYPES, Placeholder, SafeUnpickler, TensorRecord
+from bnstat.io.models.torch_pickle import TORCH_DTYPES, Placeholder, SafeUnpickler, TensorRecord
 
 TORCH_EXTS = (".pt", ".pth", ".ckpt", ".bin", ".tar")
 RESAVE = "Re-save it with torch.save(model.state_dict(), path) (torch >= 1.6 writes the zip format)."
@@ -207,7 +207,7 @@ def tensors_of(root, stem: str) -> list[tuple[str, TensorRecord]]:
     if isinstance(root, TensorRecord):
         return [(stem, root)]
     if isinstance(root, Placeholder):
-        from bnstat.io.torchmodel import module_tree
+        from bnstat.io.models.torch_pt import module_tree
 
         return list(module_tree(root).tensors.items())
     found: list = []
@@ -268,9 +268,10 @@ def open_torch(path: str, selected) -> list[ArraySource]:
 
 def open_safetensors(path: str, selected) -> list[ArraySource]:
     """The tensors of a .safetensors file as activation sources. Raises InputError."""
-    from bnstat.io.models import _ST_DTYPES, _st_header, _st_read
+    from bnstat.io.models.safetensors import _ST_DTYPES, _st_header
+    from bnstat.io.models.safetensors import index as st_index
 
-    index = _st_read(path, values=False)  # validates every entry
+    index = st_index(path)  # validates every entry
     with _open_file(path) as fh:
         header, start = _st_header(path, fh, os.path.getsize(path))
     sources = []
