@@ -121,7 +121,7 @@ def find_state(root, depth: int = 0):
     if not isinstance(root, dict) or depth > 2:
         return None, None
     if _holds_tensors(root):
-        return root, "a state_dict" if depth == 0 else "a dict of tensors"
+        return root, "a state_dict"
     keys = [k for k in STATE_KEYS if k in root] + [k for k in root if k not in STATE_KEYS]
     for key in keys:
         found, how = find_state(root[key], depth + 1)

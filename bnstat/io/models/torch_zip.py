@@ -48,8 +48,11 @@ def torch_prefix(names: list[str]) -> str | None:
 
 
 def is_torch_zip(path: str) -> bool:
-    """Whether ``path`` is a torch zip (torch.save or TorchScript), not an .npz or .keras."""
+    """Whether ``path`` is a torch zip (torch.save or TorchScript), not an .npz or .keras;
+    a broken zip (truncated: no central directory) by its extension."""
     names = _zip_names(path)
+    if names is None:
+        return os.path.splitext(path)[1].lower() in TORCH_EXTS
     if not names:
         return False
     return torch_prefix(names) is not None or _torchscript(names)
