@@ -158,6 +158,12 @@ def load_model_arrays(path: str) -> dict[str, np.ndarray]:
     from bnstat.io import sniff
 
     kind = sniff(path)
+    from bnstat.io.models.torch_zip import is_torch_zip
+
+    if kind == "safetensors" or (kind == "npz" and is_torch_zip(path)):  # .pt, .safetensors
+        from bnstat.io.models import read_model
+
+        return dict(read_model(path).arrays)
     if kind == "npz":
         try:
             with np.load(path, allow_pickle=False) as z:

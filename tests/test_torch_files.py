@@ -381,3 +381,26 @@ def test_info_names_the_format(tmp_path, cli):
     code, out, err = cli("info", tmp_path / "m.pt")
     assert code == 0, err
     assert "torch.save zip: a state_dict under 'model', prefix 'module.' stripped" in " ".join(out.split())
+
+
+def test_normalize_with_a_pt_model(tmp_path, cli):
+    net = small_net()
+    torch.save({"state_dict": net.state_dict(), "epoch": 1}, tmp_path / "m.pt")
+    x = torch.randn(2, 4, 5, 5)
+    torch.save({"x": x}, tmp_path / "x.pt")
+    code, _, err = cli("normalize", tmp_path / "x.pt", "--model", tmp_path / "m.pt", "--bn", "4",
+                       "-o", tmp_path / "y.npy")
+    assert code == 0, err
+    with torch.no_grad():
+        ref = net[4](x).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_safetensors_activations_refuse_a_header_past_the_end(tmp_path, cli):
+    st = pytest.importorskip("safetensors.numpy", reason="safetensors writes the reference file")
+    st.save_file({"a": np.ones((4, 4), np.float32)}, str(tmp_path / "a.safetensors"))
+    raw = (tmp_path / "a.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[:-8])
+    code, _, err = cli("moments", tmp_path / "cut.safetensors")
+    assert code == 1 and "cut.safetensors:a: corrupt .safetensors entry" in err, err
+    assert "Traceback" not in err

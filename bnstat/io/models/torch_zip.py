@@ -193,7 +193,11 @@ class TorchArchive:
     def array(self, rec: TensorRecord, where: str) -> np.ndarray:
         """A tensor's values: a native, writable copy (bfloat16 as float32)."""
         view, bf16 = self.view(rec, where)
-        return to_native(view, bf16)
+        try:
+            return to_native(view, bf16)
+        except (MemoryError, ValueError) as exc:  # a zero-stride view claiming a huge size
+            raise InputError(f"{where}: the tensor of size {rec.size} cannot be held in memory "
+                             f"({exc})") from exc
 
 
 def to_native(view: np.ndarray, bf16: bool) -> np.ndarray:
