@@ -404,3 +404,45 @@ def test_safetensors_activations_refuse_a_header_past_the_end(tmp_path, cli):
     code, _, err = cli("moments", tmp_path / "cut.safetensors")
     assert code == 1 and "cut.safetensors:a: corrupt .safetensors entry" in err, err
     assert "Traceback" not in err
+
+
+def test_module_pickle_to_safetensors_and_npz(tmp_path, cli):
+    st = pytest.importorskip("safetensors.numpy", reason="safetensors reads the output")
+    net = randomize_bn(nn.Sequential(Block()))
+    torch.save(net, tmp_path / "m.pt")
+    for out in ("f.safetensors", "f.npz"):
+        code, _, err = cli("fold", tmp_path / "m.pt", "-o", tmp_path / out, "--eps", "1e-3")
+        assert code == 0, err
+    back = st.load_file(str(tmp_path / "f.safetensors"))  # a valid header: no foreign __metadata__
+    with np.load(tmp_path / "f.npz") as z:
+        assert sorted(back) == sorted(z.files) == ["0.conv.bias", "0.conv.weight", "0.up.bias", "0.up.weight"]
+        for k in z.files:
+            np.testing.assert_array_equal(back[k], z[k])
+    target = nn.Sequential(Block())
+    target[0].conv.bias = nn.Parameter(torch.zeros(8))
+    target[0].up.bias = nn.Parameter(torch.zeros(6))
+    target[0].bn, target[0].bn2 = nn.Identity(), nn.Identity()
+    target.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()})
+    x = torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(target.eval()(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def _fold_reads_module_types() -> bool:
+    from bnstat.folding import layers
+
+    return hasattr(layers, "apply_layer_metadata")
+
+
+@pytest.mark.skipif(not _fold_reads_module_types(),
+                    reason="fold's module-type hook (bnstat.folding.layers.apply_layer_metadata, "
+                           "README 'PyTorch files') has not landed")
+@pytest.mark.parametrize("transposed", [False, True])
+def test_pickled_module_folds_by_its_types_and_eps(tmp_path, cli, transposed):
+    conv = nn.ConvTranspose2d(6, 6, 3, bias=False) if transposed else nn.Conv2d(6, 6, 3, groups=3)
+    net = randomize_bn(nn.Sequential(conv, nn.BatchNorm2d(6, eps=1e-3, momentum=0.01)))
+    torch.save(net, tmp_path / "m.pt")
+    code, _, err = cli("fold", tmp_path / "m.pt", "-o", tmp_path / "f.pt")  # no --eps, no plan
+    assert code == 0, err
+    folded = torch.load(tmp_path / "f.pt", weights_only=False).eval()
+    x = torch.randn(2, 6, 7, 7)
+    torch.testing.assert_close(folded(x), net(x), rtol=1e-5, atol=1e-5)
