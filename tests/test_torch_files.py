@@ -188,6 +188,8 @@ def test_fold_state_dict_loads_weights_only_and_matches(tmp_path, cli):
     assert code == 0, err
     assert "Traceback" not in err
     sd = torch.load(tmp_path / "f.pt", weights_only=True)
+    mapped = torch.load(tmp_path / "f.pt", weights_only=True, mmap=True)  # needs aligned storages
+    assert all(torch.equal(mapped[k], v) for k, v in sd.items())
     target = folded_net()
     target.load_state_dict(sd)  # strict: exactly the keys of a model without the BNs
     x = torch.randn(3, 3, 8, 8)
@@ -446,3 +448,34 @@ def test_pickled_module_folds_by_its_types_and_eps(tmp_path, cli, transposed):
     folded = torch.load(tmp_path / "f.pt", weights_only=False).eval()
     x = torch.randn(2, 6, 7, 7)
     torch.testing.assert_close(folded(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_big_endian_file(tmp_path):
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4) / 7
+    torch.save({"w": t, "i": torch.arange(5, dtype=torch.int64)}, tmp_path / "le.pt")
+
+    def swap(name, data):  # the same file as a big-endian machine writes it
+        if name.endswith("/byteorder"):
+            return b"big"
+        if "/data/" in name:
+            itemsize = 4 if name.endswith("/0") else 8
+            return np.frombuffer(data, f"<u{itemsize}").astype(f">u{itemsize}").tobytes()
+        return data
+
+    rezip(tmp_path / "le.pt", tmp_path / "be.pt", swap)
+    model = read_model(str(tmp_path / "be.pt"))
+    np.testing.assert_array_equal(model.arrays["w"], t.numpy())
+    np.testing.assert_array_equal(model.arrays["i"], np.arange(5))
+    assert model.arrays["w"].dtype.isnative
+    write_model(str(tmp_path / "o.pt"), {"w": model.arrays["w"] * 2, "i": model.arrays["i"]}, template=model)
+    back = read_model(str(tmp_path / "o.pt"))
+    assert back.archive.byteorder == "big"
+    np.testing.assert_array_equal(back.arrays["w"], t.numpy() * 2)
+    np.testing.assert_array_equal(back.arrays["i"], np.arange(5))
+
+
+def test_activation_listing_leaves_out_masks_unless_named(tmp_path, cli):
+    torch.save({"x": torch.ones(3, 2), "mask": torch.ones(3, 2, dtype=torch.bool)}, tmp_path / "a.pt")
+    assert list(moments_doc(cli, tmp_path / "a.pt")) == ["x"]
+    code, _, err = cli("moments", tmp_path / "a.pt", "-d", "mask")
+    assert code == 1 and "a.pt:mask: dtype bool (bool) is not supported" in err, err

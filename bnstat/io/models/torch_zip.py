@@ -261,8 +261,12 @@ def open_torch(path: str, selected) -> list[ArraySource]:
     archive = TorchArchive(path)
     sources = []
     for name, rec in tensors_of(archive.root, npy_name(path)):
-        if selected(name) is False:
+        chosen = selected(name)
+        if chosen is False:
             continue
+        code = TORCH_DTYPES.get(rec.dtype)
+        if chosen is None and (code is None or code == "b1" or code.startswith("c")):
+            continue  # a bool mask or complex buffer of a checkpoint: not activations (-d names it)
         where = f"{path}:{name}"
         view, bf16 = archive.view(rec, where)  # validated now, re-opened per pass
 
