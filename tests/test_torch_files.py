@@ -479,3 +479,27 @@ def test_activation_listing_leaves_out_masks_unless_named(tmp_path, cli):
     assert list(moments_doc(cli, tmp_path / "a.pt")) == ["x"]
     code, _, err = cli("moments", tmp_path / "a.pt", "-d", "mask")
     assert code == 1 and "a.pt:mask: dtype bool (bool) is not supported" in err, err
+
+
+@pytest.mark.slow
+def test_torchvision_mobilenet_v3_pickled_whole(tmp_path, cli):
+    from conftest import import_torchvision
+
+    tv = import_torchvision()
+    torch.manual_seed(0)
+    net = randomize_bn(tv.models.mobilenet_v3_small())
+    torch.save(net, tmp_path / "mnv3.pt")
+    model = read_model(str(tmp_path / "mnv3.pt"))
+    assert_same_as_torch(model, tmp_path / "mnv3.pt")
+    assert model.modules[""].cls == "torchvision.models.mobilenetv3.MobileNetV3"
+    bn_eps = {i.attrs["eps"] for i in model.modules.values() if i.kind == "BatchNorm2d"}
+    assert bn_eps == {1e-3}
+    assert model.modules["features.1.block.0.0"].attrs["groups"] == 16  # the depthwise conv
+    eps = [] if _fold_reads_module_types() else ["--eps", "1e-3"]
+    code, _, err = cli("fold", tmp_path / "mnv3.pt", "-o", tmp_path / "f.pt", *eps)
+    assert code == 0, err
+    folded = torch.load(tmp_path / "f.pt", weights_only=False).eval()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), rtol=1e-4, atol=1e-4)
