@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import warnings
 import zipfile
 from collections import OrderedDict
@@ -20,8 +19,7 @@ from bnstat.io.models import index_model, read_model, write_model  # noqa: E402
 
 
 def as_numpy(t):
-    t = t.detach()
-    return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+    return t.detach().float().numpy() if t.dtype == torch.bfloat16 else t.detach().numpy()
 
 
 def randomize_bn(model, seed=0):
@@ -271,7 +269,6 @@ def test_code_in_the_pickle_is_never_run(tmp_path, cli):
         assert "evil.pt:evil/data.pkl" in err and ("posix.system" in err or "nt.system" in err)
         assert "Traceback" not in err
     assert not marker.exists() and not (tmp_path / "o.pt").exists()
-    assert pickle.loads(pickle.dumps(1)) == 1  # the placeholders left pickle itself alone
 
 
 def rezip(src, dst, change):
