@@ -35,9 +35,11 @@ def _pair_callback(ctx, param, value):
 @click.option("--check", is_flag=True,
               help="Run every folded pair against layer-then-BN on random inputs; exit 1 when one "
               "is over tolerance.")
+@click.option("--config", "keras_config", default=None, metavar="FILE",
+              help="The graph (config.json or a .keras) of a Keras 3 .weights.h5 MODEL.")
 @options.common_options
-def command(model, pairs, plan, dry_run, eps, bn_mode, check, output, force, quiet, threads,
-            chunk_size):
+def command(model, pairs, plan, dry_run, eps, bn_mode, check, keras_config, output, force, quiet,
+            threads, chunk_size):
     """Fold every BatchNorm of MODEL into the conv, conv-transpose or linear
     layer that feeds it: W' = W * gamma/sqrt(var+eps), b' = (b - mean) *
     gamma/sqrt(var+eps) + beta.
@@ -63,10 +65,13 @@ def command(model, pairs, plan, dry_run, eps, bn_mode, check, output, force, qui
         raise click.UsageError("fold needs -o OUTPUT (or --dry-run to see the plan)")
     if output == "-":
         raise click.UsageError("-o -: fold writes a model file and prints the plan; give a path")
+    from bnstat.io.keras3 import config_from
+
     try:
-        result = fold(model, output=output, pairs=pairs,
-                      plan=None if dry_run else plan, plan_output=plan if dry_run else None,
-                      eps=eps, bn=bn_mode, check=check, dry_run=dry_run, force=force)
+        with config_from(keras_config):
+            result = fold(model, output=output, pairs=pairs,
+                          plan=None if dry_run else plan, plan_output=plan if dry_run else None,
+                          eps=eps, bn=bn_mode, check=check, dry_run=dry_run, force=force)
     except FoldCheckError as exc:
         fold_render.print_plan(exc.result)
         raise

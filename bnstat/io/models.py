@@ -110,6 +110,12 @@ def model_format(path: str) -> str:
     head = _head(path)
     if not head:
         raise InputError(f"{path}: empty file")
+    from bnstat.io import keras3
+
+    if keras3.is_keras_weights(path, head):
+        return "keras-weights"
+    if keras3.is_keras_zip(path, head):
+        return "keras"
     if head.startswith(ZIP_MAGICS):
         return "npz"
     if head.startswith(HDF5_MAGIC):
@@ -140,6 +146,8 @@ def model_format(path: str) -> str:
 def output_format(path: str, default: str | None) -> str | None:
     """The format an output path asks for by its extension, else ``default``."""
     lower = path.lower()
+    if lower.endswith((".keras", ".weights.h5", ".weights.json")):
+        return "keras" if lower.endswith(".keras") else "keras-weights"
     for ext, fmt in FORMAT_EXTS.items():
         if lower.endswith(ext):
             return fmt
@@ -154,6 +162,10 @@ def index_model(path: str) -> ModelIndex:
     Raises InputError for a missing, unreadable or corrupt file.
     """
     fmt = model_format(path)
+    if fmt in ("keras", "keras-weights"):
+        from bnstat.io import keras3
+
+        return keras3.index(path)
     if fmt == "npz":
         return _npz_index(path)
     if fmt == "hdf5":
@@ -164,6 +176,10 @@ def index_model(path: str) -> ModelIndex:
 def read_model(path: str) -> ModelFile:
     """Every array of a model file, in model order. Raises InputError."""
     fmt = model_format(path)
+    if fmt in ("keras", "keras-weights"):
+        from bnstat.io import keras3
+
+        return keras3.read(path)
     if fmt == "npz":
         return _npz_read(path)
     if fmt == "hdf5":
@@ -433,7 +449,7 @@ def write_model(path: str, arrays: dict[str, np.ndarray], *, fmt: str | None = N
     an OutputError naming the path).
     """
     fmt = fmt or output_format(path, template.format if template is not None else None)
-    if fmt not in ("npz", "hdf5", "safetensors"):
+    if fmt not in ("npz", "hdf5", "safetensors", "keras", "keras-weights"):
         raise OutputError(f"{path}: cannot tell the model format from the extension",
                           "Use .npz, .h5 or .safetensors.")
     with atomic_path(path, force=force, inputs=inputs) as tmp:
@@ -442,6 +458,11 @@ def write_model(path: str, arrays: dict[str, np.ndarray], *, fmt: str | None = N
                 _npz_write(tmp, arrays, compressed=bool(template and template.compressed))
             elif fmt == "safetensors":
                 _st_write(tmp, arrays, template)
+            elif fmt in ("keras", "keras-weights"):
+                from bnstat.io import keras3_write
+
+                (keras3_write.write_keras if fmt == "keras" else keras3_write.write_weights)(
+                    tmp, arrays, template)
             else:
                 _hdf5_write(tmp, arrays, template)
         except OSError as exc:
