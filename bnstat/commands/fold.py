@@ -65,6 +65,10 @@ def command(model, pairs, plan, dry_run, eps, bn_mode, check, keras_config, outp
         raise click.UsageError("fold needs -o OUTPUT (or --dry-run to see the plan)")
     if output == "-":
         raise click.UsageError("-o -: fold writes a model file and prints the plan; give a path")
+    from bnstat.onnx_fold import is_onnx
+
+    if is_onnx(model):
+        return _fold_onnx(model, output, pairs, plan, eps, bn_mode, check, dry_run, force)
     from bnstat.io.keras3 import config_from
 
     try:
@@ -76,3 +80,17 @@ def command(model, pairs, plan, dry_run, eps, bn_mode, check, keras_config, outp
         fold_render.print_plan(exc.result)
         raise
     fold_render.print_plan(result)
+
+
+def _fold_onnx(model, output, pairs, plan, eps, bn_mode, check, dry_run, force):
+    """fold on an ONNX model: the graph settles every pair and each node has its epsilon."""
+    from bnstat import render
+    from bnstat.onnx_fold import fold_onnx
+
+    for given, flag in ((pairs, "--pair"), (plan, "--plan"), (eps is not None, "--eps"),
+                        (bn_mode != "drop", "--bn identity")):
+        if given:
+            raise click.UsageError(f"{flag}: an ONNX model is folded along its graph, with each "
+                                   "BatchNormalization node's own epsilon; drop it")
+    result = fold_onnx(model, output, dry_run=dry_run, check=check, force=force)
+    render.print_lines(result.lines())

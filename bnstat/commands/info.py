@@ -31,14 +31,19 @@ def command(inputs, datasets, fmt, output, force, quiet, threads, chunk_size):
 
     if output is not None:
         check_output(output, force=force, inputs=inputs)
-    sources = open_sources(inputs, datasets, check=False)
+    from bnstat.onnx_fold import describe_onnx, is_onnx
+
+    onnx_lines = [ln for path in inputs if is_onnx(path) for ln in describe_onnx(path)]
+    inputs = [path for path in inputs if not is_onnx(path)]
+    sources = open_sources(inputs, datasets, check=False) if inputs else []
     rows = [s.describe() for s in sources]
-    model_lines = _model_lines(inputs)
+    model_lines = onnx_lines + _model_lines(inputs)
     with atomic_open(output or "-", "w", force=force, inputs=inputs) as fh:
         if fmt == "json":
             fh.write(json.dumps({"arrays": rows, "fold": model_lines}, indent=1) + "\n")
         else:
-            render.print_info(rows, file=fh)
+            if rows:
+                render.print_info(rows, file=fh)
             if model_lines:
                 render.print_lines(["", "layers fold would see:"] + [f"  {ln}" for ln in model_lines],
                                    file=fh)
