@@ -31,13 +31,15 @@ def command(inputs, datasets, fmt, output, force, quiet, threads, chunk_size):
 
     if output is not None:
         check_output(output, force=force, inputs=inputs)
+    from bnstat.io.keras3 import is_keras_archive
     from bnstat.onnx_fold import describe_onnx, is_onnx
 
+    # ONNX models and .keras zips are model files only: no array rows, their layers below
     onnx_lines = [ln for path in inputs if is_onnx(path) for ln in describe_onnx(path)]
-    inputs = [path for path in inputs if not is_onnx(path)]
-    sources = open_sources(inputs, datasets, check=False) if inputs else []
+    arrays_in = [p for p in inputs if not is_onnx(p) and not (p != "-" and is_keras_archive(p))]
+    sources = open_sources(arrays_in, datasets, check=False) if arrays_in else []
     rows = [s.describe() for s in sources]
-    model_lines = onnx_lines + _model_lines(inputs)
+    model_lines = onnx_lines + _model_lines([p for p in inputs if not is_onnx(p)])
     with atomic_open(output or "-", "w", force=force, inputs=inputs) as fh:
         if fmt == "json":
             fh.write(json.dumps({"arrays": rows, "fold": model_lines}, indent=1) + "\n")

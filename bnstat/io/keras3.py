@@ -150,6 +150,16 @@ def is_keras_zip(path: str, head: bytes) -> bool:
     return _CONFIG in names and _WEIGHTS in names
 
 
+def is_keras_archive(path: str) -> bool:
+    """Whether ``path`` is a .keras zip (a model file, not an activation .npz)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return False
+    return is_keras_zip(path, head)
+
+
 def is_keras_weights(path: str, head: bytes) -> bool:
     """A Keras 3 weights file: HDF5 with ``layers``/``vars`` groups and no Keras 2
     ``layer_names``, or a ``.weights.json`` shard map."""
