@@ -59,17 +59,17 @@ def command(model, pairs, plan, dry_run, eps, bn_mode, check, keras_config, outp
       bnstat fold weights.h5 -o folded.h5 --bn identity
     """
     from bnstat import fold_render
-    from bnstat.fold import FoldCheckError, fold
+    from bnstat.folding import FoldCheckError, fold
 
     if output is None and not dry_run:
         raise click.UsageError("fold needs -o OUTPUT (or --dry-run to see the plan)")
     if output == "-":
         raise click.UsageError("-o -: fold writes a model file and prints the plan; give a path")
-    from bnstat.onnx_fold import is_onnx
+    from bnstat.folding.onnx import is_onnx
 
     if is_onnx(model):
         return _fold_onnx(model, output, pairs, plan, eps, bn_mode, check, dry_run, force)
-    from bnstat.io.keras3 import config_from
+    from bnstat.io.models.keras3 import config_from
 
     try:
         with config_from(keras_config):
@@ -85,7 +85,7 @@ def command(model, pairs, plan, dry_run, eps, bn_mode, check, keras_config, outp
 def _fold_onnx(model, output, pairs, plan, eps, bn_mode, check, dry_run, force):
     """fold on an ONNX model: the graph settles every pair and each node has its epsilon."""
     from bnstat import render
-    from bnstat.onnx_fold import fold_onnx
+    from bnstat.folding.onnx import fold_onnx
 
     for given, flag in ((pairs, "--pair"), (plan, "--plan"), (eps is not None, "--eps"),
                         (bn_mode != "drop", "--bn identity")):

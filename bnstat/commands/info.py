@@ -31,8 +31,8 @@ def command(inputs, datasets, fmt, output, force, quiet, threads, chunk_size):
 
     if output is not None:
         check_output(output, force=force, inputs=inputs)
-    from bnstat.io.keras3 import is_keras_archive
-    from bnstat.onnx_fold import describe_onnx, is_onnx
+    from bnstat.io.models.keras3 import is_keras_archive
+    from bnstat.folding.onnx import describe_onnx, is_onnx
 
     # ONNX models and .keras zips are model files only: no array rows, their layers below
     onnx_lines = [ln for path in inputs if is_onnx(path) for ln in describe_onnx(path)]
@@ -54,7 +54,7 @@ def command(inputs, datasets, fmt, output, force, quiet, threads, chunk_size):
 def _model_lines(inputs) -> list[str]:
     """What `fold` would see in model files; nothing for activation files."""
     try:
-        from bnstat.fold import describe_model
+        from bnstat.folding import describe_model
     except ImportError:
         return []
     lines: list[str] = []

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bnstat.errors import DataError, InputError, OutputError, UsageProblem, warn
+from bnstat.folding.math import fold_weights
 
-__all__ = ["is_onnx", "fold_onnx", "describe_onnx", "OnnxFold", "fold_weights"]
+__all__ = ["is_onnx", "fold_onnx", "describe_onnx", "OnnxFold"]
 
 _PRODUCERS = ("Conv", "ConvTranspose", "Gemm")
 _FLOAT_TYPES = (1, 10, 11)  # FLOAT, FLOAT16, DOUBLE
@@ -38,23 +39,6 @@ _FLOAT_TYPES = (1, 10, 11)  # FLOAT, FLOAT16, DOUBLE
 
 def is_onnx(path) -> bool:
     return isinstance(path, str | os.PathLike) and os.fspath(path).lower().endswith(".onnx")
-
-
-def fold_weights(weight, bias, mean, var, eps: float, gamma=None, beta=None, *, axis: int = 0,
-                 index=None) -> tuple[np.ndarray, np.ndarray]:
-    """(W', b') in float64 of a layer followed by a BatchNorm (the formula of README.md's fold
-    section): W' = W * s along the output channels (``axis``, or ``index``: each element's
-    output channel), b' = (b - mean) * s + beta, with s = gamma / sqrt(var + eps)."""
-    w = np.asarray(weight, np.float64)
-    mean = np.asarray(mean, np.float64).ravel()
-    s = (np.ones_like(mean) if gamma is None else np.asarray(gamma, np.float64).ravel()) \
-        / np.sqrt(np.asarray(var, np.float64).ravel() + eps)
-    b = np.zeros_like(mean) if bias is None else np.asarray(bias, np.float64).ravel()
-    shift = np.zeros_like(mean) if beta is None else np.asarray(beta, np.float64).ravel()
-    if index is None:
-        ax = axis % w.ndim
-        index = np.arange(s.size).reshape((s.size,) + (1,) * (w.ndim - 1 - ax))
-    return w * s[index], (b - mean) * s + shift
 
 
 def _onnx(path: str):

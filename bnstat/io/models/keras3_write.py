@@ -1,4 +1,4 @@
-"""Writing Keras 3 files: a ``.keras`` zip or a ``.weights.h5`` (layout: bnstat.io.keras3).
+"""Writing Keras 3 files: a ``.keras`` zip or a ``.weights.h5`` (layout: see keras3.py).
 
 The output is the input with the changed variables rewritten. When arrays
 of BatchNorm layers are gone (fold's ``--bn drop``), the model changes
@@ -24,8 +24,8 @@ import zipfile
 import numpy as np
 
 from bnstat.errors import OutputError, warn
-from bnstat.io import keras3
-from bnstat.io.keras3 import Keras3File, Slot
+from bnstat.io.models import keras3
+from bnstat.io.models.keras3 import Keras3File, Slot
 
 __all__ = ["write_keras", "write_weights"]
 
@@ -200,9 +200,9 @@ def _layout(tmp: str, arrays: dict, template: Keras3File) -> tuple[dict, list[Sl
 
 
 def _fallback_hdf5(tmp: str, arrays: dict, template) -> None:
-    from bnstat.io import models
+    from bnstat.io.models import hdf5
 
-    models._hdf5_write(tmp, arrays, template)
+    hdf5.write(tmp, arrays, template)
 
 
 def write_weights(tmp: str, arrays: dict, template) -> None:

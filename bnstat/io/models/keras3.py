@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bnstat.errors import InputError
-from bnstat.io.models import ModelFile, ModelIndex
+from bnstat.io import magic
+from bnstat.io.models.base import ModelFile, ModelFormat, ModelIndex
 
 __all__ = ["Keras3File", "Keras3Index", "Keras3Model", "config_from", "is_keras_zip",
            "is_keras_weights", "read", "index", "slots_of", "KERAS_EXTS", "WEIGHTS_EXTS"]
@@ -138,7 +139,7 @@ def config_from(path: str | None):
 
 def is_keras_zip(path: str, head: bytes) -> bool:
     """A zip named .keras, or any zip holding config.json and model.weights.h5."""
-    if not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+    if not magic.is_zip(head):
         return False
     if path.lower().endswith(KERAS_EXTS):
         return True
@@ -166,7 +167,7 @@ def is_keras_weights(path: str, head: bytes) -> bool:
     lower = path.lower()
     if lower.endswith(".weights.json"):
         return head.lstrip()[:1] == b"{"
-    if not head.startswith(b"\x89HDF\r\n\x1a\n"):
+    if not head.startswith(magic.HDF5_MAGIC):
         return False
     import h5py
 
@@ -413,7 +414,7 @@ def _load(path: str, values: bool):
 def _head(path: str) -> bytes:
     from bnstat.io.base import read_head
 
-    return read_head(path, 16, "Give a Keras 3 file (.keras, .weights.h5).")
+    return read_head(path, magic.HEAD_BYTES, "Give a Keras 3 file (.keras, .weights.h5).")
 
 
 def _check_unclaimed(f, claimed: set, where: str, h5py) -> None:
@@ -453,3 +454,26 @@ def index(path: str):
 def read(path: str):
     """Every variable of a Keras 3 file, in config order. Raises InputError."""
     return _load(path, values=True)
+
+
+def _write_keras(tmp, arrays, template):
+    from bnstat.io.models import keras3_write
+
+    keras3_write.write_keras(tmp, arrays, template)
+
+
+def _write_weights(tmp, arrays, template):
+    from bnstat.io.models import keras3_write
+
+    keras3_write.write_weights(tmp, arrays, template)
+
+
+# both go before npz and hdf5 in the registry: a .keras is a zip, a .weights.h5 an HDF5 file
+FORMAT = ModelFormat(
+    name="keras", label="Keras 3 (.keras)", extensions=KERAS_EXTS, sniff=is_keras_zip,
+    index=index, read=read, write=_write_keras,
+    mismatch="not a .keras (zip) file (bad magic bytes {head!r})")
+WEIGHTS_FORMAT = ModelFormat(
+    name="keras-weights", label="Keras 3 weights (.weights.h5)", extensions=WEIGHTS_EXTS,
+    sniff=is_keras_weights, index=index, read=read, write=_write_weights,
+    mismatch="not a Keras 3 weights file (HDF5, or a .weights.json shard map)")
