@@ -5,8 +5,9 @@ form: one output, ``training_mode`` 0) is folded when
 
 - ``X`` is the first output of a Conv, ConvTranspose (any ``group``) or
   Gemm node, consumed by this BN only and not a graph output;
-- that node's weight (and bias, if any) and the BN's four vectors are
-  initializers of a float type, the weight and bias used by that node only;
+- that node's weight (and bias, if any) are initializers of a float type
+  used by that node only, and the BN's four vectors are constants
+  (initializers or Constant nodes);
 - the channel counts agree (a Gemm's bias broadcasts along its output
   columns: shape (N,), (1, N) or a scalar).
 
@@ -132,7 +133,7 @@ def _analyse(model) -> list[Candidate]:
     from onnx import numpy_helper
 
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
+    inits = _constants(graph)
     producers = {o: n for n in graph.node for o in n.output if o}
     uses = _uses(graph)
     found = []
@@ -145,13 +146,24 @@ def _analyse(model) -> list[Candidate]:
     return found
 
 
+def _constants(graph) -> dict:
+    """Initializers and the tensors of Constant nodes (``value``), by name."""
+    out = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.output) == 1:
+            for a in node.attribute:
+                if a.name == "value" and a.HasField("t"):
+                    out[node.output[0]] = a.t
+    return out
+
+
 def _why_not(c: Candidate, inits, producers, uses, numpy_helper) -> str | None:
     bn = c.bn
     if _attr(bn, "training_mode", 0) or any(o for o in bn.output[1:]):
         return "it is in training mode (it updates running statistics)"
     params = list(bn.input[1:5])
     if len(params) != 4 or any(p not in inits for p in params):
-        return "its scale, bias, mean and variance are not all initializers"
+        return "its scale, bias, mean and variance are not all constants (initializers)"
     if any(inits[p].data_type not in _FLOAT_TYPES for p in params):
         return "its parameters are not of a float type"
     vecs = [numpy_helper.to_array(inits[p]) for p in params]
@@ -223,7 +235,8 @@ def _apply(model, c: Candidate, taken: set[str]) -> None:
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     bn, src = c.bn, c.producer
-    gamma, beta, mean, var = (numpy_helper.to_array(inits[p]) for p in bn.input[1:5])
+    consts = _constants(graph)
+    gamma, beta, mean, var = (numpy_helper.to_array(consts[p]) for p in bn.input[1:5])
     w = numpy_helper.to_array(inits[src.input[1]])
     bias_name = src.input[2] if len(src.input) > 2 and src.input[2] else None
     b = numpy_helper.to_array(inits[bias_name]) if bias_name else None
@@ -270,8 +283,12 @@ def _fresh(name: str, taken: set[str]) -> str:
 
 
 def _drop_unused(model) -> None:
+    """Remove the initializers (and Constant nodes) that nothing uses any more."""
     graph = model.graph
     uses = _uses(graph)
+    for node in list(graph.node):
+        if node.op_type == "Constant" and all(uses.get(o, 0) == 0 for o in node.output):
+            graph.node.remove(node)
     for t in list(graph.initializer):
         if uses.get(t.name, 0) == 0:
             graph.initializer.remove(t)
