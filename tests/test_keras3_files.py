@@ -251,3 +251,20 @@ def test_keras_config_is_never_deserialized(tmp_path, monkeypatch):
     assert re.search(r"dense(_\d+)? +│ batch_normalization(_\d+)? +│ dense", out_text), out_text
     assert "model graph" in out_text
     assert not marker.exists()
+
+
+def test_info_config_option_and_output_over_config(small, tmp_path):
+    weights = tmp_path / "w.weights.h5"
+    weights.write_bytes((small / "m.weights.h5").read_bytes())
+    code, out, err = run_inproc("info", weights, "--config", small / "m.keras", "--format", "json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert "layers/dense/vars/0" in {a["name"] for a in doc["arrays"]}
+    assert any(re.search(r"dense(_\d+)? <- batch_normalization(_\d+)?: dense IO", ln)
+               for ln in doc["fold"]), doc["fold"]
+    config = tmp_path / "c.keras"
+    config.write_bytes((small / "m.keras").read_bytes())
+    code, _, err = _fold(weights, "--config", config, "-o", config, "--force")
+    assert code == 1
+    assert f"{config}: the output is one of the inputs" in err
+    assert config.read_bytes() == (small / "m.keras").read_bytes()

@@ -45,7 +45,9 @@ def command(model, pairs, plan, dry_run, eps, bn_mode, check, keras_config, outp
     gamma/sqrt(var+eps) + beta.
 
     MODEL is a .npz, HDF5 or .safetensors file in PyTorch state_dict naming
-    or Keras naming; the output has the same format (or the one -o's
+    or Keras naming, a Keras 3 .keras / .weights.h5 (graph from --config or
+    the .keras beside it) or an ONNX .onnx model (the onnx extra); the
+    output has the same format (or the one -o's
     extension names). BNs that names and shapes do not pair unambiguously
     are listed and left alone: settle them with --pair or a plan.
 
@@ -57,6 +59,9 @@ def command(model, pairs, plan, dry_run, eps, bn_mode, check, keras_config, outp
       bnstat fold model.npz -o folded.npz --plan plan.json
       bnstat fold model.npz -o folded.npz --pair stem=norm1 --eps 1e-3
       bnstat fold weights.h5 -o folded.h5 --bn identity
+      bnstat fold m.keras -o folded.keras
+      bnstat fold m.weights.h5 --config config.json -o folded.weights.h5 --bn identity
+      bnstat fold model.onnx -o folded.onnx --check
     """
     from bnstat import fold_render
     from bnstat.folding import FoldCheckError, fold
@@ -71,6 +76,10 @@ def command(model, pairs, plan, dry_run, eps, bn_mode, check, keras_config, outp
         return _fold_onnx(model, output, pairs, plan, eps, bn_mode, check, dry_run, force)
     from bnstat.io.models.keras3 import config_from
 
+    if keras_config and output and not dry_run:
+        from bnstat.io.atomic import check_output
+
+        check_output(output, force=force, inputs=[keras_config])  # never over the config
     try:
         with config_from(keras_config):
             result = fold(model, output=output, pairs=pairs,

@@ -157,6 +157,8 @@ def _fill(dst: str, template: Keras3File, arrays: dict, slots: list[Slot]) -> No
         for s in template.slots:
             if s.name not in live and s.h5 in f:
                 del f[s.h5]
+        if len(live) < len(old) and "optimizer" in f:
+            del f["optimizer"]  # its slots were the variables of the model before folding
         for s in slots:  # counters only move down: each target is free when reached
             if old[s.name].h5 != s.h5 and old[s.name].h5 in f:
                 f.move(old[s.name].h5, s.h5)
