@@ -38,8 +38,8 @@ def _pair_callback(ctx, param, value):
 @click.option("--config", "keras_config", default=None, metavar="FILE",
               help="The graph (config.json or a .keras) of a Keras 3 .weights.h5 MODEL.")
 @options.common_options
-def command(model, pairs, plan, dry_run, eps, bn_mode, check, keras_config, output, force, quiet,
-            threads, chunk_size):
+def command(model, pairs, plan, dry_run, eps, bn_mode, check, keras_config, output, force,
+            quiet):
     """Fold every BatchNorm of MODEL into the conv, conv-transpose or linear
     layer that feeds it: W' = W * gamma/sqrt(var+eps), b' = (b - mean) *
     gamma/sqrt(var+eps) + beta.

@@ -15,7 +15,7 @@ from bnstat import options
 @click.option("--config", "keras_config", default=None, metavar="FILE",
               help="The graph (config.json or a .keras) of Keras 3 .weights.h5 inputs.")
 @options.common_options
-def command(inputs, datasets, fmt, keras_config, output, force, quiet, threads, chunk_size):
+def command(inputs, datasets, fmt, keras_config, output, force, quiet):
     """List every array of the files: name, shape, dtype, order, chunks,
     compression, size; for model files, the layers that `fold` would pair.
 
