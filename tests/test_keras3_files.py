@@ -268,3 +268,13 @@ def test_info_config_option_and_output_over_config(small, tmp_path):
     assert code == 1
     assert f"{config}: the output is one of the inputs" in err
     assert config.read_bytes() == (small / "m.keras").read_bytes()
+
+
+def test_keras_with_corrupt_weights_member(small, tmp_path):
+    bad = tmp_path / "junk.keras"
+    with zipfile.ZipFile(small / "m.keras") as zin, zipfile.ZipFile(bad, "w") as zout:
+        for name in zin.namelist():
+            zout.writestr(name, b"not hdf5" if name == "model.weights.h5" else zin.read(name))
+    code, _, err = _fold(bad, "-o", tmp_path / "o.keras")
+    assert code == 1
+    assert f"{bad}:model.weights.h5: not a readable HDF5 file" in err

@@ -205,3 +205,14 @@ def test_options_that_do_not_apply_to_onnx(mixed, tmp_path):
         code, _, err = run_inproc("fold", src, "-o", tmp_path / "f.onnx", *extra)
         assert code == 2, err
         assert "an ONNX model is folded along its graph" in err
+
+
+def test_without_the_onnx_package(mixed, tmp_path, monkeypatch):
+    import sys
+
+    src, _ = mixed
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` raises ImportError
+    code, _, err = run_inproc("fold", src, "-o", tmp_path / "f.onnx")
+    assert code == 1
+    assert f"{src}: reading ONNX models needs the onnx package" in err
+    assert "pip install 'bnstat[onnx]'" in err

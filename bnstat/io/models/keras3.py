@@ -40,6 +40,7 @@ import json
 import os
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -249,14 +250,8 @@ def _zip_member(zf: zipfile.ZipFile, path: str, member: str) -> bytes:
         raise InputError(f"{path}:{member}: {info.file_size} bytes, too large for a config")
     try:
         return zf.read(member)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib_error()) as exc:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as exc:
         raise InputError(f"{path}:{member}: cannot be read ({exc})") from exc
-
-
-def zlib_error():
-    import zlib
-
-    return zlib.error
 
 
 def _open_zip(path: str) -> zipfile.ZipFile:
