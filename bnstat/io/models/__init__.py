@@ -39,13 +39,14 @@ from bnstat.errors import InputError, OutputError
 from bnstat.io import magic
 from bnstat.io.atomic import atomic_path
 from bnstat.io.base import read_head
-from bnstat.io.models import hdf5, npz, safetensors, torch_pt
+from bnstat.io.models import hdf5, keras3, npz, safetensors, torch_pt
 from bnstat.io.models.base import ModelFile, ModelFormat, ModelIndex
 
 __all__ = ["ModelIndex", "ModelFile", "ModelFormat", "FORMATS", "model_format", "index_model",
            "read_model", "write_model", "output_format"]
 
-FORMATS: tuple[ModelFormat, ...] = (torch_pt.FORMAT, npz.FORMAT, hdf5.FORMAT, safetensors.FORMAT)
+FORMATS: tuple[ModelFormat, ...] = (torch_pt.FORMAT, keras3.WEIGHTS_FORMAT, keras3.FORMAT,
+                                    npz.FORMAT, hdf5.FORMAT, safetensors.FORMAT)
 
 
 def _by_name(name: str) -> ModelFormat | None:
