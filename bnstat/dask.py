@@ -125,6 +125,7 @@ class Task:
 def plan_tasks(groups, plans, chunk_size: int) -> list[Task]:
     """Tasks of every source of every group, in group, source and row order."""
     from bnstat.io.slabs import splittable
+    from bnstat.stream import plan_rows
 
     tasks: list[Task] = []
     for gi, (group, gplans) in enumerate(zip(groups, plans)):
@@ -132,8 +133,8 @@ def plan_tasks(groups, plans, chunk_size: int) -> list[Task]:
             whole_groups = plan.groups is not None and plan.channel_axis == 0
             axis0_ok = plan.letters[0] == "N" or (plan.n_axis is None and 0 in plan.reduce)
             if splittable(src) and axis0_ok and not whole_groups:
-                rows = src.rows_for(chunk_size)
-                spans = [(r0, min(r0 + rows, src.shape[0])) for r0 in range(0, src.shape[0], rows)]
+                spans = [(s.start, s.stop) for s in plan_rows(src.shape[0], src.row_bytes, chunk_size,
+                                                               multiple_of=src.row_align)]
             else:
                 spans = [None]
             for span in spans:

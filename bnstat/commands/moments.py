@@ -19,6 +19,7 @@ from bnstat import options
 @options.table_options
 @options.scheduler_option
 @options.common_options
+@options.compute_options
 def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, per_file,
             skip_crc, nan_policy, higher, fmt, sort, top, show_all, scheduler, output, force, quiet,
             threads, chunk_size):
