@@ -289,6 +289,34 @@ def check_group_shapes(group: ArrayGroup, plans: list[Plan]) -> None:
                 "on the other axes", "Use --per-file/per_file=True to keep them apart.")
 
 
+def plan_groups(sources: list[ArraySource], *, layout=None, channel_axis=None, norm="batch",
+                groups=None, reduce=None, per_file=False) -> tuple[list[ArrayGroup], list[list[Plan]]]:
+    """The named arrays and every source's plan, before any reading (a layout that does not
+    fit fails first); warns once per layout that was assumed. Raises BnstatError."""
+    array_groups = group_sources(sources, per_file=per_file)
+    plans = []
+    for g in array_groups:
+        ps = [make_plan(s.shape, layout=layout, channel_axis=channel_axis, norm=norm, groups=groups,
+                        reduce=reduce, name=s.where) for s in g.sources]
+        check_group_shapes(g, ps)
+        plans.append(ps)
+    by_letters: dict[str, list[str]] = {}
+    for g, ps in zip(array_groups, plans):
+        if ps[0].assumed:
+            by_letters.setdefault(ps[0].letters, []).append(g.name)
+    for letters, names in by_letters.items():
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        warn(f"no --layout/layout= given: assuming the PyTorch layout {letters} (channel axis 1) for {shown}")
+    return array_groups, plans
+
+
+def finish_group(stats: Stats, nan_policy: str) -> Stats:
+    """The last checks of one array's statistics: --nan, degenerate units."""
+    check_nans(stats, nan_policy)
+    warn_degenerate(stats)
+    return stats
+
+
 def compute_stats(sources: list[ArraySource], *, layout=None, channel_axis=None, norm="batch",
                   groups=None, reduce=None, ddof=0, higher=False, nan_policy="omit",
                   chunk_size=None, threads=None, per_file=False,
@@ -301,23 +329,8 @@ def compute_stats(sources: list[ArraySource], *, layout=None, channel_axis=None,
     ``source_moments`` for the i-th source of the array ``name`` (or None).
     """
     chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
-    array_groups = group_sources(sources, per_file=per_file)
-    # every plan first: a layout that does not fit fails before any reading
-    plans = []
-    for g in array_groups:
-        ps = [make_plan(s.shape, layout=layout, channel_axis=channel_axis, norm=norm, groups=groups,
-                        reduce=reduce, name=s.where) for s in g.sources]
-        check_group_shapes(g, ps)
-        plans.append(ps)
-    assumed = [g.name for g, ps in zip(array_groups, plans) if ps[0].assumed]
-    if assumed:
-        by_letters: dict[str, list[str]] = {}
-        for g, ps in zip(array_groups, plans):
-            if ps[0].assumed:
-                by_letters.setdefault(ps[0].letters, []).append(g.name)
-        for letters, names in by_letters.items():
-            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-            warn(f"no --layout/layout= given: assuming the PyTorch layout {letters} (channel axis 1) for {shown}")
+    array_groups, plans = plan_groups(sources, layout=layout, channel_axis=channel_axis, norm=norm,
+                                      groups=groups, reduce=reduce, per_file=per_file)
     engine = pick_engine(sum(s.nbytes for s in sources), engine)
     zlibx.set_threads(threads)  # the readers' helper threads (CRC-32, gzip inflate)
     n_threads = set_threads(threads) if engine == "numba" else 1
@@ -333,10 +346,7 @@ def compute_stats(sources: list[ArraySource], *, layout=None, channel_axis=None,
                                reduce=plan.reduce_letters, unit_axes=plan.unit_axes, ddof=ddof,
                                sources=[src.path], norm=plan.norm, groups=plan.groups,
                                assumed_layout=plan.assumed, nan_policy=nan_policy))
-        stats = merge_all(parts)
-        check_nans(stats, nan_policy)
-        warn_degenerate(stats)
-        results[g.name] = stats
+        results[g.name] = finish_group(merge_all(parts), nan_policy)
     return results
 
 
