@@ -7,7 +7,8 @@ import json
 import os
 
 import numpy as np
-from conftest import run_inproc
+import pytest
+from conftest import npy_bytes, run_inproc
 from helpers import sha256, torch_bn
 
 
@@ -60,3 +61,35 @@ def test_merge_of_files_saved_with_different_ddof_warns(tmp_path):
     np.testing.assert_allclose(rec["var"], both.var(axis=1, ddof=0), rtol=1e-12)
     rc, out, err = run_inproc("merge", tmp_path / "a.npz", tmp_path / "a.npz", "--format", "json")
     assert rc == 0 and "ddof" not in err
+
+
+def test_merge_files_is_one_library_call(tmp_path, rng):
+    """stats.merge_files: the arrays of every file merged by name, exactly as one run over the
+    data; an array missing from one file is a DataError naming that file."""
+    from reference import ref_moments
+
+    from bnstat.errors import DataError
+    from bnstat.stats import merge_files
+
+    x = rng.normal(size=(10, 3, 4))
+    for i, part in enumerate((x[:4], x[4:])):
+        rc, _, err = run_inproc("moments", "-", "--layout", "NCL", "-o", tmp_path / f"s{i}.npz",
+                                input=npy_bytes(part))
+        assert rc == 0, err
+    merged = merge_files([tmp_path / "s0.npz", str(tmp_path / "s1.npz")])
+    want = ref_moments(x, "NCL")
+    (got,) = merged.values()
+    assert got.count.tolist() == want.count.tolist()
+    np.testing.assert_allclose(got.var, want.var, rtol=1e-12)
+    np.testing.assert_allclose(got.mean, want.mean, rtol=1e-12)
+    rc, _, err = run_inproc("moments", "-", "--layout", "NC", "-o", tmp_path / "nc.npz",
+                            input=npy_bytes(np.ones((3, 2))))
+    assert rc == 0, err
+    with pytest.raises(DataError, match=r"s0\.npz, .*nc\.npz: stdin: cannot merge statistics of "
+                                        "layout NCL reducing NL with statistics of layout NC"):
+        merge_files([tmp_path / "s0.npz", tmp_path / "nc.npz"])
+    np.save(tmp_path / "b.npy", x)
+    rc, _, err = run_inproc("moments", tmp_path / "b.npy", "--layout", "NCL", "-o", tmp_path / "b.npz")
+    assert rc == 0, err
+    with pytest.raises(DataError, match=r"^stdin: in some stats files but not in .*b\.npz\nMerge files that hold"):
+        merge_files([tmp_path / "s0.npz", tmp_path / "b.npz"])
