@@ -27,6 +27,9 @@ COMMANDS = {
     "merge": "bnstat.commands.merge",
     "normalize": "bnstat.commands.normalize",
     "fold": "bnstat.commands.fold",
+    "running": "bnstat.commands.running",
+    "recalibrate": "bnstat.commands.recalibrate",
+    "diff": "bnstat.commands.diff",
 }
 
 # one-line summaries for the root help, so that listing the commands does not
@@ -39,6 +42,9 @@ SUMMARIES = {
     "merge": "Merge saved stats files exactly into one.",
     "normalize": "Normalize arrays as BN / LayerNorm / InstanceNorm / GroupNorm would.",
     "fold": "Fold BatchNorm layers into the conv / linear layers that feed them.",
+    "running": "The running mean/var a framework's BN would hold after training on the data.",
+    "recalibrate": "Precise BN: a model's BN running statistics set from activations.",
+    "diff": "Per-unit drift between two stats, activation or model files.",
 }
 
 
