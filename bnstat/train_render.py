@@ -171,3 +171,149 @@ def running_tables(results: dict, *, file=None, top=None, show_all=False) -> Non
             console.print(t)
 
     emit_rich(draw, file=file)
+
+
+# ---- recalibrate ------------------------------------------------------------------
+
+def recal_record(result) -> dict:
+    layers = []
+    for c in result.changes:
+        rec = {"bn": c.layer.name, "convention": c.layer.convention, "source": c.source,
+               "changed": c.source is not None, "channels": int(c.old_mean.size),
+               "old_mean": _floats(c.old_mean), "old_var": _floats(c.old_var)}
+        if c.source is not None:
+            rec.update(count=c.count, batches=c.batches, new_mean=_floats(c.new_mean),
+                       new_var=_floats(c.new_var), mean_shift=_floats(c.mean_shift),
+                       var_ratio=_floats(c.var_ratio))
+        layers.append(rec)
+    return {"bnstat": __version__, "model": result.model, "output": result.output,
+            "estimator": result.estimator, "layers": layers}
+
+
+def recal_json(result) -> str:
+    return _dump(recal_record(result))
+
+
+def recal_table(result, *, file=None) -> None:
+    from rich.table import Table
+
+    what = ("population statistics" if result.estimator == "population"
+            else "batch-mean (torch.optim.swa_utils.update_bn)")
+    t = Table(title=f"{result.model}: {len(result.changed)} BatchNorm layer(s) recalibrated with the "
+              f"{what}, {len(result.kept)} kept", title_justify="left", show_edge=False, pad_edge=False,
+              caption=("running_var in each model's convention (PyTorch m2/(count-1), Keras m2/count); "
+                       "num_batches_tracked left as is"
+                       + (f"; written to {result.output}" if result.output else "; nothing written")),
+              caption_justify="left")
+    for head in ("bn", "convention", "activations", "channels", "values/channel",
+                 "largest mean change: old -> new", "largest var change: old -> new"):
+        t.add_column(head, justify="right" if head in ("channels", "values/channel") else "left",
+                     overflow="fold")
+    for c in result.changes:
+        if c.source is None:
+            t.add_row(c.layer.name, c.layer.convention, "none: kept", str(c.old_mean.size), "-", "-", "-")
+            continue
+        shift, ratio = c.mean_shift, c.var_ratio
+        with np.errstate(invalid="ignore", divide="ignore"):
+            lr = np.abs(np.log(ratio))
+        i = int(np.nanargmax(np.abs(shift))) if not np.isnan(shift).all() else 0
+        j = int(np.nanargmax(lr)) if not np.isnan(lr).all() else 0
+        t.add_row(c.layer.name, c.layer.convention, c.source, str(c.old_mean.size), fmt_num(c.count),
+                  f"c {i}: {fmt_num(float(c.old_mean[i]))} -> {fmt_num(float(c.new_mean[i]))} "
+                  f"({fmt_num(float(shift[i]))} old std)",
+                  f"c {j}: {fmt_num(float(c.old_var[j]))} -> {fmt_num(float(c.new_var[j]))} "
+                  f"(x {fmt_num(float(ratio[j]))})")
+    emit_rich(lambda console: console.print(t), file=file)
+
+
+# ---- diff -------------------------------------------------------------------------
+
+DIFF_CSV = ["name", "unit", "mean_a", "std_a", "mean_b", "std_b", "shift", "log_var_ratio", "kl", "changed"]
+_LABEL = {"shift": "shift", "logvar": "log_var_ratio", "kl": "kl", "changed": "changed"}
+
+
+def _worst_units(values: np.ndarray, k: int = 3) -> list[dict]:
+    v = np.abs(np.asarray(values, np.float64).ravel())
+    order = np.argsort(-np.where(np.isnan(v), -np.inf, v), kind="stable")[:k]
+    return [{"unit": int(i), "value": float(np.asarray(values).ravel()[i])} for i in order]
+
+
+def diff_record(d) -> dict:
+    m = d.metrics()
+    return {"name": d.name, "name_a": d.name_a, "name_b": d.name_b, "unit_shape": list(d.unit_shape),
+            "mean_a": _floats(d.mean_a), "std_a": _floats(np.sqrt(d.var_a)),
+            "mean_b": _floats(d.mean_b), "std_b": _floats(np.sqrt(d.var_b)),
+            "shift": _floats(m["shift"]), "log_var_ratio": _floats(m["logvar"]), "kl": _floats(m["kl"]),
+            "changed": d.changes(),
+            "worst": {_LABEL[k]: _worst_units(m[k]) for k in ("shift", "logvar", "kl")}}
+
+
+def diff_json(result) -> str:
+    return _dump({"bnstat": __version__,
+                  "a": {"path": result.a.path, "kind": result.a.kind},
+                  "b": {"path": result.b.path, "kind": result.b.kind},
+                  "arrays": [diff_record(d) for d in result.arrays],
+                  "unmatched_a": result.unmatched_a, "unmatched_b": result.unmatched_b,
+                  "fail_over": result.fail_over,
+                  "exceeded": [{"name": n, "metric": m, "threshold": t, "units": u, "worst": w}
+                               for n, m, t, u, w in result.exceeded()]})
+
+
+def diff_csv(result, fh) -> None:
+    w = csv.writer(fh, lineterminator="\n")
+    w.writerow(DIFF_CSV)
+    for d in result.arrays:
+        m = d.metrics()
+        cols = [d.mean_a, np.sqrt(d.var_a), d.mean_b, np.sqrt(d.var_b), m["shift"], m["logvar"], m["kl"]]
+        changes = d.changes()
+        for i in range(d.mean_a.size):
+            w.writerow([d.name, i] + [repr(float(c[i])) for c in cols] + [changes[i]])
+
+
+def diff_summary(d) -> str:
+    m = d.metrics()
+    parts = [f"{d.mean_a.size:,} units"]
+    for key, label in (("shift", "worst shift"), ("logvar", "worst log var ratio"), ("kl", "worst KL")):
+        parts.append(f"{label} " + ", ".join(f"{fmt_num(w['value'])} (unit {w['unit']})"
+                                             for w in _worst_units(m[key], 3)))
+    n = int((m["changed"] > 0).sum())
+    parts.append(f"flags changed in {n} unit(s)" if n else "no flag changed")
+    return " · ".join(parts)
+
+
+def diff_tables(result, *, file=None, sort="unit", top=None, show_all=False) -> None:
+    from rich.table import Table
+
+    def draw(console):
+        console.print(f"A: {result.a.path} ({result.a.kind}) · B: {result.b.path} ({result.b.kind})")
+        for label, names in (("only in A", result.unmatched_a), ("only in B", result.unmatched_b)):
+            if names:
+                console.print(f"{label}: {', '.join(names)}")
+        same = [d.name for d in result.arrays if d.identical()]
+        if same and not show_all:
+            console.print(f"identical in A and B: {', '.join(same)}")
+        for d in result.arrays:
+            if d.name in same and not show_all:
+                continue
+            console.print()
+            m = d.metrics()
+            key = None if sort == "unit" else np.abs(m[sort])
+            rows, hidden = _rows(d.mean_a.size, key, top, show_all)
+            caption = diff_summary(d)
+            if hidden:
+                caption += f"\n{hidden:,} more units not shown (--all shows every one; --sort, --top N)"
+            t = Table(title=f"[bold]{d.name}[/bold]", title_justify="left", caption=caption,
+                      caption_justify="left", show_edge=False, pad_edge=False)
+            for head in ("unit", "mean A", "mean B", "std A", "std B", "shift", "log var ratio", "KL",
+                         "changed"):
+                t.add_column(head, justify="left" if head == "changed" else "right",
+                             style="cyan" if head == "unit" else None)
+            changes = d.changes()
+            cols = (d.mean_a, d.mean_b, np.sqrt(d.var_a), np.sqrt(d.var_b), m["shift"], m["logvar"], m["kl"])
+            for i in rows:
+                t.add_row(str(int(i)), *(fmt_num(float(c[i])) for c in cols), changes[i])
+            console.print(t)
+        for n, metric, limit, units, worst in result.exceeded():
+            console.print(f"{n}: {units} unit(s) over --fail-over {metric}={limit:g} (worst {fmt_num(worst)})")
+
+    emit_rich(draw, file=file)
