@@ -94,8 +94,8 @@ def running(source, *, batch_size, framework="pytorch", momentum=None, cumulativ
             drop_last=False, from_model=None, bn=None, layout=None, channel_axis=None, dataset=None,
             chunk_size=None, threads=None, engine=None, progress=None, check_crc=True):
     """Running mean/var a framework's BN would hold after ``epochs`` passes over ``source``
-    in batches of ``batch_size``: ``{name: RunningResult}``; see ``bnstat.running.running``."""
-    from bnstat.running import running as _running
+    in batches of ``batch_size``: ``{name: RunningResult}``; see ``bnstat.running_stats.running``."""
+    from bnstat.running_stats import running as _running
 
     return _running(source, batch_size=batch_size, framework=framework, momentum=momentum,
                     cumulative=cumulative, epochs=epochs, drop_last=drop_last, from_model=from_model,
@@ -109,8 +109,8 @@ def recalibrate(model, source=None, *, stats=None, output=None, map=(), map_file
                 channel_axis=None, dataset=None, chunk_size=None, threads=None, engine=None,
                 force=False, check_crc=True):
     """Precise BN: ``model``'s BN running statistics from activations (``source``) or a
-    stats file (``stats``), written to ``output``; see ``bnstat.recalibrate.recalibrate``."""
-    from bnstat.recalibrate import recalibrate as _recalibrate
+    stats file (``stats``), written to ``output``; see ``bnstat.recalibration.recalibrate``."""
+    from bnstat.recalibration import recalibrate as _recalibrate
 
     return _recalibrate(model, source, stats=stats, output=output, map=map, map_file=map_file,
                         estimator=estimator, batch_size=batch_size, drop_last=drop_last,
@@ -122,8 +122,8 @@ def recalibrate(model, source=None, *, stats=None, output=None, map=(), map_file
 def diff(a, b, *, map=(), fail_over=(), layout=None, channel_axis=None, norm="batch", groups=None,
          reduce=None, dataset=None, chunk_size=None, threads=None, engine=None, check_crc=True):
     """Per-unit drift between two stats / activation / model files: a ``DiffResult``;
-    see ``bnstat.diff.diff``."""
-    from bnstat.diff import diff as _diff
+    see ``bnstat.drift.diff``."""
+    from bnstat.drift import diff as _diff
 
     return _diff(a, b, map=map, fail_over=fail_over, layout=layout, channel_axis=channel_axis,
                  norm=norm, groups=groups, reduce=reduce, dataset=dataset, chunk_size=chunk_size,

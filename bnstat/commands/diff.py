@@ -47,7 +47,7 @@ def command(a, b, fail_over, maps, sort, top, show_all, fmt, layout, channel_axi
     """
     from bnstat import train_render as tr
     from bnstat.commands._output import check_target
-    from bnstat.diff import diff, parse_fail_over
+    from bnstat.drift import diff, parse_fail_over
 
     spec = options.layout_spec(layout, channel_axis, norm, groups, reduce)
     try:

@@ -52,7 +52,7 @@ def command(model, inputs, stats_file, maps, map_file, estimator, batch_size, dr
       bnstat recalibrate model.npz acts.npy --estimator batch-mean -b 32 --dry-run
     """
     from bnstat import train_render as tr
-    from bnstat.recalibrate import recalibrate
+    from bnstat.recalibration import recalibrate
 
     if norm not in (None, "batch") or groups is not None or reduce is not None:
         raise click.UsageError("BatchNorm statistics are per channel: drop --norm/--groups/--reduce")

@@ -57,7 +57,7 @@ def command(inputs, batch_size, framework, momentum, cumulative, epochs, drop_la
     from bnstat import train_render as tr
     from bnstat.commands._output import check_target
     from bnstat.render import progress
-    from bnstat.running import running
+    from bnstat.running_stats import running
 
     if norm not in (None, "batch") or groups is not None or reduce is not None:
         raise click.UsageError("running statistics are per channel (BatchNorm): drop --norm/--groups/--reduce")

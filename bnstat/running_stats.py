@@ -232,8 +232,6 @@ def running(source, *, batch_size, framework="pytorch", momentum=None, cumulativ
             source, int(batch_size), drop_last=drop_last, layout=layout, channel_axis=channel_axis,
             dataset=dataset, chunk_size=chunk_size, threads=threads, engine=engine,
             progress=progress, check_crc=check_crc):
-        if used == 0:
-            raise UsageProblem(f"{name}: --drop-last leaves no batch of {batch_size}")
         stats = population_stats(name, plan, srcs, bm)
         seen = bm.take(used)
         variances = batch_variance(seen, conv.unbiased, name, framework)

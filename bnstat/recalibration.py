@@ -89,7 +89,7 @@ def _population(stats, ddof: int, where: str):
 def _estimates(stats_file, source, estimator, batch_size, drop_last, kw):
     """{array name: callable(ddof) -> (mean, var, count, batches)} and the inputs read."""
     if estimator == "batch-mean":
-        from bnstat.running import batch_variance, collect_batches
+        from bnstat.running_stats import batch_variance, collect_batches
 
         out = {}
         for name, _plan, _srcs, bm, used in collect_batches(source, batch_size, drop_last=drop_last, **kw):
