@@ -18,7 +18,7 @@ from bnstat.errors import DataError, InputError, UsageProblem
 from bnstat.normalizing import bn_layers  # the BN vocabulary: the one import of it
 
 # an activation may carry one of these after the BN's name (README.md)
-SUFFIXES = (":input", ".input", "_input", ":in", ".in")
+SUFFIXES = (":input", ".input", "_input")  # ".input" is also "/input"
 
 
 @dataclass
@@ -90,8 +90,9 @@ def _segments(name: str) -> list[str]:
 
 
 def _strip_suffix(name: str) -> str | None:
+    dotted = name.replace("/", ".")
     for suffix in SUFFIXES:
-        if name.endswith(suffix) and len(name) > len(suffix):
+        if dotted.endswith(suffix) and len(name) > len(suffix):
             return name[:-len(suffix)]
     return None
 
@@ -105,6 +106,18 @@ def _fits(act: str, bn: str) -> bool:
     return a[-n:] == b[-n:]
 
 
+def resolve_bn(act: str, bn: str, bns: list[str], where: str) -> str:
+    """The layer of ``bns`` that ``--map act=bn`` names. Raises DataError."""
+    if bn in bns:
+        return bn
+    hits = [b for b in bns if _segments(b) == _segments(bn)] or [b for b in bns if _fits(bn, b)]
+    if len(hits) == 1:
+        return hits[0]
+    what = f"several BatchNorm layers named like {bn!r}" if hits else f"no BatchNorm layer {bn!r}"
+    raise DataError(f"--map {act}={bn}: {where} has {what} (it has: {', '.join(bns)})",
+                    "Name one of those layers.")
+
+
 def match_names(acts: list[str], bns: list[str], explicit: dict[str, str], where: str) -> dict[str, str]:
     """{activation name: BN name}. ``explicit`` ({act: bn}, from --map) first, then names:
     exactly (``/`` and ``.`` one separator), then with a suffix of SUFFIXES removed, then
@@ -116,13 +129,7 @@ def match_names(acts: list[str], bns: list[str], explicit: dict[str, str], where
     for act, bn in explicit.items():
         if act not in acts:
             raise DataError(f"--map {act}={bn}: no array {act!r} (the arrays: {', '.join(acts)})")
-        if bn not in bns:
-            hits = [b for b in bns if _segments(b) == _segments(bn)]
-            if len(hits) != 1:
-                raise DataError(f"--map {act}={bn}: {where} has no BatchNorm layer {bn!r} "
-                                f"(it has: {', '.join(bns)})", "Name one of those layers.")
-            bn = hits[0]
-        out[act] = bn
+        out[act] = resolve_bn(act, bn, bns, where)
     taken = set(out.values())
     for act in acts:
         if act in out:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bnstat.bn_models import BNLayer, find_bns, match_names, parse_maps
+from bnstat.bn_models import BNLayer, find_bns, match_names, parse_maps, resolve_bn
 from bnstat.errors import DataError, UsageProblem, warn
 
 ESTIMATORS = ("population", "batch-mean")
@@ -150,7 +150,8 @@ def recalibrate(model, source=None, *, stats=None, output=None, map=(), map_file
         check_output(os.fspath(output), force=force, inputs=inputs)
     mf = read_model(path)
     layers = find_bns(mf.arrays, path)
-    explicit = parse_maps(map, map_file)
+    explicit = {act: resolve_bn(act, bn, list(layers), path)  # before reading any data
+                for act, bn in parse_maps(map, map_file).items()}
     kw = dict(layout=layout, channel_axis=channel_axis, dataset=dataset, chunk_size=chunk_size,
               threads=threads, engine=engine, check_crc=check_crc, progress=progress)
     estimates = _estimates(stats, source, estimator, batch_size, drop_last, kw)

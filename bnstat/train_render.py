@@ -199,12 +199,12 @@ def recal_table(result, *, file=None) -> None:
 
     what = ("population statistics" if result.estimator == "population"
             else "batch-mean (torch.optim.swa_utils.update_bn)")
-    t = Table(title=f"{result.model}: {len(result.changed)} BatchNorm layer(s) recalibrated with the "
-              f"{what}, {len(result.kept)} kept", title_justify="left", show_edge=False, pad_edge=False,
-              caption=("running_var in each model's convention (PyTorch m2/(count-1), Keras m2/count); "
-                       "num_batches_tracked left as is"
-                       + (f"; written to {result.output}" if result.output else "; nothing written")),
-              caption_justify="left")
+    title = (f"{result.model}: {len(result.changed)} BatchNorm layer(s) recalibrated with the "
+             f"{what}, {len(result.kept)} kept")
+    note = ("running_var in each model's convention (PyTorch m2/(count-1), Keras m2/count); "
+            "num_batches_tracked left as is"
+            + (f"; written to {result.output}" if result.output else "; nothing written"))
+    t = Table(show_edge=False, pad_edge=False)
     for head in ("bn", "convention", "activations", "channels", "values/channel",
                  "largest mean change: old -> new", "largest var change: old -> new"):
         t.add_column(head, justify="right" if head in ("channels", "values/channel") else "left",
@@ -223,7 +223,13 @@ def recal_table(result, *, file=None) -> None:
                   f"({fmt_num(float(shift[i]))} old std)",
                   f"c {j}: {fmt_num(float(c.old_var[j]))} -> {fmt_num(float(c.new_var[j]))} "
                   f"(x {fmt_num(float(ratio[j]))})")
-    emit_rich(lambda console: console.print(t), file=file)
+
+    def draw(console):
+        console.print(title, soft_wrap=True)
+        console.print(t)
+        console.print(note, soft_wrap=True)
+
+    emit_rich(draw, file=file)
 
 
 # ---- diff -------------------------------------------------------------------------
