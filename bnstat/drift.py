@@ -54,6 +54,8 @@ class ArrayDiff:
             logvar = np.where(same_v, 0.0, np.log(vb / va))
             kl = np.where(same_m & same_v, 0.0,
                           0.5 * (np.log(vb / va) + (va + (ma - mb) ** 2) / vb - 1.0))
+            # a constant unit on either side (and not on both): the KL is infinite
+            kl = np.where(~(same_m & same_v) & ((vb == 0) | (va == 0)), np.inf, kl)
         changed = np.array([len((set(a.split(",")) ^ set(b.split(","))) - {""})
                             for a, b in zip(self.flags_a, self.flags_b)], np.float64)
         return {"shift": shift, "logvar": logvar, "kl": kl, "changed": changed}
