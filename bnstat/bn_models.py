@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bnstat.errors import DataError, InputError, UsageProblem
-from bnstat.normalizing import bn_layers  # the BN vocabulary: the one import of it
+from bnstat.folding.layers import bn_layers  # the BN vocabulary: the one import of it
 
 # an activation may carry one of these after the BN's name (README.md)
 SUFFIXES = (":input", ".input", "_input")  # ".input" is also "/input"

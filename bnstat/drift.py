@@ -113,15 +113,16 @@ def _flags(mean, var, count, nan_count) -> np.ndarray:
 
 def side_kind(path: str) -> str:
     """'stats', 'model' or 'activations', from the file's contents. Raises InputError."""
+    from bnstat.bn_models import is_model
     from bnstat.io import sniff
-    from bnstat.io.models import index_model, model_format
+    from bnstat.io.models import index_model
 
     try:
         kind = sniff(path)
     except InputError:
-        if model_format(path) == "safetensors":  # raises its own InputError otherwise
-            return "model"
-        raise
+        kind = None  # not an activation container: perhaps a model format (.safetensors, ...)
+    if kind == "npy":
+        return "activations"
     if kind == "npz":
         import zipfile
 
@@ -130,12 +131,13 @@ def side_kind(path: str) -> str:
         with zipfile.ZipFile(path) as zf:
             if f"{STATS_KEY}.npy" in zf.namelist():
                 return "stats"
-    if kind in ("npz", "hdf5"):
-        from bnstat.bn_models import is_model
-
-        if is_model(index_model(path).entries):
-            return "model"
-    return "activations"
+    try:
+        index = index_model(path)
+    except InputError:
+        if kind is None:
+            raise
+        return "activations"
+    return "model" if is_model(index.entries) else "activations"
 
 
 def load_side(path, kw: dict) -> Side:
