@@ -250,3 +250,17 @@ def test_errors_of_the_data(tmp_path):
         bnstat.running(x, batch_size=3, momentum=1.5)
     with pytest.raises(UsageProblem, match="larger than the 2 samples"):
         bnstat.running(np.ones((2, 3)), batch_size=3, layout="NC")
+
+
+def test_hdf5_gzip_chunks_and_threads_give_the_same_batches(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    x = data((33, 4, 6, 6), seed=17)
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f.create_dataset("g/acts", data=x, chunks=(5, 4, 6, 6), compression="gzip")
+    want = bnstat.running(x, batch_size=7, layout="NCHW", framework="tf-fused", epochs=2)["array"]
+    for threads in (1, 2):
+        got = bnstat.running(str(tmp_path / "a.h5"), batch_size=7, layout="NCHW", framework="tf-fused",
+                             epochs=2, threads=threads, chunk_size=3000)["g/acts"]
+        np.testing.assert_allclose(got.running_mean, want.running_mean, rtol=1e-13)
+        np.testing.assert_allclose(got.running_var, want.running_var, rtol=1e-13)
+        assert got.batches == 5 and got.stats.sources == [str(tmp_path / "a.h5")]
