@@ -48,11 +48,12 @@ def command(a, b, fail_over, maps, sort, top, show_all, fmt, layout, channel_axi
     from bnstat import train_render as tr
     from bnstat.commands._output import check_target
     from bnstat.drift import diff, parse_fail_over
+    from bnstat.errors import UsageProblem
 
     spec = options.layout_spec(layout, channel_axis, norm, groups, reduce)
     try:
         parse_fail_over(fail_over)
-    except Exception as exc:
+    except UsageProblem as exc:
         raise click.BadParameter(str(exc), param_hint="--fail-over") from None
     fmt = options.format_for(fmt, output)
     if fmt == "npz":
