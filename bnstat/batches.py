@@ -12,6 +12,7 @@ replaying the running-average updates of later epochs without reading again.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -120,6 +121,18 @@ class _Collector:
         return BatchMoments(Moments(**fields), np.array(self.sizes, np.int64))
 
 
+def chunk_rows(src: ArraySource, batch_size: int, chunk_size: int) -> int:
+    """Rows per chunk: whole batches where they fit (one kernel call per chunk, not three),
+    and whole HDF5 chunks (``row_align``) first: a slab that cuts an HDF5 chunk reads it twice."""
+    rows = src.rows_for(chunk_size)
+    align = math.lcm(batch_size, src.row_align)
+    if rows >= align:
+        return rows - rows % align
+    if src.row_align == 1 and rows >= batch_size:
+        return rows - rows % batch_size
+    return rows
+
+
 def batch_moments(sources: list[ArraySource], plan: Plan, batch_size: int, *, chunk_size: int,
                   threads: int = 1, engine: str = "numba",
                   progress: Callable[[int], None] | None = None) -> BatchMoments:
@@ -139,7 +152,7 @@ def batch_moments(sources: list[ArraySource], plan: Plan, batch_size: int, *, ch
             set_threads(threads - 1)
             collect.threads = threads - 1
         try:
-            for _r0, chunk in src.iter_chunks(src.rows_for(chunk_size)):
+            for _r0, chunk in src.iter_chunks(chunk_rows(src, batch_size, chunk_size)):
                 check_interrupt()
                 collect.add(chunk)
                 if progress is not None:
