@@ -59,7 +59,8 @@ class Accumulator:
         from bnstat.io import MemorySource
         from bnstat.layout import make_plan
         from bnstat.stats import Stats
-        from bnstat.stream import DEFAULT_CHUNK_SIZE, pick_engine, set_threads, source_moments
+        from bnstat.kernels._jit import set_threads
+        from bnstat.stream import DEFAULT_CHUNK_SIZE, pick_engine, source_moments
 
         x = self._array(batch)
         src = MemorySource(x, self.name)

@@ -12,7 +12,6 @@ replaying the running-average updates of later epochs without reading again.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,7 +21,8 @@ from bnstat.errors import UsageProblem, check_interrupt
 from bnstat.io.base import ArraySource
 from bnstat.layout import Plan, make_plan
 from bnstat.stats import FIELDS, Moments
-from bnstat.stream import chunk_moments, set_threads
+from bnstat.kernels._jit import set_threads
+from bnstat.stream import chunk_moments, source_rows
 
 
 @dataclass
@@ -121,18 +121,6 @@ class _Collector:
         return BatchMoments(Moments(**fields), np.array(self.sizes, np.int64))
 
 
-def chunk_rows(src: ArraySource, batch_size: int, chunk_size: int) -> int:
-    """Rows per chunk: whole batches where they fit (one kernel call per chunk, not three),
-    and whole HDF5 chunks (``row_align``) first: a slab that cuts an HDF5 chunk reads it twice."""
-    rows = src.rows_for(chunk_size)
-    align = math.lcm(batch_size, src.row_align)
-    if rows >= align:
-        return rows - rows % align
-    if src.row_align == 1 and rows >= batch_size:
-        return rows - rows % batch_size
-    return rows
-
-
 def batch_moments(sources: list[ArraySource], plan: Plan, batch_size: int, *, chunk_size: int,
                   threads: int = 1, engine: str = "numba",
                   progress: Callable[[int], None] | None = None) -> BatchMoments:
@@ -152,7 +140,8 @@ def batch_moments(sources: list[ArraySource], plan: Plan, batch_size: int, *, ch
             set_threads(threads - 1)
             collect.threads = threads - 1
         try:
-            for _r0, chunk in src.iter_chunks(chunk_rows(src, batch_size, chunk_size)):
+            # whole batches per chunk where they fit: one kernel call per chunk, not three
+            for _r0, chunk in src.iter_chunks(source_rows(src, chunk_size, multiple_of=batch_size)):
                 check_interrupt()
                 collect.add(chunk)
                 if progress is not None:

@@ -160,14 +160,15 @@ def collect_batches(source, batch_size: int, *, drop_last=False, layout=None, ch
 
     Raises UsageProblem when B exceeds the samples (N) of an array.
     """
-    from bnstat import _sources
     from bnstat.io import zlibx
-    from bnstat.stream import DEFAULT_CHUNK_SIZE, check_group_shapes, group_sources, pick_engine, set_threads
+    from bnstat.io import open_any
+    from bnstat.kernels._jit import set_threads
+    from bnstat.stream import DEFAULT_CHUNK_SIZE, check_group_shapes, group_sources, pick_engine
 
     if isinstance(source, list | tuple) and source and all(isinstance(s, ArraySource) for s in source):
         sources = list(source)  # opened already (the command, for its progress bar)
     else:
-        sources = _sources(source, dataset, check_crc)
+        sources = open_any(source, dataset, check_crc=check_crc)
     groups = group_sources(sources)
     plans = []
     for g in groups:

@@ -13,7 +13,8 @@ import json
 import numpy as np
 
 from bnstat._version import __version__
-from bnstat.render import emit_rich, fmt_num
+from bnstat.render import emit_rich
+from bnstat.render.tables import fmt_num
 
 SMALL_TABLE = 32
 DEFAULT_TOP = 20

@@ -26,6 +26,7 @@ from bnstat import options
 @options.dataset_option
 @options.skip_crc_option
 @options.common_options
+@options.compute_options
 def command(a, b, fail_over, maps, sort, top, show_all, fmt, layout, channel_axis, norm, groups, reduce,
             datasets, skip_crc, output, force, quiet, threads, chunk_size):
     """Compare A and B unit by unit: both means and stds, the standardized mean

@@ -30,6 +30,7 @@ from bnstat import options
 @options.dataset_option
 @options.skip_crc_option
 @options.common_options
+@options.compute_options
 def command(model, inputs, stats_file, maps, map_file, estimator, batch_size, drop_last, dry_run, fmt,
             layout, channel_axis, norm, groups, reduce, datasets, skip_crc, output, force, quiet,
             threads, chunk_size):

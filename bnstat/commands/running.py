@@ -35,6 +35,7 @@ FRAMEWORK_CHOICES = ("pytorch", "keras", "tf-fused", "mxnet")
               help="Show N channels per array (default: all up to 32, else the 20 largest mean gaps).")
 @click.option("--all", "show_all", is_flag=True, help="Show every channel.")
 @options.common_options
+@options.compute_options
 def command(inputs, batch_size, framework, momentum, cumulative, epochs, drop_last, from_model,
             bn_name, layout, channel_axis, norm, groups, reduce, datasets, skip_crc, fmt, top,
             show_all, output, force, quiet, threads, chunk_size):
