@@ -121,6 +121,15 @@ class _Collector:
         return BatchMoments(Moments(**fields), np.array(self.sizes, np.int64))
 
 
+def batch_rows(src: ArraySource, batch_size: int, chunk_size: int) -> int:
+    """Rows per chunk: whole batches where they fit in the chunk size (one kernel call per
+    chunk, not three); a batch larger than a chunk is read in pieces, so that memory stays
+    bounded by the chunk size (a slab of one whole batch could be far larger)."""
+    buffers = 2 if src.double_buffered else 1
+    fits = batch_size * src.row_bytes <= chunk_size // buffers
+    return source_rows(src, chunk_size, multiple_of=batch_size if fits else 1)
+
+
 def batch_moments(sources: list[ArraySource], plan: Plan, batch_size: int, *, chunk_size: int,
                   threads: int = 1, engine: str = "numba",
                   progress: Callable[[int], None] | None = None) -> BatchMoments:
@@ -140,8 +149,7 @@ def batch_moments(sources: list[ArraySource], plan: Plan, batch_size: int, *, ch
             set_threads(threads - 1)
             collect.threads = threads - 1
         try:
-            # whole batches per chunk where they fit: one kernel call per chunk, not three
-            for _r0, chunk in src.iter_chunks(source_rows(src, chunk_size, multiple_of=batch_size)):
+            for _r0, chunk in src.iter_chunks(batch_rows(src, batch_size, chunk_size)):
                 check_interrupt()
                 collect.add(chunk)
                 if progress is not None:

@@ -264,3 +264,19 @@ def test_hdf5_gzip_chunks_and_threads_give_the_same_batches(tmp_path):
         np.testing.assert_allclose(got.running_mean, want.running_mean, rtol=1e-13)
         np.testing.assert_allclose(got.running_var, want.running_var, rtol=1e-13)
         assert got.batches == 5 and got.stats.sources == [str(tmp_path / "a.h5")]
+
+
+def test_chunks_hold_whole_batches_within_the_chunk_size(tmp_path):
+    from bnstat.batches import batch_rows
+    from bnstat.io import open_sources
+
+    np.save(tmp_path / "x.npy", np.zeros((100, 10), np.float32))  # 40 bytes per sample
+    src = open_sources([str(tmp_path / "x.npy")])[0]
+    assert batch_rows(src, 7, 1000) == 21  # 25 rows fit: 3 whole batches
+    assert batch_rows(src, 30, 1000) == 25  # a batch over the chunk size: pieces of it
+    x = data((100, 10), seed=2)
+    want = bnstat.running(x, batch_size=30, layout="NC", framework="keras")["array"]
+    np.save(tmp_path / "y.npy", x)
+    got = bnstat.running(str(tmp_path / "y.npy"), batch_size=30, layout="NC", framework="keras",
+                         chunk_size=1000)["y"]
+    np.testing.assert_allclose(got.running_var, want.running_var, rtol=1e-13)
