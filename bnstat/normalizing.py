@@ -225,8 +225,8 @@ def _plan_job(src: ArraySource, spec: dict, saved, model, per_batch, n_sources: 
         if not src.repeatable:
             raise UsageProblem(
                 f"{src.where}: batch statistics of standard input need two passes over the data",
-                "Save the stream to a file, or give --stats/stats=, --per-batch/per_batch= or "
-                "--model/model=.")
+                "Save the stream to a file, or give --stats, --per-batch or --model "
+                "(stats=, per_batch=, model=).")
         return Job(src, plan, "own")
     return Job(src, plan, "per-sample", applied="per-sample")
 

@@ -288,7 +288,8 @@ def fold(source, *, output: str | None = None, pairs: Iterable = (), plan=None,
         names = ", ".join(u.bn.display for u in unpaired[:5]) + (" ..." if len(unpaired) > 5 else "")
         warn(f"{len(unpaired)} BatchNorm layer(s) left unfolded ({names}); the plan says why. "
              "Settle them with --pair CONV=BN or --plan FILE")
-    if bn == "drop" and found and getattr(model, "config", None) and output and not dry_run:
+    if bn == "drop" and found and getattr(model, "config", None) and output and not dry_run \
+            and model.format == "hdf5":  # a Keras 3 file's config is rewritten (io/models/keras3)
         warn(f"{model.label}: its model_config still describes the dropped BatchNorm layers: load "
              "the folded weights into a model without them (load_weights), or use --bn identity "
              "to keep the file loadable as it is")
