@@ -89,21 +89,24 @@ def normalize(source, output: str | None = None, *, stats=None, model=None, bn: 
 
 def fold(source, *, output: str | None = None, pairs: Iterable = (), plan=None,
          eps: float | None = None, bn: str = "drop", check: bool = False, dry_run: bool = False,
-         plan_output: str | None = None, force: bool = False, seed: int = 0):
+         plan_output: str | None = None, force: bool = False, seed: int = 0,
+         strict: bool = False):
     """Fold every BatchNorm of a model into the layer that feeds it; a FoldResult.
 
     ``source``: a model file or a mapping of named arrays; ``pairs``:
     ``"CONV=BN"`` strings or ``(conv, bn)`` tuples; ``plan``: a plan file or
     dict; ``bn``: "drop" or "identity"; ``check``: test every pair on random
-    inputs. Writes ``output`` (and ``plan_output``) atomically unless
-    ``dry_run``. Raises InputError (unreadable model or plan), DataError
-    (refusals; FoldCheckError when a check fails), UsageProblem (bad pairs),
+    inputs (and the whole model where the file has a graph); ``strict``:
+    refuse pairs that rest on an assumption. Writes ``output`` (and
+    ``plan_output``) atomically unless ``dry_run``. Raises InputError
+    (unreadable model or plan), DataError (refusals; FoldCheckError when a
+    check fails; FoldAssumptionError with strict), UsageProblem (bad pairs),
     OutputError. Nothing is written when it raises.
     """
     from bnstat.folding import fold as _fold
 
     return _fold(source, output=output, pairs=pairs, plan=plan, eps=eps, bn=bn, check=check,
-                 dry_run=dry_run, plan_output=plan_output, force=force, seed=seed)
+                 dry_run=dry_run, plan_output=plan_output, force=force, seed=seed, strict=strict)
 
 
 def load_stats(path) -> dict[str, Stats]:
