@@ -30,7 +30,8 @@ def state(rng):
 
 def test_the_registry_names_every_format_once():
     names = [f.name for f in FORMATS]
-    assert names == ["npz", "hdf5", "safetensors"]
+    # the Keras 3 formats before npz and hdf5: a .keras is a zip, a .weights.h5 an HDF5 file
+    assert names == ["keras-weights", "keras", "npz", "hdf5", "safetensors"]
     exts = [e for f in FORMATS for e in f.extensions]
     assert len(exts) == len(set(exts))
     assert all(isinstance(f, models.ModelFormat) for f in FORMATS)
