@@ -39,6 +39,8 @@ COMMANDS = {
     "merge": Entry("bnstat.commands.merge", "Merge saved stats files exactly into one."),
     "normalize": Entry("bnstat.commands.normalize", "Normalize arrays as BN / LayerNorm / InstanceNorm / GroupNorm would."),
     "fold": Entry("bnstat.commands.fold", "Fold BatchNorm layers into the conv / linear layers that feed them."),
+    "hist": Entry("bnstat.commands.hist", "Exact per-unit histograms, quantiles and calibration ranges (amax)."),
+    "plot": Entry("bnstat.commands.plot", "Plot a stats or histogram file (PNG, SVG, PDF; the plot extra)."),
 }
 
 

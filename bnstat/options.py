@@ -100,6 +100,12 @@ chunk_size_option = click.option(
     "Memory stays bounded by it. [default: 64MiB]")
 
 
+scheduler_option = click.option(
+    "--scheduler", metavar="ADDRESS", default=None,
+    help="Run on a Dask cluster: tcp://HOST:PORT of a running scheduler, or local[:N] "
+         "(a local cluster of N worker processes). Needs the dask extra.")
+
+
 def common_options(func):
     """-o, --force, --quiet, --debug (every command)."""
     for deco in reversed((output_option, force_option, quiet_option, debug_option)):

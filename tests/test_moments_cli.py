@@ -218,7 +218,7 @@ def test_csv_header_and_rows(tmp_path, rng):
                                 "instance", "--format", "csv")
     assert code == 0, err
     rows = list(csv.reader(io.StringIO(out)))
-    assert rows[0] == ["name", "unit", "count", "mean", "var", "std", "min", "max", "nan_count"]
+    assert rows[0] == ["name", "unit", "count", "mean", "var", "std", "min", "max", "nan_count", "inf_count"]
     ref = ref_moments(x, "NCL", "instance")
     assert len(rows) == 1 + 24
     for i, row in enumerate(rows[1:]):
@@ -266,7 +266,7 @@ def test_stats_npz_with_plain_numpy(tmp_path, rng, higher):
     ref = ref_moments(x, "NCL", ddof=1)
     with np.load(tmp_path / "s.npz", allow_pickle=False) as z:
         keys = set(z.files)
-        base = {f"g/acts/{k}" for k in ("count", "mean", "m2", "var", "min", "max", "nan_count")}
+        base = {f"g/acts/{k}" for k in ("count", "mean", "m2", "var", "min", "max", "nan_count", "inf_count")}
         extra = {f"g/acts/{k}" for k in ("m3", "m4", "skew", "kurtosis")}
         assert keys == base | {"__bnstat__"} | (extra if higher else set())
         np.testing.assert_array_equal(z["g/acts/count"], ref.count)

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 import bnstat
 from bnstat.errors import BnstatError, BnstatWarning, DataError, UsageProblem
+from conftest import _env
 
 # ---- the reference ---------------------------------------------------------------------
 
@@ -111,7 +112,7 @@ def no_temporaries(folder):
 def cli(*args, stdin=None, cwd=None, timeout=120):
     """Run `python -m bnstat ARGS`; no traceback, ever, without --debug."""
     proc = subprocess.run([sys.executable, "-m", "bnstat", *map(str, args)], input=stdin,
-                          capture_output=True, cwd=cwd, timeout=timeout)
+                          capture_output=True, cwd=cwd, timeout=timeout, env=_env())
     assert b"Traceback" not in proc.stderr, proc.stderr.decode()
     return proc
 
@@ -471,7 +472,7 @@ def test_cli_model_unknown_and_ambiguous_names_list_the_bn_layers(tmp_path):
     np.savez(tmp_path / "pt.npz", **pytorch_model(6))
     procs = [subprocess.Popen([sys.executable, "-m", "bnstat", "normalize", "x.npy", "-o", f"o{i}.npy",
                                "--model", m, "--bn", bn], cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
+                              stderr=subprocess.PIPE, env=_env())
              for i, (m, bn) in enumerate([("k.npz", "bn"), ("pt.npz", "features.9")])]
     (out0, err0), (out1, err1) = (p.communicate(timeout=120) for p in procs)
     for p, e in zip(procs, (err0, err1), strict=True):
@@ -581,7 +582,7 @@ def test_cli_stdin_with_per_batch_stats_or_layer_norm(tmp_path):
     }
     procs = {k: subprocess.Popen([sys.executable, "-m", "bnstat", "normalize", "-", *a,
                                   "--chunk-size", "500"], cwd=tmp_path, stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
              for k, (a, _) in runs.items()}
     outs = {k: p.communicate(npy_bytes(x), timeout=120) for k, p in procs.items()}
     for k, (out, e) in outs.items():
@@ -698,7 +699,8 @@ def test_cli_existing_output_and_output_equal_to_input(tmp_path):
             ["a.npy", "-o", "./sub/../a.npy", "--force"]]
     (tmp_path / "sub").mkdir()
     procs = [subprocess.Popen([sys.executable, "-m", "bnstat", "normalize", *c, "--layout", "NCL"],
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for c in cmds]
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=_env()) for c in cmds]
     res = [p.communicate(timeout=120) for p in procs]
     for p, (_, e) in zip(procs, res, strict=True):
         assert p.returncode == 1 and b"Traceback" not in e, e.decode()
@@ -731,7 +733,7 @@ def test_cli_failure_in_the_middle_leaves_nothing(tmp_path):
     ]
     procs = [subprocess.Popen([sys.executable, "-m", "bnstat", "normalize", *a, "--chunk-size", "1000"],
                               cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE) for a, _ in runs]
+                              stderr=subprocess.PIPE, env=_env()) for a, _ in runs]
     res = [p.communicate(stdin or b"", timeout=120) for p, (_, stdin) in zip(procs, runs, strict=True)]
     for p, (_, e) in zip(procs, res, strict=True):
         assert p.returncode == 1 and b"Traceback" not in e, e.decode()
@@ -750,7 +752,7 @@ def test_cli_sigint_half_way_leaves_no_output_and_no_temporary(tmp_path):
     payload = npy_bytes(x)
     proc = subprocess.Popen([sys.executable, "-m", "bnstat", "normalize", "-", "-o", "o.npy", "--per-batch",
                              "4", "--layout", "NCL", "--chunk-size", "1000"], cwd=tmp_path,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
     try:
         proc.stdin.write(payload[:len(payload) // 2])
         proc.stdin.flush()
@@ -794,7 +796,7 @@ def test_cli_usage_errors(tmp_path):
             (["a.npy", "-o", "o.npy", "--stats", "s.npz", "--model", "m.npz", "--bn", "x"], "not both"),
             (["a.npy", "-o", "o.npy", "--layout", "NCHW"], "has 4 letters but the array has 3")]
     procs = [subprocess.Popen([sys.executable, "-m", "bnstat", "normalize", *a], cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for a, _ in runs]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env()) for a, _ in runs]
     for p, (_, msg) in zip(procs, runs, strict=True):
         _, e = p.communicate(timeout=120)
         assert p.returncode == 2, e.decode()

@@ -72,6 +72,10 @@ def _merge(n, mu, q, bn, bmean, bq):
         return n, mu, q
     if n == 0:
         return bn, bmean, bq
+    if not (math.isfinite(mu) and math.isfinite(bmean)):
+        # ±inf in a part: the mean is ±inf (NaN with both signs) and m2 NaN, as numpy's
+        # sum / n and stats.Moments.merge; Chan's update would make inf - inf of the mean
+        return n + bn, mu + bmean, math.nan
     tot = n + bn
     delta = bmean - mu
     mu = mu + delta * (bn / tot)
@@ -255,6 +259,8 @@ def _pebay(n, mu, q2, q3, q4, bn, bmu, b2, b3, b4):
         return n, mu, q2, q3, q4
     if n == 0:
         return bn, bmu, b2, b3, b4
+    if not (math.isfinite(mu) and math.isfinite(bmu)):  # ±inf in a part, as in _merge
+        return n + bn, mu + bmu, math.nan, math.nan, math.nan
     na = float(n)
     nb = float(bn)
     tot = na + nb
@@ -310,12 +316,14 @@ def _higher_task(x, p, a0, a1, u0, u1, cnt, mean, m2, m3, m4, mn, mx, nanc):
                         c2 += dd
                         c3 += dd * d
                         c4 += dd * dd
-            # refine the block mean by the mean residual (exact in exact arithmetic)
-            corr = c1 / bn
-            bmu += corr
-            c4 = c4 - 4.0 * corr * c3 + 6.0 * corr * corr * c2 - 3.0 * bn * corr ** 4
-            c3 = c3 - 3.0 * corr * c2 + 2.0 * bn * corr ** 3
-            c2 = c2 - bn * corr * corr
+            # refine the block mean by the mean residual (exact in exact arithmetic); an
+            # infinite mean (±inf in the block) stays as it is, its power sums are NaN
+            if math.isfinite(bmu):
+                corr = c1 / bn
+                bmu += corr
+                c4 = c4 - 4.0 * corr * c3 + 6.0 * corr * corr * c2 - 3.0 * bn * corr ** 4
+                c3 = c3 - 3.0 * corr * c2 + 2.0 * bn * corr ** 3
+                c2 = c2 - bn * corr * corr
             n, mu, q2, q3, q4 = _pebay(n, mu, q2, q3, q4, bn, bmu, max(c2, 0.0), c3, max(c4, 0.0))
         cnt[u] = n
         mean[u] = mu
