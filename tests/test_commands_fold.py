@@ -22,8 +22,11 @@ def _folded(w, b, bn, eps):
 
 def test_ambiguous_bn_is_reported_until_pair_settles_it(tmp_path):
     rng = np.random.default_rng(11)
+    # the layer directly before a BN in file order is its candidate, so the BN here follows
+    # a weighted layer that is no conv (a PReLU's weight): stem or head, nothing tells
     d = {"stem.weight": rng.normal(size=(8, 3, 3, 3)).astype(np.float32),
          "head.weight": rng.normal(size=(8, 8, 1, 1)).astype(np.float32),
+         "mid.weight": np.ones(8, np.float32),
          **torch_bn(rng, "norm", 8)}
     src = tmp_path / "amb.npz"
     np.savez(src, **d)
@@ -40,7 +43,7 @@ def test_ambiguous_bn_is_reported_until_pair_settles_it(tmp_path):
     assert rc == 0, err
     assert re.search(r"head +│ norm +│ conv +│ OIHW +│ +8 +│ 1e-05 +│ --pair", out), out
     with np.load(tmp_path / "b.npz") as z:
-        assert sorted(z.files) == ["head.bias", "head.weight", "stem.weight"]
+        assert sorted(z.files) == ["head.bias", "head.weight", "mid.weight", "stem.weight"]
         bn = {k: d[f"norm.{k}"] for k in ("weight", "bias", "running_mean", "running_var")}
         w, b = _folded(d["head.weight"], None, bn, 1e-5)
         np.testing.assert_allclose(z["head.weight"], w, rtol=2e-7, atol=1e-7)

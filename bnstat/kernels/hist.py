@@ -63,13 +63,60 @@ def _task_range(t, P, A, U, sa, su):
     return p, ia, (A * ia) // sa, (A * (ia + 1)) // sa, (U * iu) // su, (U * (iu + 1)) // su
 
 
+@njit(**JIT)
+def _hist_task(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, edges, counts, under, over, nanc, infc,
+               zeroc, buf):
+    """Rows a0:a1 of units u0:u1 of view p into slot ia: a first loop of guesses (it
+    vectorizes), then the exact bins and the values counted apart."""
+    B = x.shape[3]
+    nb = counts.shape[3]
+    for a in range(a0, a1):
+        for u in range(u0, u1):
+            row = x[p, a, u]
+            lo_ = lo[p, u]
+            hi_ = hi[p, u]
+            iv = inv[p, u]
+            e = edges[p, u]
+            c = counts[ia, p, u]
+            zeros = 0
+            for b in range(B):
+                v = np.float64(row[b])
+                if absval:
+                    v = abs(v)
+                zeros += v == 0.0
+                buf[b] = min(max(np.int64((v - lo_) * iv), 0), nb - 1)
+            zeroc[ia, p, u] += zeros
+            for b in range(B):
+                v = np.float64(row[b])
+                if absval:
+                    v = abs(v)
+                if v - v != 0.0:  # NaN or +-inf
+                    if v != v:
+                        nanc[ia, p, u] += 1
+                    else:
+                        infc[ia, p, u] += 1
+                elif v < lo_:
+                    under[ia, p, u] += 1
+                elif v > hi_:
+                    over[ia, p, u] += 1
+                else:
+                    i = buf[b]
+                    if iv == 0.0:  # the reciprocal overflowed (subnormal width): numpy's guess
+                        f = (v - lo_) / (hi_ - lo_) * nb
+                        i = nb - 1 if f >= nb else (np.int64(f) if f >= 0.0 else 0)  # NaN: 0
+                    if v < e[i]:
+                        i -= 1
+                    elif i != nb - 1 and v >= e[i + 1]:
+                        i += 1
+                    c[i] += 1
+
+
 @njit(**PARALLEL_JIT)
 def _hist4(x, sa, su, absval, lo, hi, inv, edges, counts, under, over, nanc, infc, zeroc):
     """Counts of every unit of a (P, A, U, B) view in fixed bins, as np.histogram.
 
     ``lo``/``hi``/``inv`` (P, U): the outer edges and bins / (hi - lo) (0 where it
-    overflows);
-    ``edges`` (P, U, bins + 1) float64; ``counts`` (sa, P, U, bins) and
+    overflows); ``edges`` (P, U, bins + 1) float64; ``counts`` (sa, P, U, bins) and
     ``under``/``over``/``nanc``/``infc``/``zeroc`` (sa, P, U) int64, added to.
     A value v (float64; |v| when ``absval``) that is NaN or +-inf is counted
     apart, below lo or above hi in under/over, else in bin i with
@@ -79,46 +126,69 @@ def _hist4(x, sa, su, absval, lo, hi, inv, edges, counts, under, over, nanc, inf
     are those of np.histogram with the same edges.
     """
     P, A, U, B = x.shape
-    nb = counts.shape[3]
     for t in prange(P * sa * su):
         p, ia, a0, a1, u0, u1 = _task_range(t, P, A, U, sa, su)
-        for a in range(a0, a1):
-            for u in range(u0, u1):
-                lo_ = lo[p, u]
-                hi_ = hi[p, u]
-                iv = inv[p, u]
-                e = edges[p, u]
-                c = counts[ia, p, u]
-                zeros = 0
-                for b in range(B):
-                    v = np.float64(x[p, a, u, b])
-                    if absval:
-                        v = abs(v)
-                    zeros += v == 0.0
-                    if v - v != 0.0:  # NaN or +-inf
-                        if v != v:
-                            nanc[ia, p, u] += 1
+        buf = np.empty(B, np.int64)
+        _hist_task(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, edges, counts, under, over, nanc, infc,
+                   zeroc, buf)
+
+
+def _row_keys(row, out):  # pragma: no cover - Python stand-in; numba uses the overload
+    raise NotImplementedError
+
+
+@overload(_row_keys, jit_options=JIT)
+def _row_keys_ol(row, out):
+    """The unsigned keys (see ``_ukey``) of a C-contiguous row into ``out``; NaN keys
+    are left to the caller to skip."""
+    dt = row.dtype
+    if dt == types.float32:
+        def impl32(row, out):
+            bits = row.view(np.int32)
+            for b in range(bits.shape[0]):
+                i = np.int64(bits[b])
+                out[b] = np.uint64(i ^ ((i >> 31) & 0x7FFFFFFF)) ^ SIGN
+        return impl32
+    if dt == types.float64:
+        def impl64(row, out):
+            bits = row.view(np.int64)
+            for b in range(bits.shape[0]):
+                i = bits[b]
+                out[b] = np.uint64(i ^ ((i >> 63) & 0x7FFFFFFFFFFFFFFF)) ^ SIGN
+        return impl64
+    if isinstance(dt, types.Integer) and dt.signed:
+        def impl_signed(row, out):
+            for b in range(row.shape[0]):
+                out[b] = np.uint64(np.int64(row[b])) ^ SIGN
+        return impl_signed
+
+    def impl_unsigned(row, out):
+        for b in range(row.shape[0]):
+            out[b] = np.uint64(row[b])
+    return impl_unsigned
+
+
+@njit(**JIT)
+def _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, counts, keys, kbuf):
+    A = x3.shape[1]
+    for a in range(A):
+        _row_keys(x3[p, a, u0 * B:u1 * B], kbuf)
+        for u in range(u0, u1):
+            ns = nslot[p, u]
+            if ns == 0:
+                continue
+            for b in range(B):
+                v = x3[p, a, u * B + b]
+                if v != v:
+                    continue
+                k = kbuf[(u - u0) * B + b]
+                for s in range(ns):
+                    if slo[p, u, s] <= k <= shi[p, u, s]:
+                        if scollect[p, u, s]:
+                            keys[pos[p, u, s]] = k
+                            pos[p, u, s] += 1
                         else:
-                            infc[ia, p, u] += 1
-                    elif v < lo_:
-                        under[ia, p, u] += 1
-                    elif v > hi_:
-                        over[ia, p, u] += 1
-                    else:
-                        # numpy's own guess where the reciprocal overflows (subnormal widths)
-                        f = (v - lo_) * iv if iv > 0.0 else (v - lo_) / (hi_ - lo_) * nb
-                        if f >= nb:
-                            i = nb - 1
-                        elif f >= 0.0:
-                            i = int(f)
-                        else:  # NaN: a zero width (c - 0.5 == c + 0.5 past 2**53)
-                            i = 0
-                        if v < e[i]:
-                            i -= 1
-                        elif i != nb - 1 and v >= e[i + 1]:
-                            i += 1
-                        c[i] += 1
-                zeroc[ia, p, u] += zeros
+                            counts[sbase[p, u, s] + ((k - slo[p, u, s]) >> sshift[p, u, s])] += 1
 
 
 @njit(**PARALLEL_JIT)
@@ -133,23 +203,11 @@ def _select4(x, su, nslot, slo, shi, sshift, sbase, scollect, pos, counts, keys)
     (never a split of A), so positions are never shared.
     """
     P, A, U, B = x.shape
+    x3 = x.reshape((P, A, U * B))
     for t in prange(P * su):
         p, ia, a0, a1, u0, u1 = _task_range(t, P, A, U, 1, su)
-        for a in range(a0, a1):
-            for u in range(u0, u1):
-                ns = nslot[p, u]
-                for b in range(B):
-                    v = x[p, a, u, b]
-                    if v != v:
-                        continue
-                    k = _ukey(x, p, a, u, b)
-                    for s in range(ns):
-                        if slo[p, u, s] <= k <= shi[p, u, s]:
-                            if scollect[p, u, s]:
-                                keys[pos[p, u, s]] = k
-                                pos[p, u, s] += 1
-                            else:
-                                counts[sbase[p, u, s] + ((k - slo[p, u, s]) >> sshift[p, u, s])] += 1
+        kbuf = np.empty((u1 - u0) * B, np.uint64)
+        _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, counts, keys, kbuf)
 
 
 # ---- calibration (amax) -----------------------------------------------------------
