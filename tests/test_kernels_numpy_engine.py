@@ -170,3 +170,25 @@ def test_bad_engine_variable_is_a_usage_error(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert "BNSTAT_ENGINE=gpu" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- moved from the acceptance audit --------------------------------------------------
+
+
+@pytest.mark.parametrize("layout,shape", [("NCHW", (50, 4, 16, 16)), ("NHWC", (50, 16, 16, 4)),
+                                          ("NLC", (200, 512, 4))])
+@pytest.mark.parametrize("rows", [None, 7])
+def test_numerics_of_the_statistics_issue_on_the_numpy_engine_by_layout(layout, shape, rows):
+    """The rest of the suite runs acceptance 3 on the Numba kernels (and on NC alone for the
+    numpy engine); inputs under 32 MiB, the sample data included, use the numpy engine."""
+    rng = np.random.default_rng(6)
+    x = (1e4 + 1e-2 * rng.standard_normal(shape)).astype(np.float32)
+    chunk = rows and rows * x.nbytes // x.shape[0]
+    (got,) = bnstat.moments(x, layout=layout, chunk_size=chunk, engine="numpy").values()
+    ref = ref_moments(x, layout)
+    assert np.all(got.var > 0)
+    np.testing.assert_allclose(got.var, ref.var, rtol=1e-6)
+    c = np.full(shape, 271.46, np.float32)
+    (got,) = bnstat.moments(c, layout=layout, chunk_size=chunk, engine="numpy", ddof=1).values()
+    assert got.var.tolist() == [0.0] * got.var.size
+    assert got.mean.tolist() == [float(np.float32(271.46))] * got.mean.size

@@ -135,6 +135,21 @@ def test_dry_run_writes_nothing(mixed, tmp_path):
     assert "written" not in out
 
 
+def test_json_report_and_strict(mixed, tmp_path):
+    import json
+
+    src, _ = mixed
+    code, out, err = run_inproc("fold", src, "-o", tmp_path / "f.onnx", "--strict",
+                                "--format", "json")
+    assert code == 0, err  # graph pairs are certain: --strict refuses none
+    doc = json.loads(out)
+    assert doc["format"] == "onnx" and doc["output"] == str(tmp_path / "f.onnx")
+    assert [(p["conv"], p["bn"], p["kind"], p["eps"], p["certain"]) for p in doc["pairs"]] == \
+        [("/0/Conv", "/1/BatchNormalization", "Conv", float(np.float32(1e-3)), True)]  # a float attr
+    assert [u["bn"] for u in doc["unfolded"]] == ["/3/BatchNormalization"]
+    assert (tmp_path / "f.onnx").exists()
+
+
 def test_weight_shared_by_two_nodes_is_not_folded(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
 

@@ -166,8 +166,7 @@ def test_mobilenet_like_module_folds_with_its_eps(tmp_path, cli):
     net = randomize_bn(nn.Sequential(Block()))
     torch.save(net, tmp_path / "m.pt")
     assert read_model(str(tmp_path / "m.pt")).modules["0.bn"].attrs["eps"] == 1e-3
-    # the eps recorded is the module's own; until fold reads metadata["layers"], it is given as --eps
-    code, _, err = cli("fold", tmp_path / "m.pt", "-o", tmp_path / "f.pt", "--eps", "1e-3")
+    code, _, err = cli("fold", tmp_path / "m.pt", "-o", tmp_path / "f.pt")  # no --eps: the file's 1e-3
     assert code == 0, err
     folded = torch.load(tmp_path / "f.pt", weights_only=False).eval()
     assert isinstance(folded[0].bn, nn.Identity) and isinstance(folded[0].bn2, nn.Identity)
@@ -410,7 +409,7 @@ def test_module_pickle_to_safetensors_and_npz(tmp_path, cli):
     net = randomize_bn(nn.Sequential(Block()))
     torch.save(net, tmp_path / "m.pt")
     for out in ("f.safetensors", "f.npz"):
-        code, _, err = cli("fold", tmp_path / "m.pt", "-o", tmp_path / out, "--eps", "1e-3")
+        code, _, err = cli("fold", tmp_path / "m.pt", "-o", tmp_path / out)
         assert code == 0, err
     back = st.load_file(str(tmp_path / "f.safetensors"))  # a valid header: no foreign __metadata__
     with np.load(tmp_path / "f.npz") as z:
@@ -426,15 +425,6 @@ def test_module_pickle_to_safetensors_and_npz(tmp_path, cli):
     torch.testing.assert_close(target.eval()(x), net(x), rtol=1e-5, atol=1e-5)
 
 
-def _fold_reads_module_types() -> bool:
-    from bnstat.folding import layers
-
-    return hasattr(layers, "apply_layer_metadata")
-
-
-@pytest.mark.skipif(not _fold_reads_module_types(),
-                    reason="fold's module-type hook (bnstat.folding.layers.apply_layer_metadata, "
-                           "README 'PyTorch files') has not landed")
 @pytest.mark.parametrize("transposed", [False, True])
 def test_pickled_module_folds_by_its_types_and_eps(tmp_path, cli, transposed):
     conv = nn.ConvTranspose2d(6, 6, 3, bias=False) if transposed else nn.Conv2d(6, 6, 3, groups=3)
@@ -445,6 +435,11 @@ def test_pickled_module_folds_by_its_types_and_eps(tmp_path, cli, transposed):
     folded = torch.load(tmp_path / "f.pt", weights_only=False).eval()
     x = torch.randn(2, 6, 7, 7)
     torch.testing.assert_close(folded(x), net(x), rtol=1e-5, atol=1e-5)
+    assert "assumption" not in err
+    if transposed:  # the bare state_dict of the same model: a square weight, nothing says which
+        torch.save(net.state_dict(), tmp_path / "sd.pt")
+        code, out, err = cli("fold", tmp_path / "sd.pt", "--dry-run")
+        assert code == 0 and "ASSUMED" in out and "folded on an assumption" in err, (out, err)
 
 
 def test_big_endian_file(tmp_path):
@@ -492,8 +487,7 @@ def test_torchvision_mobilenet_v3_pickled_whole(tmp_path, cli):
     bn_eps = {i.attrs["eps"] for i in model.modules.values() if i.kind == "BatchNorm2d"}
     assert bn_eps == {1e-3}
     assert model.modules["features.1.block.0.0"].attrs["groups"] == 16  # the depthwise conv
-    eps = [] if _fold_reads_module_types() else ["--eps", "1e-3"]
-    code, _, err = cli("fold", tmp_path / "mnv3.pt", "-o", tmp_path / "f.pt", *eps)
+    code, _, err = cli("fold", tmp_path / "mnv3.pt", "-o", tmp_path / "f.pt")  # its own eps 1e-3
     assert code == 0, err
     folded = torch.load(tmp_path / "f.pt", weights_only=False).eval()
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())

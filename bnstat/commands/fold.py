@@ -84,7 +84,7 @@ def command(model, pairs, plan, dry_run, eps, bn_mode, check, strict, keras_conf
     from bnstat.folding.onnx import is_onnx
 
     if is_onnx(model):
-        return _fold_onnx(model, output, pairs, plan, eps, bn_mode, check, dry_run, force)
+        return _fold_onnx(model, output, pairs, plan, eps, bn_mode, check, dry_run, force, fmt)
     from bnstat.io.models.keras3 import config_from
 
     if keras_config and output and not dry_run:
@@ -103,8 +103,11 @@ def command(model, pairs, plan, dry_run, eps, bn_mode, check, strict, keras_conf
     show(result)
 
 
-def _fold_onnx(model, output, pairs, plan, eps, bn_mode, check, dry_run, force):
-    """fold on an ONNX model: the graph settles every pair and each node has its epsilon."""
+def _fold_onnx(model, output, pairs, plan, eps, bn_mode, check, dry_run, force, fmt):
+    """fold on an ONNX model: the graph settles every pair (--strict has nothing to refuse)
+    and each node has its epsilon."""
+    import json
+
     from bnstat import render
     from bnstat.folding.onnx import fold_onnx
 
@@ -114,4 +117,7 @@ def _fold_onnx(model, output, pairs, plan, eps, bn_mode, check, dry_run, force):
             raise click.UsageError(f"{flag}: an ONNX model is folded along its graph, with each "
                                    "BatchNormalization node's own epsilon; drop it")
     result = fold_onnx(model, output, dry_run=dry_run, check=check, force=force)
-    render.print_lines(result.lines())
+    if fmt == "json":
+        click.echo(json.dumps(result.report_dict(), indent=1, allow_nan=False))
+    else:
+        render.print_lines(result.lines())

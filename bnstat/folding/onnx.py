@@ -80,6 +80,21 @@ class OnnxFold:
     def folded(self) -> list[Candidate]:
         return [c for c in self.candidates if c.ok]
 
+    def report_dict(self) -> dict:
+        """What fold --format json prints: the keys of a FoldResult's report where they apply
+        (every ONNX pair rests on the graph: certain)."""
+        pairs = [{"conv": _label(c.producer), "bn": _label(c.bn), "kind": c.producer.op_type,
+                  "channels": c.channels, "eps": c.eps, "by": "ONNX graph",
+                  "evidence": ["ONNX graph"], "certain": True} for c in self.folded]
+        unfolded = [{"bn": _label(c.bn), "channels": c.channels or None, "conv": None,
+                     "reason": c.reason, "candidates": []} for c in self.candidates if not c.ok]
+        doc = {"model": self.path, "format": "onnx", "pairs": pairs, "unfolded": unfolded,
+               "assumed": [], "output": self.output, "output_format": "onnx" if self.output
+               else None}
+        if self.checked:
+            doc["model_check"] = {"max_rel_error": self.check_rel, "by": "onnxruntime"}
+        return doc
+
     def lines(self) -> list[str]:
         out = [f"{self.path}: ONNX, {len(self.candidates)} BatchNormalization node(s), "
                f"{len(self.folded)} foldable"]

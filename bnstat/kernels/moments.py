@@ -221,6 +221,17 @@ def _rows_task(x, p, a0, a1, u0, u1, cnt, mean, m2, mn, mx, nanc):
         nanc[u0 + j] = (a1 - a0) - n[j]
 
 
+@njit(**JIT)
+def _task_bounds(t, A, U, sa, su):
+    """Task t of P * sa * su: its p, its range ia of A [a0, a1) and its range of U [u0, u1)."""
+    per_p = sa * su
+    p = t // per_p
+    r = t - p * per_p
+    ia = r // su
+    iu = r - ia * su
+    return p, ia, (A * ia) // sa, (A * (ia + 1)) // sa, (U * iu) // su, (U * (iu + 1)) // su
+
+
 @njit(**PARALLEL_JIT)
 def _moments4(x, sa, su, cnt, mean, m2, mn, mx, nanc):
     """Count, mean, m2, min, max, NaN count of a (P, A, U, B) view.
@@ -230,16 +241,8 @@ def _moments4(x, sa, su, cnt, mean, m2, mn, mx, nanc):
     count 0, min +inf, max -inf when the caller initialised it so).
     """
     P, A, U, B = x.shape
-    per_p = sa * su
-    for t in prange(P * per_p):
-        p = t // per_p
-        r = t - p * per_p
-        ia = r // su
-        iu = r - ia * su
-        a0 = (A * ia) // sa
-        a1 = (A * (ia + 1)) // sa
-        u0 = (U * iu) // su
-        u1 = (U * (iu + 1)) // su
+    for t in prange(P * sa * su):
+        p, ia, a0, a1, u0, u1 = _task_bounds(t, A, U, sa, su)
         if a1 <= a0 or u1 <= u0:
             continue
         if B == 1:
@@ -339,16 +342,8 @@ def _higher_task(x, p, a0, a1, u0, u1, cnt, mean, m2, m3, m4, mn, mx, nanc):
 def _moments4_higher(x, sa, su, cnt, mean, m2, m3, m4, mn, mx, nanc):
     """As ``moments4``, plus the third and fourth central moment sums."""
     P, A, U, B = x.shape
-    per_p = sa * su
-    for t in prange(P * per_p):
-        p = t // per_p
-        r = t - p * per_p
-        ia = r // su
-        iu = r - ia * su
-        a0 = (A * ia) // sa
-        a1 = (A * (ia + 1)) // sa
-        u0 = (U * iu) // su
-        u1 = (U * (iu + 1)) // su
+    for t in prange(P * sa * su):
+        p, ia, a0, a1, u0, u1 = _task_bounds(t, A, U, sa, su)
         _higher_task(x, p, a0, a1, u0, u1, cnt[ia, p], mean[ia, p], m2[ia, p], m3[ia, p],
                      m4[ia, p], mn[ia, p], mx[ia, p], nanc[ia, p])
 
