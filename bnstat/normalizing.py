@@ -309,17 +309,19 @@ def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None,
     in_memory = isinstance(source, np.ndarray)
     sources = _sources(source, dataset, check_crc)
     paths = [] if in_memory else ([source] if isinstance(source, str) else list(source))
+    # the secondary inputs are never written over either (README "Nothing lost")
+    paths += [os.fspath(p) for p in (stats, model) if isinstance(p, str | os.PathLike)]
     if len(set(s.path for s in sources)) > 1:
         raise UsageProblem("normalize takes one input file")
     kind = _container_kind(sources[0])
     if output is None and not in_memory:
         raise UsageProblem("normalize needs -o OUTPUT")
     if output is not None:
+        check_output(output, force=force, inputs=paths)
         want = _ext_kind(output)
         if want is not None and want != kind:
             raise UsageProblem(f"-o {output}: the output is written in the input's format ({kind}); "
                                f"give a .{'h5' if kind == 'hdf5' else kind} name")
-        check_output(output, force=force, inputs=paths)
         if output == "-" and len(sources) != 1:
             raise UsageProblem(f"standard output carries one array; {len(sources)} selected "
                                "(choose one with -d)")

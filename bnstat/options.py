@@ -233,6 +233,10 @@ def format_for(fmt: str | None, output: str | None) -> str:
         return fmt
     if output and output != "-":
         ext = output.rsplit(".", 1)[-1].lower() if "." in output else ""
+        from bnstat.io.atomic import is_special
+
+        if not ext and is_special(output):  # -o /dev/null, a FIFO: as standard output
+            return "table"
         if ext in ("json", "csv", "npz"):
             return ext
         if ext in ("txt", "text"):

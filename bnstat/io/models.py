@@ -443,7 +443,7 @@ def write_model(path: str, arrays: dict[str, np.ndarray], *, fmt: str | None = N
             elif fmt == "safetensors":
                 _st_write(tmp, arrays, template)
             else:
-                _hdf5_write(tmp, arrays, template)
+                _hdf5_write(tmp, path, arrays, template)
         except OSError as exc:
             raise OutputError(f"{path}: cannot write: {exc.strerror or exc}") from exc
     return fmt
@@ -452,8 +452,11 @@ def write_model(path: str, arrays: dict[str, np.ndarray], *, fmt: str | None = N
 def _npz_write(tmp: str, arrays: dict, compressed: bool) -> None:
     # zipfile + write_array rather than np.savez: any key is allowed (np.savez
     # takes them as keyword arguments, so a layer named "file" would clash)
+    from bnstat.io.atomic import StreamOnly, is_special
+
     method = zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED
-    with zipfile.ZipFile(tmp, "w", compression=method, allowZip64=True) as zf:
+    with open(tmp, "wb") as fh, zipfile.ZipFile(StreamOnly(fh) if is_special(tmp) else fh, "w",
+                                                compression=method, allowZip64=True) as zf:
         for name, a in arrays.items():
             with zf.open(name + ".npy", "w", force_zip64=True) as fh:
                 np.lib.format.write_array(fh, np.asanyarray(a), allow_pickle=False)
@@ -490,39 +493,43 @@ def _st_write(tmp: str, arrays: dict, template: ModelIndex | None) -> None:
             fh.write(raw)
 
 
-def _hdf5_write(tmp: str, arrays: dict, template: ModelIndex | None) -> None:
-    import h5py
+def _hdf5_write(tmp: str, path: str, arrays: dict, template: ModelIndex | None) -> None:
+    from bnstat.io.atomic import hdf5_file
 
     if template is None or template.format != "hdf5" or template.path is None:
-        with h5py.File(tmp, "w") as f:
+        with hdf5_file(tmp, path) as (f, _check):
             for name, a in arrays.items():
                 f.create_dataset(name, data=np.asarray(a))
         return
     shutil.copyfile(template.path, tmp)
+    with hdf5_file(tmp, path, "r+") as (f, _check):
+        _hdf5_edit(f, arrays, template)
+
+
+def _hdf5_edit(f, arrays: dict, template: ModelIndex) -> None:
     old = template.entries
     dropped = [n for n in old if n not in arrays]
     names = list(arrays)
     added = [(n, names[i - 1] if i else None) for i, n in enumerate(names) if n not in old]
-    with h5py.File(tmp, "r+") as f:
-        for name, a in arrays.items():
-            if name in old:
-                ds = f[name]
-                a = np.asarray(a)
-                if ds.shape == a.shape and ds.dtype == a.dtype:
-                    if not _same(template, name, a):
-                        ds[()] = a
-                else:  # a changed shape or dtype: recreate it, keeping attributes
-                    attrs = dict(ds.attrs)
-                    del f[name]
-                    new = f.create_dataset(name, data=a)
-                    for k, v in attrs.items():
-                        new.attrs[k] = v
-        for name in dropped:
-            del f[name]
-        emptied = _remove_emptied_groups(f, dropped)
-        for name, _anchor in added:
-            f.create_dataset(name, data=np.asarray(arrays[name]))
-        _fix_keras_attrs(f, dropped, added, emptied)
+    for name, a in arrays.items():
+        if name in old:
+            ds = f[name]
+            a = np.asarray(a)
+            if ds.shape == a.shape and ds.dtype == a.dtype:
+                if not _same(template, name, a):
+                    ds[()] = a
+            else:  # a changed shape or dtype: recreate it, keeping attributes
+                attrs = dict(ds.attrs)
+                del f[name]
+                new = f.create_dataset(name, data=a)
+                for k, v in attrs.items():
+                    new.attrs[k] = v
+    for name in dropped:
+        del f[name]
+    emptied = _remove_emptied_groups(f, dropped)
+    for name, _anchor in added:
+        f.create_dataset(name, data=np.asarray(arrays[name]))
+    _fix_keras_attrs(f, dropped, added, emptied)
 
 
 def _same(template: ModelIndex, name: str, a: np.ndarray) -> bool:
