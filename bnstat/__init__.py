@@ -65,8 +65,8 @@ def normalize(*args, **kwargs):
 
 
 def fold(*args, **kwargs):
-    """Fold BatchNorm layers into the layers that feed them; see ``bnstat.fold.fold``."""
-    from bnstat.fold import fold as _fold
+    """Fold BatchNorm layers into the layers that feed them; see ``bnstat.folding.fold``."""
+    from bnstat.folding import fold as _fold
 
     return _fold(*args, **kwargs)
 

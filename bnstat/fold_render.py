@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from bnstat.fold import CONVENTION_LABEL, FoldResult
+from bnstat.folding import CONVENTION_LABEL, FoldResult
 from bnstat.render import emit_rich
 
 

@@ -2,7 +2,7 @@
 refusals, model files (npz, HDF5, safetensors) and the CLI.
 
 The references here are written from the frameworks' definitions, not from
-bnstat.fold: convolutions as loops over output (or input) positions in the
+bnstat.folding: convolutions as loops over output (or input) positions in the
 layer's own layout (channels-first for PyTorch, channels-last with the Keras
 kernel layouts), BatchNorm in inference mode as (y - mean) / sqrt(var + eps)
 * gamma + beta. A folded layer must equal layer-then-BN within float32
@@ -215,7 +215,7 @@ def torch_input(rng, kind, shape, groups, spatial):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("case", TORCH_CASES, ids=[c[0] for c in TORCH_CASES])
 def test_pytorch_layouts_drop(case, bias, rng):
-    from bnstat.fold import fold
+    from bnstat.folding import fold
 
     _, shape, groups, kind, spatial = case
     d, cout = torch_case(rng, shape, groups, kind, bias)
@@ -239,7 +239,7 @@ def test_pytorch_layouts_drop(case, bias, rng):
 
 @pytest.mark.parametrize("case", TORCH_CASES, ids=[c[0] for c in TORCH_CASES])
 def test_pytorch_layouts_identity(case, rng):
-    from bnstat.fold import fold
+    from bnstat.folding import fold
 
     _, shape, groups, kind, spatial = case
     d, cout = torch_case(rng, shape, groups, kind, bias=True)
@@ -262,7 +262,7 @@ def test_pytorch_layouts_identity(case, rng):
 
 def _same_from_written_plan(d, res):
     """The plan --dry-run --plan writes, fed back, folds the same way."""
-    from bnstat.fold import fold
+    from bnstat.folding import fold
 
     doc = json.loads(res.plan_json())
     again = fold(d, plan=doc, bn=res.bn_mode, check=True)
@@ -318,7 +318,7 @@ KERAS_KINDS = ["dense", "conv1d", "conv2d", "conv2d-grouped", "depthwise", "conv
 @pytest.mark.parametrize("kind", KERAS_KINDS)
 @pytest.mark.parametrize("mode", ["drop", "identity"])
 def test_keras_layouts(kind, mode, rng):
-    from bnstat.fold import fold
+    from bnstat.folding import fold
 
     d, run, xs, pname = _keras_model(rng, kind)
     plan = None
@@ -345,7 +345,7 @@ def test_keras_layouts(kind, mode, rng):
 
 
 def test_keras_conv_without_bias_gets_one_with_suffix(rng):
-    from bnstat.fold import fold
+    from bnstat.folding import fold
 
     d, run, xs, pname = _keras_model(rng, "conv2d")
     del d["block1_conv/bias:0"]
@@ -358,7 +358,7 @@ def test_keras_conv_without_bias_gets_one_with_suffix(rng):
 
 
 def test_keras_separable_folds_into_pointwise(rng):
-    from bnstat.fold import fold
+    from bnstat.folding import fold
 
     dw = rng.normal(size=(3, 3, 4, 2)).astype(np.float32)
     pw = rng.normal(size=(1, 1, 8, 5)).astype(np.float32)
@@ -377,7 +377,7 @@ def test_keras_separable_folds_into_pointwise(rng):
 
 
 def test_conv_transpose_square_weight_reads_as_conv_unless_the_plan_says(rng):
-    from bnstat.fold import fold
+    from bnstat.folding import fold
 
     d, _ = torch_case(rng, (4, 4, 3, 3), 1, "conv_transpose")
     assert fold(d).pairs[0].reading.kind == "conv"  # SPEC 3: the ordinary reading wins
@@ -393,7 +393,7 @@ def test_conv_transpose_square_weight_reads_as_conv_unless_the_plan_says(rng):
 
 
 def test_bn_without_affine_folds_with_gamma_1_beta_0(rng):
-    from bnstat.fold import fold
+    from bnstat.folding import fold
 
     w = rng.normal(size=(5, 3, 3, 3)).astype(np.float32)
     d = {"conv.weight": w, **torch_bn(rng, "bn", 5, affine=False)}
@@ -414,7 +414,7 @@ def test_bn_without_affine_folds_with_gamma_1_beta_0(rng):
 
 
 def test_float64_stays_float64_and_exact(rng):
-    from bnstat.fold import fold
+    from bnstat.folding import fold
 
     d, _ = torch_case(rng, (6, 4, 3, 3), 1, "conv", dtype=np.float64)
     res = fold(d, check=True)
@@ -423,7 +423,7 @@ def test_float64_stays_float64_and_exact(rng):
 
 
 def test_float16_overflow_and_subnormal_warn(rng):
-    from bnstat.fold import fold
+    from bnstat.folding import fold
 
     w = np.full((2, 1, 1, 1), 1000.0, np.float16)
     d = {"conv.weight": w, "bn.running_mean": np.zeros(2, np.float16),
@@ -436,7 +436,7 @@ def test_float16_overflow_and_subnormal_warn(rng):
         fold({**d, "conv.weight": np.full((2, 1, 1, 1), 1e-3, np.float16),
               "bn.weight": np.array([1.0, 1e-3], np.float16)}, eps=0.0)
     # and the check catches the broken layer: exit 1, nothing written
-    from bnstat.fold import FoldCheckError
+    from bnstat.folding import FoldCheckError
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BnstatWarning)
@@ -471,7 +471,7 @@ def small_net(rng):
 
 
 def test_resnet_block_with_downsample(rng):
-    from bnstat.fold import fold
+    from bnstat.folding import fold
 
     d = small_net(rng)
     res = fold(d, check=True)
@@ -514,7 +514,7 @@ def ambiguous_model(rng):
 
 
 def test_ambiguous_bn_is_reported_not_folded_until_pair(rng):
-    from bnstat.fold import fold
+    from bnstat.folding import fold
 
     d = ambiguous_model(rng)
     with pytest.warns(BnstatWarning, match="left unfolded"):
@@ -533,7 +533,7 @@ def test_ambiguous_bn_is_reported_not_folded_until_pair(rng):
 
 
 def test_pre_activation_and_sequential_gaps_are_not_folded(rng):
-    from bnstat.fold import fold
+    from bnstat.folding import fold
 
     d = {"features.0.weight": conv_w(rng, 8, 3), **torch_bn(rng, "features.2", 8),  # ReLU at 1
          **torch_bn(rng, "block.bn1", 8), "block.conv1.weight": conv_w(rng, 8, 8)}  # BN -> conv
@@ -628,7 +628,7 @@ def _walk(f):
 
 
 def test_describe_model(tmp_path, rng):
-    from bnstat.fold import describe_model
+    from bnstat.folding import describe_model
 
     p = tmp_path / "m.npz"
     np.savez(p, **small_net(rng))
@@ -689,7 +689,7 @@ def test_refusals_cli(which, tmp_path, rng, cli):
 
 @pytest.mark.parametrize("which", REFUSALS)
 def test_refusals_api(which, rng):
-    from bnstat.fold import fold
+    from bnstat.folding import fold
 
     d, extra, message = _refusal_models(rng)[which]
     with pytest.raises(DataError, match=message.split(":")[0]):
@@ -816,7 +816,7 @@ def test_eps_default_printed_and_override(tmp_path, rng, cli):
     assert "PyTorch default 1e-05" in out
     code, out, _ = cli("fold", src, "--dry-run", "--eps", "0.001")
     assert "eps 0.001 (--eps)" in out
-    from bnstat.fold import fold
+    from bnstat.folding import fold
 
     d = small_net(rng)
     res = fold(d, eps=1e-3)
@@ -841,7 +841,7 @@ def test_existing_output_needs_force(tmp_path, rng, cli):
 
 @pytest.mark.parametrize("fmt", ["npz", "npz-compressed", "h5", "safetensors"])
 def test_formats_round_trip(fmt, tmp_path, rng):
-    from bnstat.fold import fold
+    from bnstat.folding import fold
     from bnstat.io.models import read_model
 
     d = small_net(rng)
@@ -879,7 +879,7 @@ def test_formats_round_trip(fmt, tmp_path, rng):
 def test_safetensors_bf16_and_metadata(tmp_path, rng):
     import struct
 
-    from bnstat.fold import fold
+    from bnstat.folding import fold
     from bnstat.io.models import read_model
 
     w = rng.normal(size=(4, 3, 1, 1)).astype(np.float32)
@@ -912,7 +912,7 @@ def test_safetensors_bf16_and_metadata(tmp_path, rng):
 def test_help_does_not_import_heavy_modules():
     code = ("import sys; from bnstat.cli import main\n"
             "try:\n    main(['fold', '--help'])\nexcept SystemExit:\n    pass\n"
-            "bad = [m for m in ('numba', 'h5py', 'rich', 'bnstat.fold') if m in sys.modules]\n"
+            "bad = [m for m in ('numba', 'h5py', 'rich', 'bnstat.folding') if m in sys.modules]\n"
             "print(bad)")
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -924,7 +924,7 @@ def test_sample_model_acceptance(tmp_path, cli):
     """Issue 4, acceptance 4: the sample model folds with every error <= 1e-5 relative."""
     sample = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           "sample_data", "model.npz")
-    from bnstat.fold import fold
+    from bnstat.folding import fold
 
     res = fold(sample, output=str(tmp_path / "folded.npz"), check=True)
     assert res.pairs and all(p.check_rel <= 1e-5 for p in res.pairs)
@@ -1066,7 +1066,7 @@ def test_keras_model_config_graph_eps_kinds_and_activations(tmp_path, rng, cli):
     ]
     path = tmp_path / "model.h5"
     _keras_h5(path, spec, rng)
-    from bnstat.fold import fold
+    from bnstat.folding import fold
 
     with pytest.warns(BnstatWarning, match="3 BatchNorm layer"):
         res = fold(str(path), check=True)
@@ -1104,7 +1104,7 @@ def test_keras_model_config_graph_eps_kinds_and_activations(tmp_path, rng, cli):
 
 
 def test_keras_sequential_config(tmp_path, rng):
-    from bnstat.fold import fold
+    from bnstat.folding import fold
 
     k = lambda *s: rng.normal(size=s).astype(np.float32)  # noqa: E731
     spec = [("dense", "Dense", {"activation": "linear"}, [], {"kernel": k(4, 6), "bias": k(6)}),
@@ -1121,7 +1121,7 @@ def test_keras_sequential_config(tmp_path, rng):
 
 
 def test_square_transpose_named_weight_is_warned_about(rng):
-    from bnstat.fold import fold
+    from bnstat.folding import fold
 
     d = {"decoder.up.weight": conv_w(rng, 8, 8), **torch_bn(rng, "decoder.up_bn", 8)}
     with pytest.warns(BnstatWarning, match="named like a transposed conv"):
@@ -1130,7 +1130,7 @@ def test_square_transpose_named_weight_is_warned_about(rng):
 
 
 def test_keras_names_without_suffix_in_npz(tmp_path, rng):
-    from bnstat.fold import fold
+    from bnstat.folding import fold
 
     d = {"conv1_conv/kernel": rng.normal(size=(3, 3, 3, 4)).astype(np.float32),
          "conv1_conv/bias": np.zeros(4, np.float32),
@@ -1149,7 +1149,7 @@ def test_keras_names_without_suffix_in_npz(tmp_path, rng):
 def test_densenet_like_pre_activation_and_name_mismatch(rng):
     """norm1 precedes conv1 (pre-activation): not folded; norm2 is named like conv2 but fed by
     conv1, the only unpaired 128-output layer directly before it: folded into conv1."""
-    from bnstat.fold import fold
+    from bnstat.folding import fold
 
     p = "features.denseblock1.denselayer1."
     d = {"features.conv0.weight": conv_w(rng, 64, 3), **torch_bn(rng, "features.norm0", 64),
@@ -1164,7 +1164,7 @@ def test_densenet_like_pre_activation_and_name_mismatch(rng):
 
 
 def test_one_layer_named_for_two_bns_is_ambiguous(rng):
-    from bnstat.fold import fold
+    from bnstat.folding import fold
 
     d = {"conv.weight": conv_w(rng, 8, 3), **torch_bn(rng, "bn", 8), **torch_bn(rng, "norm", 8)}
     with pytest.warns(BnstatWarning, match="2 BatchNorm layer"):
@@ -1185,9 +1185,9 @@ def test_dry_run_plan_file_exists(tmp_path, rng, cli):
     assert code == 0 and json.loads(plan.read_text())["pairs"]
 
 
-def test_bnstat_fold_is_callable_after_the_module_is_imported(rng):
+def test_bnstat_fold_is_callable_after_the_package_is_imported(rng):
     import bnstat
-    import bnstat.fold  # noqa: F401  (rebinds the package attribute to the module)
+    import bnstat.folding  # noqa: F401  (the package is bnstat.folding: bnstat.fold stays the function)
 
     res = bnstat.fold(small_net(rng))
     assert len(res.pairs) == 5

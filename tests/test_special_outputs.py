@@ -73,7 +73,7 @@ def test_library_normalize_never_writes_over_its_stats_file(d):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_fold_never_writes_over_its_plan(d, kind):
-    from bnstat.fold import fold  # a plan the fold reads: written by --dry-run
+    from bnstat import fold  # a plan the fold reads: written by --dry-run
 
     np.savez(d / "model.npz", **{"0.weight": np.ones((3, 2), np.float32), "0.bias": np.zeros(3, np.float32),
                                  "1.weight": np.ones(3, np.float32), "1.bias": np.zeros(3, np.float32),

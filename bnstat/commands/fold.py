@@ -57,7 +57,7 @@ def command(model, pairs, plan, dry_run, eps, bn_mode, check, output, force, qui
       bnstat fold weights.h5 -o folded.h5 --bn identity
     """
     from bnstat import fold_render
-    from bnstat.fold import FoldCheckError, fold
+    from bnstat.folding import FoldCheckError, fold
 
     if output is None and not dry_run:
         raise click.UsageError("fold needs -o OUTPUT (or --dry-run to see the plan)")

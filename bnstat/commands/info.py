@@ -47,7 +47,7 @@ def command(inputs, datasets, fmt, output, force, quiet, threads, chunk_size):
 def _model_lines(inputs) -> list[str]:
     """What `fold` would see in model files; nothing for activation files."""
     try:
-        from bnstat.fold import describe_model
+        from bnstat.folding import describe_model
     except ImportError:
         return []
     lines: list[str] = []

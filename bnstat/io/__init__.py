@@ -7,39 +7,27 @@
 from __future__ import annotations
 
 import fnmatch
-import os
 
 from bnstat.errors import InputError
 from bnstat.io.base import ArraySource, MemorySource, check_shape, read_head
 
 __all__ = ["ArraySource", "MemorySource", "open_sources", "sniff"]
 
-NPY_MAGIC = b"\x93NUMPY"
-ZIP_MAGIC = b"PK\x03\x04"
-HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
-
-
 def sniff(path: str) -> str:
     """'npy', 'npz' or 'hdf5' from the file's first bytes (else its extension).
 
     Raises InputError for missing, unreadable, empty or unknown files.
     """
-    head = read_head(path, 8)
+    from bnstat.io import magic
+
+    head = read_head(path, magic.HEAD_BYTES)
     if not head:
         raise InputError(f"{path}: empty file")
-    if head.startswith(NPY_MAGIC):
-        return "npy"
-    if head.startswith(ZIP_MAGIC) or head.startswith(b"PK\x05\x06"):
-        return "npz"
-    if head.startswith(HDF5_MAGIC):
-        return "hdf5"
-    ext = os.path.splitext(path)[1].lower()
-    if ext in (".h5", ".hdf5", ".hdf"):
-        # HDF5 allows a user block before the signature (at 512, 1024, ...)
-        from bnstat.io.hdf5 import is_hdf5
-
-        if is_hdf5(path):
-            return "hdf5"
+    kind = {"npy": "npy", "zip": "npz", "hdf5": "hdf5"}.get(magic.container(path, head))
+    if kind is not None:
+        return kind
+    ext = magic.extension(path)
+    if ext in magic.HDF5_EXTS:
         raise InputError(f"{path}: not an HDF5 file (no HDF5 signature)")
     kinds = {".npy": "a .npy array", ".npz": "a .npz (zip) file"}
     if ext in kinds:

@@ -271,19 +271,22 @@ class _GuardedFile:
         with contextlib.suppress(OSError):
             self._fh.close()
 
-    def check(self, where: str) -> None:
+    def check(self, where: str | None) -> None:
         if self.error is not None:
+            if where is None:
+                raise self.error
             raise OutputError(f"{where}: cannot write: {self.error.strerror or self.error}")
 
 
 @contextlib.contextmanager
-def hdf5_file(tmp: str, path: str, mode: str = "w") -> Iterator:
+def hdf5_file(tmp: str, path: str | None = None, mode: str = "w") -> Iterator:
     """``h5py.File`` on the temporary file ``tmp`` of the output ``path``.
 
     ``mode`` "w" (a new file) or "r+" (a copy being edited). Yields
-    ``(f, check)``: ``check()`` raises OutputError once a write failed (a full
-    disk); it is called again on close, after HDF5 has closed every object,
-    so that nothing of HDF5 outlives the file removed by atomic_path.
+    ``(f, check)``: ``check()`` raises OutputError naming ``path`` (without
+    ``path``: the OSError) once a write failed (a full disk); it is called
+    again on close, after HDF5 has closed every object, so that nothing of
+    HDF5 outlives the file removed by atomic_path.
     """
     import h5py
 
@@ -301,4 +304,6 @@ def hdf5_file(tmp: str, path: str, mode: str = "w") -> Iterator:
             guard.close()
         guard.check(path)
     except OSError as exc:
+        if path is None:
+            raise
         raise OutputError(f"{path}: cannot write: {exc.strerror or exc}") from exc

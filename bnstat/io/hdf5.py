@@ -13,8 +13,6 @@ import numpy as np
 from bnstat.errors import InputError
 from bnstat.io.base import ArraySource, check_dtype
 
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
 
 def _h5py():
     import h5py
