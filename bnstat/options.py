@@ -50,7 +50,30 @@ def parse_size(text: str) -> int:
     value = float(match.group(1)) * _UNITS[match.group(2).lower()]
     if value < 1:
         raise ValueError(f"{text!r} is smaller than one byte")
+    if not value < MAX_SIZE:  # 200 digits (or inf): no machine has that much memory
+        raise ValueError(f"{text!r} is larger than any memory (at most 1 PiB)")
     return int(value)
+
+
+MAX_SIZE = float(1 << 50)
+
+
+def _threads_callback(ctx, param, value):
+    """--threads above the cores this process may use: capped there, with a warning."""
+    if value is None:
+        return None
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    if value > cores:
+        from bnstat.errors import warn
+
+        warn(f"--threads {value}: this machine gives bnstat {cores} cores; using {cores}")
+        return cores
+    return value
 
 
 def _size_callback(ctx, param, value):
@@ -119,7 +142,7 @@ quiet_option = click.option(
     "-q", "--quiet", is_flag=True, callback=_quiet_callback,
     help="No warnings and no progress bar.")
 threads_option = click.option(
-    "--threads", type=click.IntRange(min=1), default=None, metavar="N",
+    "--threads", type=click.IntRange(min=1), default=None, metavar="N", callback=_threads_callback,
     help="Number of compute threads (default: all cores).")
 chunk_size_option = click.option(
     "--chunk-size", type=str, default=None, callback=_size_callback, metavar="SIZE",

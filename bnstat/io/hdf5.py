@@ -6,6 +6,7 @@ Datasets are read in slabs along axis 0 aligned to the dataset's chunks, with
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -34,8 +35,17 @@ def walk(path: str, h5file) -> Iterator[tuple[str, object, str | None]]:
     external link); such entries have no dataset.
     """
     h5py = _h5py()
+    seen: set = set()  # groups walked: a link back (soft, hard, external to itself) is a cycle
 
     def visit(group, prefix):
+        try:
+            info = h5py.h5o.get_info(group.id)
+            ident = (info.fileno, info.addr)
+        except (OSError, ValueError, AttributeError):
+            ident = None
+        if ident in seen:
+            return
+        seen.add(ident)
         for key in group:
             name = f"{prefix}{key}"
             link = group.get(key, getlink=True)
@@ -58,6 +68,38 @@ def walk(path: str, h5file) -> Iterator[tuple[str, object, str | None]]:
     yield from visit(h5file, "")
 
 
+# registered HDF5 filter ids (https://github.com/HDFGroup/hdf5_plugins) whose
+# name a file may leave out
+_FILTER_NAMES = {307: "bzip2", 32000: "LZF", 32001: "Blosc", 32004: "LZ4", 32008: "Bitshuffle",
+                 32013: "ZFP", 32015: "Zstandard", 32017: "SZ", 32026: "Blosc2"}
+
+
+def check_filters(dataset, where: str) -> None:
+    """Refuse, before reading, a dataset whose filter HDF5 does not have (a missing plugin).
+
+    hdf5plugin, when installed, is imported first: it registers Blosc, LZ4,
+    Zstd, Bitshuffle... HDF5's own message names a plugin folder, not the filter.
+    """
+    h5py = _h5py()
+    plist = dataset.id.get_create_plist()
+    missing = []
+    for i in range(plist.get_nfilters()):
+        code, _flags, _values, name = plist.get_filter(i)
+        if not h5py.h5z.filter_avail(code):
+            missing.append((code, name.decode("latin1", "replace") if isinstance(name, bytes) else name))
+    if missing:
+        try:
+            import hdf5plugin  # noqa: F401 - registers the filters it ships
+        except ImportError:
+            pass
+        missing = [(c, n) for c, n in missing if not h5py.h5z.filter_avail(c)]
+    if missing:
+        names = ", ".join(f"{n or _FILTER_NAMES.get(c, 'unnamed')} (id {c})" for c, n in missing)
+        raise InputError(f"{where}: compressed with a filter HDF5 does not have here: {names}",
+                         "Install hdf5plugin (pip install hdf5plugin), or the filter's plugin "
+                         "in HDF5_PLUGIN_PATH.")
+
+
 class Hdf5Source(ArraySource):
     kind = "hdf5"
 
@@ -72,6 +114,7 @@ class Hdf5Source(ArraySource):
         # two slab buffers: reading (or inflating) the next slab overlaps computing on this one
         self.double_buffered = True
         check_dtype(self.dtype, self.where)
+        check_filters(dataset, self.where)
 
     def iter_chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """Slabs of ``rows`` rows (aligned to the dataset's chunks by the caller).
@@ -227,6 +270,18 @@ def _iter_deflate(ds, rows, bufs, pipeline):
             wait(pending)  # nothing writes into a buffer after the caller is gone
 
 
+@contextlib.contextmanager
+def _corrupt(path: str):
+    """What HDF5 raises on a damaged file while it is walked, as an InputError."""
+    try:
+        yield
+    except RecursionError as exc:
+        raise InputError(f"{path}: groups nested too deep to walk") from exc
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise InputError(f"{path}: corrupt HDF5 file ({first})") from exc
+
+
 def open_hdf5(path: str, selected) -> list[ArraySource]:
     """The numeric datasets of ``path`` of 2+ dimensions that ``selected(name)`` accepts.
 
@@ -240,7 +295,7 @@ def open_hdf5(path: str, selected) -> list[ArraySource]:
     except OSError as exc:
         raise InputError(f"{path}: not a readable HDF5 file ({exc})") from exc
     sources = []
-    with f:
+    with f, _corrupt(path):
         for name, ds, problem in walk(path, f):
             explicit = selected(name)
             if explicit is False:

@@ -15,16 +15,10 @@ from bnstat.io.models.base import ModelFile, ModelFormat, ModelIndex, check_nume
 
 def _npy_header(fh, where: str):
     """(shape, dtype) of a .npy stream's header. Raises InputError."""
-    fmt = np.lib.format
-    try:
-        version = fmt.read_magic(fh)
-        if version == (1, 0):
-            shape, _fortran, dtype = fmt.read_array_header_1_0(fh, max_header_size=1 << 20)
-        else:
-            shape, _fortran, dtype = fmt.read_array_header_2_0(fh, max_header_size=1 << 20)
-    except (ValueError, SyntaxError, TypeError, EOFError) as exc:
-        raise InputError(f"{where}: not a .npy array ({exc})") from exc
-    return tuple(int(s) for s in shape), dtype
+    from bnstat.io.npy import read_npy_header
+
+    shape, _fortran, dtype = read_npy_header(fh, where)
+    return shape, dtype
 
 
 def index(path: str) -> ModelIndex:
