@@ -4,7 +4,8 @@ import signal as _signal
 _signal.signal(_signal.SIGINT, lambda *_: __import__("os")._exit(130))
 _signal.signal(_signal.SIGTERM, lambda *_: __import__("os")._exit(143))
 
-from bnstat.cli import main  # noqa: E402
+from bnstat import cli  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    cli.CONSOLE = True
+    cli.main()

@@ -24,8 +24,8 @@ def _early_exit(signum, frame):
 # imported) exits at once: nothing is written yet, and Python's default would
 # print a KeyboardInterrupt traceback. Only in the console script (python -m
 # bnstat does the same in __main__); a program importing bnstat keeps its own.
-if os.path.basename(sys.argv[0] if sys.argv else "") == "bnstat" \
-        and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+CONSOLE = os.path.basename(sys.argv[0] if sys.argv else "") == "bnstat"  # __main__ sets it too
+if CONSOLE and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, _early_exit)
     signal.signal(signal.SIGTERM, _early_exit)
 
@@ -288,4 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.flush()
     except (OSError, ValueError):  # bytes that cannot be delivered (full disk, closed pipe):
         _silence_stdout()          # leave without the interpreter's "Exception ignored"
+    if CONSOLE:  # the process ends: a late Ctrl-C must not kill the interpreter's finalization
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(code)

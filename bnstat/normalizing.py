@@ -143,6 +143,15 @@ def model_bn_params(arrays: dict[str, np.ndarray], name: str, where: str, eps: f
     var = get("moving_variance" if keras else "running_var")
     gamma = get("gamma" if keras else "weight")
     beta = get("beta" if keras else "bias")
+    parts = {roles[r]: v for r, v in zip(("moving_mean" if keras else "running_mean",
+                                          "moving_variance" if keras else "running_var",
+                                          "gamma" if keras else "weight", "beta" if keras else "bias"),
+                                         (mean, var, gamma, beta), strict=True) if v is not None}
+    shapes = {key: v.shape for key, v in parts.items()}
+    if any(len(sh) != 1 for sh in shapes.values()) or len(set(shapes.values())) != 1:
+        listing = ", ".join(f"{k} {sh}" for k, sh in shapes.items())
+        raise DataError(f"{where}: BatchNorm {layer}: its parameters must be 1-D arrays of one "
+                        f"length (C); they are {listing}")
     if np.any(np.isnan(var)) or np.any(var < 0):
         raise DataError(f"{where}: BatchNorm {layer}: running variance is negative or NaN")
     for label, value in (("running mean", mean), ("weight", gamma), ("bias", beta)):

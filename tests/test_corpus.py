@@ -280,3 +280,132 @@ def test_bad_hdf5(tmp_path, case, command):
     assert path.name in err, err
     if case == "unknown_filter":
         assert "Blosc (id 32001)" in err and "hdf5plugin" in err
+
+
+# ---- models and plans ---------------------------------------------------------------------------
+
+
+def bn_model(path, c_conv=3, **bn):
+    arrays = {"0.weight": np.ones((c_conv, 2), "f4"), "0.bias": np.zeros(c_conv, "f4")}
+    params = {"weight": np.ones(3, "f4"), "bias": np.zeros(3, "f4"), "running_mean": np.zeros(3, "f4"),
+              "running_var": np.ones(3, "f4")}
+    params.update(bn)
+    arrays.update({f"1.{k}": v for k, v in params.items()})
+    np.savez(path, **arrays)
+    return path
+
+
+MODELS = {
+    "scalars": dict(weight=np.float32(1), bias=np.float32(0), running_mean=np.float32(0),
+                    running_var=np.float32(1)),
+    "mixed_lengths": dict(bias=np.zeros(4, "f4"), running_var=np.ones((3, 1), "f4")),
+    "wrong_length": dict(weight=np.ones(5, "f4"), bias=np.zeros(5, "f4"), running_mean=np.zeros(5, "f4"),
+                         running_var=np.ones(5, "f4")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MODELS))
+def test_normalize_with_a_bad_bn(tmp_path, case):
+    model = bn_model(tmp_path / "m.npz", **MODELS[case])
+    np.save(tmp_path / "x.npy", np.ones((4, 3), "f4"))
+    err = check(tmp_path, ["normalize", tmp_path / "x.npy", "--layout", "NC", "--model", model, "--bn", "1",
+                           "-o", tmp_path / "y.npy"])
+    assert "BatchNorm 1" in err, err
+
+
+@pytest.mark.parametrize("case", ["mixed_lengths"])
+def test_fold_with_a_bad_bn(tmp_path, case):
+    model = bn_model(tmp_path / "m.npz", **MODELS[case])
+    err = check(tmp_path, ["fold", model, "--pair", "0=1", "-o", tmp_path / "f.npz"])
+    assert "1" in err, err
+
+
+def deep_safetensors(path, text):
+    raw = text.encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    return path
+
+
+@pytest.mark.parametrize("text", ['{"a":' * 50_000 + "1" + "}" * 50_000, "[" * 100_000 + "]" * 100_000],
+                         ids=["objects", "arrays"])
+def test_deep_json_headers(tmp_path, text):
+    st = deep_safetensors(tmp_path / "m.safetensors", text)
+    err = check(tmp_path, ["fold", st, "-o", tmp_path / "f.safetensors"])
+    assert "m.safetensors" in err, err
+    (tmp_path / "plan.json").write_text(text)
+    model = bn_model(tmp_path / "m.npz")
+    err = check(tmp_path, ["fold", model, "--plan", tmp_path / "plan.json", "-o", tmp_path / "f.npz"])
+    assert "plan.json: not a JSON plan" in err, err
+
+
+# ---- signals ------------------------------------------------------------------------------------
+
+
+def test_three_quick_sigints(tmp_path):
+    """The second and third Ctrl-C land in the cleanup of the first: still exit 130, no traceback."""
+    import signal
+    import time
+
+    from test_faults import start, temp_files, wait_until_working
+
+    a = np.lib.format.open_memmap(tmp_path / "v.npy", "w+", np.float32, (20_000, 1000))
+    a[:] = 1
+    a.flush()
+    del a
+    proc = start(["normalize", tmp_path / "v.npy", "--layout", "NC", "--chunk-size", "256KiB", "--threads", "1",
+                  "-o", tmp_path / "o.npy"])
+    wait_until_working(proc, tmp_path, tmp_path / "v.npy", want_temp=True, min_read=1 << 62)
+    for _ in range(3):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.002)
+    _, err = proc.communicate(timeout=60)
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert temp_files(tmp_path) == [] and not (tmp_path / "o.npy").exists()
+
+
+@pytest.mark.parametrize("entry", ["python -m bnstat", "console script"])
+def test_sigint_before_the_handlers(tmp_path, entry):
+    """A Ctrl-C while Python still imports click and the commands: exit 130, no traceback.
+
+    The signal is sent right after the first module of the entry point ran, which
+    is where a real one lands in the first milliseconds.
+    """
+    if entry == "python -m bnstat":
+        code = "import os, signal, time, bnstat.__main__; os.kill(os.getpid(), signal.SIGINT); time.sleep(5)"
+    else:
+        code = ("import os, signal, sys, time; sys.argv = ['/usr/bin/bnstat']; import bnstat.cli; "
+                "os.kill(os.getpid(), signal.SIGINT); time.sleep(5)")
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, timeout=60)
+    err = proc.stderr.decode()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+def test_importing_bnstat_keeps_the_programs_sigint(tmp_path):
+    code = ("import signal, bnstat.cli, bnstat; "
+            "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler")
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
+
+
+def test_signal_wrapped_by_a_library(tmp_path, monkeypatch):
+    """SIGTERM while Numba compiles came out as numba's own error ("internal error"): now 143."""
+    from conftest import run_inproc
+
+    from bnstat import errors, stream
+
+    np.save(tmp_path / "x.npy", np.ones((4, 3), "f4"))
+
+    def compiling(*args, **kw):
+        import signal
+
+        errors.pending_signal = signal.SIGTERM  # what cli's handler records...
+        raise RuntimeError("no compiled object yet")  # ...and what numba raised instead
+
+    monkeypatch.setattr(stream, "compute_stats", compiling)
+    monkeypatch.setattr("bnstat.commands.moments.compute_stats", compiling, raising=False)
+    rc, out, err = run_inproc("moments", tmp_path / "x.npy", "--layout", "NC")
+    assert rc == 143, err
+    assert "internal error" not in err

@@ -57,7 +57,7 @@ def _keras_config(f) -> dict | None:
         return None
     try:
         doc = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None  # a broken config is ignored: names and shapes still pair
     return doc if isinstance(doc, dict) else None
 
