@@ -1,6 +1,6 @@
 """bnstat: exact, out-of-core statistics for normalization layers.
 
-The Python API (SPEC 4b)::
+The Python API (README, "Python API")::
 
     import bnstat
     stats = bnstat.moments("acts.h5", layout="NCHW")      # {name: Stats}
@@ -8,80 +8,124 @@ The Python API (SPEC 4b)::
     s.mean, s.var, s.std, s.min, s.max, s.count, s.nan_count
     both = s.merge(other)                                  # exact
 
-``source`` may be a path, a list of paths, or a numpy array. Heavy modules
-(numba, h5py) are imported on first use.
+``source`` may be a path (or any path-like), a list of them, a numpy array,
+a dict of named arrays, or anything with ``__array__`` (a torch tensor, an
+xarray DataArray). ``chunk_size`` is bytes or a size string (``"64MiB"``).
+Heavy modules (numba, h5py) are imported on first use. Every function raises
+:class:`bnstat.errors.BnstatError` subclasses: InputError (unreadable
+input), OutputError, DataError (NaN under ``nan="raise"``, bad model values),
+UsageProblem (arguments that do not fit the data).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
+
 from bnstat._version import __version__
+
+if TYPE_CHECKING:
+    from bnstat.stats import Stats
 
 __all__ = ["__version__", "moments", "normalize", "fold", "load_stats", "save_stats"]
 
 
-def _sources(source, dataset=None, check_crc=True):
-    import numpy as np
+def moments(source, *, layout: str | None = None, channel_axis: int | None = None,
+            norm: str = "batch", groups: int | None = None, reduce: str | None = None,
+            ddof: int = 0, dataset: str | Iterable[str] | None = None,
+            chunk_size: int | str | None = None, threads: int | None = None, higher: bool = False,
+            nan: str = "omit", per_file: bool = False,
+            progress: Callable[[int], None] | None = None, engine: str | None = None,
+            check_crc: bool = True) -> dict[str, Stats]:
+    """Per-unit statistics of every selected array of ``source``: ``{name: Stats}``.
 
-    from bnstat.io import MemorySource, open_sources
-
-    if isinstance(source, np.ndarray):
-        return [MemorySource(source)]
-    if isinstance(source, dict):
-        return [MemorySource(np.asarray(v), str(k)) for k, v in source.items()]
-    paths = [source] if isinstance(source, str | bytes) or hasattr(source, "__fspath__") else list(source)
-    patterns = [dataset] if isinstance(dataset, str) else list(dataset or ())
-    import os
-
-    return open_sources([os.fspath(p) for p in paths], patterns, check_crc=check_crc)
-
-
-def moments(source, *, layout=None, channel_axis=None, norm="batch", groups=None, reduce=None,
-            ddof=0, dataset=None, chunk_size=None, threads=None, higher=False, nan="omit",
-            per_file=False, progress=None, engine=None, check_crc=True):
-    """Per-unit statistics of every selected array of ``source``.
-
-    ``source``: a path, a list of paths (one data set split along N), a
-    numpy array, or a dict of named arrays. Returns ``{name: Stats}``.
-    ``engine``: "numba" (the parallel kernels), "numpy", or None: numpy for
-    inputs under 32 MiB, where loading the kernels would cost more.
-    ``check_crc=False`` skips the CRC-32 check of .npz members (``--skip-crc``).
-    Raises bnstat.errors.BnstatError (UsageProblem when the layout does not
-    fit an array).
+    ``source``: see the module docstring; several paths are one data set
+    split along N. ``engine``: "numba" (the parallel kernels), "numpy", or
+    None: numpy for inputs under 32 MiB, where loading the kernels would cost
+    more. ``check_crc=False`` skips the CRC-32 check of .npz members
+    (``--skip-crc``). Raises InputError (unreadable input, nothing selected),
+    UsageProblem (a layout that does not fit an array, a bad ``chunk_size``),
+    DataError (NaN values with ``nan="raise"``).
     """
-    from bnstat.stream import compute_stats
+    from bnstat.io import open_any
+    from bnstat.sizes import size_bytes
+    from bnstat.stream import DEFAULT_CHUNK_SIZE, compute_stats
 
-    sources = _sources(source, dataset, check_crc)
+    chunk = size_bytes(chunk_size, DEFAULT_CHUNK_SIZE)
+    sources = open_any(source, dataset, check_crc=check_crc)
     return compute_stats(sources, layout=layout, channel_axis=channel_axis, norm=norm,
                          groups=groups, reduce=reduce, ddof=ddof, higher=higher, nan_policy=nan,
-                         chunk_size=chunk_size, threads=threads, per_file=per_file,
+                         chunk_size=chunk, threads=threads, per_file=per_file,
                          progress=progress, engine=engine)
 
 
-def normalize(*args, **kwargs):
-    """Normalize arrays as BN/LN/IN/GN would; see ``bnstat.normalizing.normalize``."""
+def normalize(source, output: str | None = None, *, stats=None, model=None, bn: str | None = None,
+              eps: float | None = None, per_batch: int | None = None, layout: str | None = None,
+              channel_axis: int | None = None, norm: str | None = None, groups: int | None = None,
+              reduce: str | None = None, dataset: str | Iterable[str] | None = None,
+              chunk_size: int | str | None = None, threads: int | None = None, nan: str = "omit",
+              force: bool = False, progress: Callable[[int], None] | None = None,
+              engine: str | None = None, check_crc: bool = True):
+    """Normalize the selected arrays of ``source`` as BN/LN/IN/GN would.
+
+    y = (x - mean) / sqrt(var + eps) * gamma + beta. ``output``: a path in the
+    input's format ('-': a .npy stream); without it, an in-memory ``source``
+    is returned normalized (an array, or a dict for a dict). Statistics:
+    the input's own (default), ``per_batch=B``, ``stats`` (a stats file or
+    ``{name: Stats}``), or ``model`` + ``bn`` (a model file and one of its
+    BatchNorm layers). Returns ``{name: what was applied}`` when writing.
+    Raises InputError, OutputError (the output exists without ``force``, is
+    an input), DataError (stats that do not fit, NaN with ``nan="raise"``, a
+    bad BN layer), UsageProblem (conflicting arguments).
+    """
     from bnstat.normalizing import normalize as _normalize
 
-    return _normalize(*args, **kwargs)
+    return _normalize(source, output, stats=stats, model=model, bn=bn, eps=eps,
+                      per_batch=per_batch, layout=layout, channel_axis=channel_axis, norm=norm,
+                      groups=groups, reduce=reduce, dataset=dataset, chunk_size=chunk_size,
+                      threads=threads, nan=nan, force=force, progress=progress, engine=engine,
+                      check_crc=check_crc)
 
 
-def fold(*args, **kwargs):
-    """Fold BatchNorm layers into the layers that feed them; see ``bnstat.folding.fold``."""
+def fold(source, *, output: str | None = None, pairs: Iterable = (), plan=None,
+         eps: float | None = None, bn: str = "drop", check: bool = False, dry_run: bool = False,
+         plan_output: str | None = None, force: bool = False, seed: int = 0):
+    """Fold every BatchNorm of a model into the layer that feeds it; a FoldResult.
+
+    ``source``: a model file or a mapping of named arrays; ``pairs``:
+    ``"CONV=BN"`` strings or ``(conv, bn)`` tuples; ``plan``: a plan file or
+    dict; ``bn``: "drop" or "identity"; ``check``: test every pair on random
+    inputs. Writes ``output`` (and ``plan_output``) atomically unless
+    ``dry_run``. Raises InputError (unreadable model or plan), DataError
+    (refusals; FoldCheckError when a check fails), UsageProblem (bad pairs),
+    OutputError. Nothing is written when it raises.
+    """
     from bnstat.folding import fold as _fold
 
-    return _fold(*args, **kwargs)
+    return _fold(source, output=output, pairs=pairs, plan=plan, eps=eps, bn=bn, check=check,
+                 dry_run=dry_run, plan_output=plan_output, force=force, seed=seed)
 
 
-def load_stats(path):
-    """Read a stats file: ``{name: Stats}``."""
+def load_stats(path) -> dict[str, Stats]:
+    """Read a stats file written by ``save_stats`` / ``bnstat moments -o``: ``{name: Stats}``.
+
+    Raises InputError (missing, unreadable, not a stats file)."""
+    import os
+
     from bnstat.stats import load_stats as _load
 
-    return _load(path)
+    return _load(os.fspath(path))
 
 
-def save_stats(stats, path, *, force=False):
-    """Write ``{name: Stats}`` to a stats file, atomically."""
+def save_stats(stats: Mapping[str, Stats], path, *, force: bool = False) -> None:
+    """Write ``{name: Stats}`` to a stats file (.npz), atomically.
+
+    Raises OutputError (the file exists without ``force``, cannot be written)."""
+    import os
+
     from bnstat.io.atomic import atomic_open
     from bnstat.stats import save_stats as _save
 
-    with atomic_open(path, "wb", force=force) as fh:
-        _save(stats, fh)
+    with atomic_open(os.fspath(path), "wb", force=force) as fh:
+        _save(dict(stats), fh)
+

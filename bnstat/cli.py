@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import warnings
+from typing import NamedTuple
 
 
 def _early_exit(signum, frame):
@@ -34,25 +35,24 @@ import click  # noqa: E402
 from bnstat import options  # noqa: E402
 from bnstat._version import __version__  # noqa: E402
 
-COMMANDS = {
-    "info": "bnstat.commands.info",
-    "moments": "bnstat.commands.moments",
-    "show": "bnstat.commands.show",
-    "merge": "bnstat.commands.merge",
-    "normalize": "bnstat.commands.normalize",
-    "fold": "bnstat.commands.fold",
-}
 
-# one-line summaries for the root help, so that listing the commands does not
-# import them (each import would pull in its option declarations only, but
-# keep `bnstat --help` flat anyway)
-SUMMARIES = {
-    "info": "List the arrays of files: shape, dtype, chunks, compression, size.",
-    "moments": "Exact per-unit count, mean, var, std, min, max, NaN count.",
-    "show": "Render a saved stats file as a table, JSON or CSV.",
-    "merge": "Merge saved stats files exactly into one.",
-    "normalize": "Normalize arrays as BN / LayerNorm / InstanceNorm / GroupNorm would.",
-    "fold": "Fold BatchNorm layers into the conv / linear layers that feed them.",
+
+class Entry(NamedTuple):
+    """A command of the lazy table: its module (defining ``command``) and its one-line
+    summary for the root help, so that listing the commands imports none of them."""
+
+    module: str
+    summary: str
+
+
+# one line per command
+COMMANDS = {
+    "info": Entry("bnstat.commands.info", "List the arrays of files: shape, dtype, chunks, compression, size."),
+    "moments": Entry("bnstat.commands.moments", "Exact per-unit count, mean, var, std, min, max, NaN count."),
+    "show": Entry("bnstat.commands.show", "Render a saved stats file as a table, JSON or CSV."),
+    "merge": Entry("bnstat.commands.merge", "Merge saved stats files exactly into one."),
+    "normalize": Entry("bnstat.commands.normalize", "Normalize arrays as BN / LayerNorm / InstanceNorm / GroupNorm would."),
+    "fold": Entry("bnstat.commands.fold", "Fold BatchNorm layers into the conv / linear layers that feed them."),
 }
 
 
@@ -61,13 +61,13 @@ class LazyGroup(click.Group):
         return list(COMMANDS)
 
     def get_command(self, ctx, name):
-        module = COMMANDS.get(name)
-        if module is None:
+        entry = COMMANDS.get(name)
+        if entry is None:
             return None
-        return importlib.import_module(module).command
+        return importlib.import_module(entry.module).command
 
     def format_commands(self, ctx, formatter):
-        rows = [(name, SUMMARIES[name]) for name in COMMANDS]
+        rows = [(name, entry.summary) for name, entry in COMMANDS.items()]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
@@ -163,13 +163,21 @@ def _print_error(message: str) -> None:
         pass
 
 
-def _showwarning(message, category, filename, lineno, file=None, line=None):
-    if options.state.quiet:
-        return
-    try:
-        click.echo(f"bnstat: warning: {message}", err=True)
-    except (BrokenPipeError, OSError):
-        pass
+def _warning_printer(state: options.RunState):
+    """warnings.showwarning for one run: one line on stderr, nothing under --quiet.
+
+    Bound to the run's state (``ctx.obj``) rather than read from the current
+    click context: warnings also come from reader and writer threads.
+    """
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if state.quiet:
+            return
+        try:
+            click.echo(f"bnstat: warning: {message}", err=True)
+        except (BrokenPipeError, OSError):
+            pass
+
+    return showwarning
 
 
 def _silence_stdout() -> None:
@@ -199,25 +207,19 @@ def _buffer_stdout() -> None:
                                       errors=sys.stdout.errors, write_through=True)
 
 
-# True once main() runs: the process is the command line tool, not a library
-# user's program (bnstat.kernels takes a start-up shortcut only then)
-IN_MAIN = False
-
-
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script; exits with SPEC 4's status codes."""
     from bnstat import errors
     from bnstat.errors import BnstatError, BnstatWarning, Terminated
 
-    global IN_MAIN
-    IN_MAIN = True
+    from bnstat.kernels import _jit
 
     _closed_stdio()
+    _jit.setup(cli=True)  # the command line tool: numba's start-up shortcut (imports nothing)
     _buffer_stdout()
 
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
-    options.state.reset()
+    state = options.RunState()  # ctx.obj of every command of this run
     errors.pending_signal = None
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     previous_hook = sys.unraisablehook
@@ -225,11 +227,11 @@ def main(argv: list[str] | None = None) -> None:
     code = 0
     with warnings.catch_warnings():
         warnings.simplefilter("always", BnstatWarning)
-        warnings.showwarning = _showwarning
+        warnings.showwarning = _warning_printer(state)
         try:
             # make_context/invoke rather than cli.main: click's main turns a
             # broken pipe into exit 1 and KeyboardInterrupt into Abort itself
-            with cli.make_context("bnstat", args) as ctx:
+            with cli.make_context("bnstat", args, obj=state) as ctx:
                 cli.invoke(ctx)
             errors.check_interrupt()
             sys.stdout.flush()
@@ -248,14 +250,14 @@ def main(argv: list[str] | None = None) -> None:
             exc.show()
             code = exc.exit_code
         except BnstatError as exc:
-            if debug:
+            if state.debug:
                 import traceback
 
                 traceback.print_exc()
             _print_error(str(exc))
             code = exc.exit_code
         except OSError as exc:  # an I/O failure no layer below named (e.g. stdout on a full disk)
-            if debug:
+            if state.debug:
                 raise
             import errno
 
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as exc:  # an unexpected failure: still no traceback by default
             if errors.pending_signal is not None:  # a signal, wrapped by a library (numba's
                 code = 130 if errors.pending_signal == signal.SIGINT else 143  # compiler)
-            elif debug:
+            elif state.debug:
                 raise
             else:
                 # the first line only: errors are one or two lines (SPEC 4); numba's are dozens

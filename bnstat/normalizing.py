@@ -1,7 +1,7 @@
 """Normalization of arrays as BatchNorm / LayerNorm / InstanceNorm / GroupNorm would.
 
 y = (x - mean) / sqrt(var + eps) * gamma + beta per unit, with the biased
-variance (SPEC 1). The statistics come from
+variance (README, `bnstat normalize`). The statistics come from
 
 - the input itself: batch norm reads it twice (moments, then the writing
   pass); when the first axis is kept (layer, instance, group norm over N)
@@ -19,53 +19,19 @@ import contextlib
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from bnstat.errors import DataError, InputError, UsageProblem, check_interrupt, warn
+from bnstat.affine import WRITE_PIECE, UnitParams, apply_params, out_dtype, unit_range, write_pipeline
+from bnstat.errors import DataError, UsageProblem, check_interrupt, warn
 from bnstat.io import zlibx
 from bnstat.io.base import ArraySource
 from bnstat.layout import Plan, make_plan
 from bnstat.stats import Stats
 
 DEFAULT_EPS = 1e-5
-# Bytes of output normalized and written at a time: a piece this size is still in
-# the CPU's cache (L3: 32-48 MiB on these machines) when write() copies it into the page cache.
-# Whole 64 MiB chunks wrote at about half the speed (bench/README.md).
-WRITE_PIECE = 4 << 20
-
-
-@dataclass
-class UnitParams:
-    """Per-unit mean, scale = gamma/sqrt(var+eps) and shift = beta, float64, of unit_shape."""
-
-    mean: np.ndarray
-    scale: np.ndarray
-    shift: np.ndarray
-
-    @classmethod
-    def from_moments(cls, mean, var, eps, gamma=None, beta=None) -> UnitParams:
-        mean = np.asarray(mean, np.float64)
-        var = np.asarray(var, np.float64)
-        gamma = np.ones_like(var) if gamma is None else np.broadcast_to(np.asarray(gamma, np.float64), var.shape)
-        beta = np.zeros_like(var) if beta is None else np.broadcast_to(np.asarray(beta, np.float64), var.shape)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            scale = gamma / np.sqrt(var + eps)
-        return cls(mean, scale, np.array(beta, np.float64))
-
-    def map(self, fn) -> UnitParams:
-        return UnitParams(fn(self.mean), fn(self.scale), fn(self.shift))
-
-
-def out_dtype(dtype: np.dtype) -> np.dtype:
-    """float16/32/64 keep their dtype; integers become float32 (SPEC 3)."""
-    dtype = np.dtype(dtype).newbyteorder("=")
-    if dtype.kind == "f" and dtype.itemsize <= 8:
-        return dtype
-    if dtype.kind == "f":
-        return np.dtype(np.float64)
-    return np.dtype(np.float32)
 
 
 # ---- model files: BatchNorm parameters ---------------------------------------------
@@ -143,15 +109,9 @@ def model_bn_params(arrays: dict[str, np.ndarray], name: str, where: str, eps: f
     var = get("moving_variance" if keras else "running_var")
     gamma = get("gamma" if keras else "weight")
     beta = get("beta" if keras else "bias")
-    parts = {roles[r]: v for r, v in zip(("moving_mean" if keras else "running_mean",
-                                          "moving_variance" if keras else "running_var",
-                                          "gamma" if keras else "weight", "beta" if keras else "bias"),
-                                         (mean, var, gamma, beta), strict=True) if v is not None}
-    shapes = {key: v.shape for key, v in parts.items()}
-    if any(len(sh) != 1 for sh in shapes.values()) or len(set(shapes.values())) != 1:
-        listing = ", ".join(f"{k} {sh}" for k, sh in shapes.items())
-        raise DataError(f"{where}: BatchNorm {layer}: its parameters must be 1-D arrays of one "
-                        f"length (C); they are {listing}")
+    _check_bn_shapes(where, layer, {roles[r]: v for r, v in zip(
+        ("moving_mean", "moving_variance", "gamma", "beta") if keras else _PT_KEYS,
+        (mean, var, gamma, beta), strict=True) if v is not None})
     if np.any(np.isnan(var)) or np.any(var < 0):
         raise DataError(f"{where}: BatchNorm {layer}: running variance is negative or NaN")
     for label, value in (("running mean", mean), ("weight", gamma), ("bias", beta)):
@@ -162,25 +122,13 @@ def model_bn_params(arrays: dict[str, np.ndarray], name: str, where: str, eps: f
     return UnitParams.from_moments(mean, var, eps, gamma, beta), layer, eps
 
 
-def load_model_arrays(path: str) -> dict[str, np.ndarray]:
-    """Named arrays of a model file (.npz or HDF5). Raises InputError."""
-    from bnstat.io import sniff
-
-    kind = sniff(path)
-    if kind == "npz":
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                return {k: np.asarray(z[k]) for k in z.files}
-        except (ValueError, OSError) as exc:
-            raise InputError(f"{path}: cannot read the model ({exc})") from exc
-    if kind == "hdf5":
-        import h5py
-
-        from bnstat.io.hdf5 import walk
-
-        with h5py.File(path, "r") as f:
-            return {name: ds[()] for name, ds, problem in walk(path, f) if ds is not None}
-    raise InputError(f"{path}: a model file is a .npz or HDF5 file of named arrays")
+def _check_bn_shapes(where: str, layer: str, parts: dict[str, np.ndarray]) -> None:
+    """Refuse BN parameters that are not 1-D arrays of one length (scalars, (C, 1)...)."""
+    shapes = {key: v.shape for key, v in parts.items()}
+    if any(len(sh) != 1 for sh in shapes.values()) or len(set(shapes.values())) != 1:
+        listing = ", ".join(f"{k} {sh}" for k, sh in shapes.items())
+        raise DataError(f"{where}: BatchNorm {layer}: its parameters must be 1-D arrays of one "
+                        f"length (C); they are {listing}")
 
 
 # ---- the normalization -----------------------------------------------------------------
@@ -194,95 +142,342 @@ def _ext_kind(path: str) -> str | None:
     return {".npy": "npy", ".npz": "npz", ".h5": "hdf5", ".hdf5": "hdf5", ".hdf": "hdf5"}.get(ext)
 
 
-@contextlib.contextmanager
-def _pipeline(write, nbytes: int, n_threads: int):
-    """A BackgroundWriter for ``write`` (None: no pipeline, yields None).
-
-    While it runs, the kernels use one thread fewer: the writer thread has a
-    core of its own (on 2 cores: one computes, one writes).
-    """
-    if write is None:
-        yield None
-        return
-    from bnstat.io.writers import BackgroundWriter
-    from bnstat.stream import set_threads
-
-    if n_threads > 1:
-        set_threads(n_threads - 1)
-    try:
-        with BackgroundWriter(write, nbytes) as pipe:
-            yield pipe
-    finally:
-        if n_threads > 1:
-            set_threads(n_threads)
-
-
-def _unit_range(splan: Plan, read_shape, r0: int, rows: int, n_units: int):
-    """The flat units a chunk of rows [r0, r0+rows) covers (None: all units)."""
-    if 0 in splan.reduce and not (splan.groups is not None and splan.channel_axis == 0):
-        return None
-    if splan.groups is not None and splan.channel_axis == 0:
-        per = read_shape[0] // splan.groups
-        per_group = n_units // splan.groups
-        return (r0 // per) * per_group, ((r0 + rows) // per) * per_group
-    per_row = n_units // read_shape[0]
-    return r0 * per_row, (r0 + rows) * per_row
-
-
-def _apply(chunk: np.ndarray, splan: Plan, params: UnitParams, out: np.ndarray,
-           engine: str = "numba") -> np.ndarray:
-    """Normalize one chunk with flat per-unit params of its units into ``out`` (a buffer)."""
-    from bnstat.stream import blocks, kernel_input
-
-    shape4, perm = splan.kernel_view(chunk.shape)
-    x4 = kernel_input(chunk, splan)
-    P, _, U, _ = x4.shape
-    kdtype = np.float32 if out.dtype == np.float16 else out.dtype
-    result = out[:chunk.size].reshape(chunk.shape)
-    target = result if (perm is None and kdtype == out.dtype) else np.empty(shape4, kdtype)
-    mean, scale, shift = (a.reshape(P, 1, U, 1) for a in (params.mean, params.scale, params.shift))
-    if engine == "numpy":  # the kernel's arithmetic, in float64, a block at a time
-        t4 = target.reshape(shape4)
-        for ps, as_ in blocks(shape4):
-            t4[ps, as_] = (x4[ps, as_] - mean[ps]) * scale[ps] + shift[ps]
-    else:
-        from bnstat import kernels
-
-        kernels.normalize4(x4, params.mean.reshape(P, U), params.scale.reshape(P, U),
-                           params.shift.reshape(P, U), target.reshape(shape4))
-    if perm is None and target is result:
-        return result
-    if perm is not None:
-        exp, _ = splan.expanded(chunk.shape)
-        inv = np.argsort(perm)
-        target = target.reshape(tuple(exp[i] for i in perm)).transpose(inv).reshape(chunk.shape)
-    result[...] = target.reshape(chunk.shape)
-    return result
-
-
-def _chunk_params(chunk, splan, eps, nan_policy, where, engine="numba",
-                  nans: list[int] | None = None) -> UnitParams:
-    """Per-unit params from the chunk's own moments; ``nans`` collects NaN counts."""
+def _chunk_params(chunk, splan, run: Run, where: str, nans: list[int]) -> UnitParams:
+    """Per-unit params, flat, from the chunk's own moments; ``nans`` collects NaN counts."""
     from bnstat.stream import chunk_moments
 
-    m = chunk_moments(chunk, splan, threads=_threads(), engine=engine)
-    if nan_policy == "raise" and m.nan_count.any():
-        raise DataError(f"{where}: NaN values in the data", "Use --nan omit or --nan propagate.")
-    if nans is not None:
-        nans.append(int(m.nan_count.sum()))
+    m = chunk_moments(chunk, splan, threads=run.threads, engine=run.engine)
+    if run.nan == "raise" and m.nan_count.any():
+        raise DataError(f"{where}: NaN values in the data",
+                        "Use --nan/nan= omit or propagate.")
+    nans.append(int(m.nan_count.sum()))
     with np.errstate(invalid="ignore", divide="ignore"):
         var = np.where(m.count > 0, m.m2 / np.maximum(m.count, 1), np.nan)
     mean = np.where(m.count > 0, m.mean, np.nan)
-    if nan_policy == "propagate":
+    if run.nan == "propagate":
         mean = np.where(m.nan_count > 0, np.nan, mean)
-    return UnitParams.from_moments(mean, var, eps)
+    return UnitParams.from_moments(mean, var, run.eps).map(lambda a: np.ascontiguousarray(a).ravel())
 
 
-_THREADS = [1]
+# ---- resolving the statistics and planning the jobs -----------------------------------------
+
+@dataclass
+class Run:
+    """The settings one call shares between its jobs."""
+
+    eps: float
+    nan: str
+    chunk_size: int
+    per_batch: int | None
+    progress: Callable[[int], None] | None
+    engine: str = "numpy"
+    threads: int = 1
 
 
-def _threads() -> int:
-    return _THREADS[0]
+@dataclass
+class Job:
+    """One array to normalize and where its statistics come from (``strategy``):
+    "own" (a first pass over it), "saved" (``stats``), "model" (``params`` of
+    one BN layer), "per-batch" or "per-sample" (each chunk's own moments)."""
+
+    src: ArraySource
+    plan: Plan
+    strategy: str
+    stats: Stats | None = None
+    params: UnitParams | None = None
+    applied: object = None
+
+
+def _check_arguments(stats, model, bn, per_batch) -> None:
+    if stats is not None and model is not None:
+        raise UsageProblem("give --stats/stats= or --model/model=, not both")
+    if model is not None and not bn:
+        raise UsageProblem("--model/model= needs --bn/bn= NAME, the BatchNorm layer to apply")
+    if per_batch is not None and (stats is not None or model is not None):
+        raise UsageProblem("--per-batch/per_batch= normalizes with each batch's own statistics; "
+                           "drop --stats/stats= and --model/model=")
+
+
+def _check_eps(eps) -> float:
+    eps = DEFAULT_EPS if eps is None else float(eps)
+    if eps < 0 or math.isnan(eps):
+        raise UsageProblem(f"--eps/eps= {eps}: must be a non-negative number")
+    return eps
+
+
+def _output_kind(sources: list[ArraySource], output, in_memory: bool, force: bool,
+                 paths: list[str]) -> str:
+    """The container the output is written in (the input's); checks ``output``."""
+    from bnstat.io.atomic import check_output
+
+    if len({s.path for s in sources}) > 1:
+        raise UsageProblem("normalize takes one input file")
+    kind = _container_kind(sources[0])
+    if output is None and not in_memory:
+        raise UsageProblem("normalize needs -o OUTPUT (output=)")
+    if output is not None:
+        check_output(output, force=force, inputs=paths)
+        want = _ext_kind(output)
+        if want is not None and want != kind:
+            raise UsageProblem(f"-o/output= {output}: the output is written in the input's format "
+                               f"({kind}); give a .{'h5' if kind == 'hdf5' else kind} name")
+        if output == "-" and len(sources) != 1:
+            raise UsageProblem(f"standard output carries one array; {len(sources)} selected "
+                               "(choose one with -d/dataset=)")
+    return kind
+
+
+def _saved_stats(stats) -> dict[str, Stats] | None:
+    if stats is None:
+        return None
+    from bnstat.stats import load_stats
+
+    return load_stats(os.fspath(stats)) if isinstance(stats, str | os.PathLike) else dict(stats)
+
+
+def _model_params(model, bn: str, eps: float | None):
+    """(UnitParams, layer name, eps) of the BN layer ``bn`` of the model file ``model``."""
+    from bnstat.io.models import read_model
+
+    path = os.fspath(model)
+    return model_bn_params(read_model(path).arrays, bn, path, eps)
+
+
+def _saved_for(src: ArraySource, saved: dict[str, Stats], n_sources: int) -> Stats:
+    st = saved.get(src.name)
+    if st is None and len(saved) == 1 and n_sources == 1:
+        st = next(iter(saved.values()))
+    if st is None:
+        raise DataError(f"{src.where}: the stats file has no statistics for {src.name!r} "
+                        f"(it has: {', '.join(saved)})",
+                        "Select the arrays with -d/dataset=, or save statistics of this array.")
+    return st
+
+
+def _saved_plan(src: ArraySource, st: Stats) -> Plan:
+    """The plan the saved statistics were computed with (no layout or norm given)."""
+    if len(st.layout) != len(src.shape):  # the file's fault, not an option's
+        raise DataError(
+            f"{src.where}: the saved statistics are for {len(st.layout)}-D arrays (layout "
+            f"{st.layout}), this array has shape {tuple(src.shape)}",
+            "Normalize with statistics saved for arrays of the same layout.")
+    if st.norm == "custom":
+        return make_plan(src.shape, layout=st.layout, reduce=st.reduce, name=src.where)
+    return make_plan(src.shape, layout=st.layout, norm=st.norm, groups=st.groups, name=src.where)
+
+
+def _check_saved_fit(src: ArraySource, plan: Plan, st: Stats) -> None:
+    unit_shape = plan.unit_shape(src.shape)
+    if (st.layout, st.reduce) != (plan.letters, plan.reduce_letters) or tuple(st.unit_shape) != unit_shape:
+        raise DataError(
+            f"{src.where}: the saved statistics (layout {st.layout}, reduce {st.reduce}, "
+            f"unit shape {tuple(st.unit_shape)}) do not fit this array (layout {plan.letters}, "
+            f"reduce {plan.reduce_letters}, unit shape {unit_shape})",
+            "Normalize with statistics saved for the same layout and norm kind.")
+
+
+def _check_model_fit(src: ArraySource, plan: Plan, params: UnitParams, layer: str) -> None:
+    if plan.norm != "batch":
+        raise UsageProblem("--model/model= applies a BatchNorm layer: use --norm/norm= batch")
+    c = src.shape[plan.channel_axis]
+    if params.mean.shape != (c,):
+        raise DataError(f"{src.where}: BatchNorm {layer} has {params.mean.size} "
+                        f"channels, the array has {c} (layout {plan.letters})")
+
+
+def _plan_job(src: ArraySource, spec: dict, saved, model, per_batch, n_sources: int) -> Job:
+    """The plan and the statistics strategy of one array. Raises DataError, UsageProblem."""
+    st = _saved_for(src, saved, n_sources) if saved is not None else None
+    given = any(spec[k] is not None for k in ("layout", "channel_axis", "reduce", "norm"))
+    if st is not None and not given:
+        plan = _saved_plan(src, st)
+    else:
+        plan = make_plan(src.shape, **{**spec, "norm": spec["norm"] or "batch"}, name=src.where)
+    if st is not None:
+        _check_saved_fit(src, plan, st)
+        return Job(src, plan, "saved", stats=st, applied=st)
+    if model is not None:
+        params, layer, _eps = model
+        _check_model_fit(src, plan, params, layer)
+        return Job(src, plan, "model", params=params, applied=f"BatchNorm {layer}")
+    if per_batch is not None:
+        if plan.n_axis != 0 or src.fortran:
+            raise UsageProblem(f"{src.where}: --per-batch/per_batch= needs N as the first axis of a "
+                               "C-ordered array")
+        return Job(src, plan, "per-batch", applied="per-batch")
+    if 0 in (plan.transposed() if src.fortran else plan).reduce:
+        if not src.repeatable:
+            raise UsageProblem(
+                f"{src.where}: batch statistics of standard input need two passes over the data",
+                "Save the stream to a file, or give --stats/stats=, --per-batch/per_batch= or "
+                "--model/model=.")
+        return Job(src, plan, "own")
+    return Job(src, plan, "per-sample", applied="per-sample")
+
+
+# ---- one small function per strategy --------------------------------------------------------
+
+def _own_params(job: Job, run: Run) -> UnitParams:
+    """A first pass over the array: its batch statistics."""
+    from bnstat.stream import compute_stats
+
+    plan = job.plan
+    reduce = None if plan.norm != "custom" else "".join(plan.letters[a] for a in plan.reduce)
+    s = compute_stats([job.src], layout=plan.letters, norm=plan.norm, groups=plan.groups,
+                      reduce=reduce, nan_policy=run.nan, chunk_size=run.chunk_size,
+                      threads=run.threads, progress=run.progress, engine=run.engine)[job.src.name]
+    job.applied = s
+    return UnitParams.from_moments(s.mean, s.var_with(0), run.eps)
+
+
+def _fixed_params(job: Job, run: Run) -> UnitParams | None:
+    """The params of the whole array (own, saved, model), flat over its read units; None
+    for the strategies that compute them per chunk."""
+    if job.strategy == "own":
+        params = _own_params(job, run)
+    elif job.strategy == "saved":
+        params = UnitParams.from_moments(job.stats.mean, job.stats.var_with(0), run.eps)
+    elif job.strategy == "model":
+        params = job.params
+    else:
+        return None
+    # per-channel vectors of a model: broadcast over the kept axes (only C for BN)
+    unit_shape = job.plan.unit_shape(job.src.shape)
+    p = params.map(lambda a: np.broadcast_to(a, unit_shape))
+    if job.src.fortran:
+        p = p.map(lambda a: a.transpose())
+    return p.map(lambda a: np.ascontiguousarray(a, np.float64).ravel())
+
+
+@dataclass
+class _Array:
+    """One job as it is written: its read plan, rows and buffers."""
+
+    job: Job
+    run: Run
+    splan: Plan
+    dtype: np.dtype
+    flat: UnitParams | None
+    rows: int
+    piece_rows: int
+    buf: np.ndarray | None = None
+
+    @property
+    def read_shape(self):
+        return self.job.src.read_shape
+
+    def params_for(self, r0: int, nrows: int) -> UnitParams:
+        """The flat params of the units rows [r0, r0+nrows) cover."""
+        n_units = math.prod(self.splan.unit_shape(self.read_shape))
+        rng = unit_range(self.splan, self.read_shape, r0, nrows, n_units)
+        return self.flat if rng is None else self.flat.map(lambda a: a[rng[0]:rng[1]])
+
+
+def _prepare(job: Job, run: Run, flat: UnitParams | None, pipelined: bool) -> _Array:
+    from bnstat.stream import slab_rows, source_rows
+
+    src = job.src
+    splan = job.plan.transposed() if src.fortran else job.plan
+    dtype = out_dtype(src.dtype)
+    read_shape = src.read_shape
+    whole_groups = splan.groups is not None and splan.channel_axis == 0
+    need = read_shape[0] // splan.groups if whole_groups else (run.per_batch or 1)
+    rows = source_rows(src, run.chunk_size, multiple_of=need)
+    row_out = math.prod(read_shape[1:]) * dtype.itemsize  # bytes of output per row
+    # a piece must hold whole groups (keep the chunk), else whole HDF5 chunks: no partial writes
+    piece_rows = rows if whole_groups else slab_rows(rows, row_out, WRITE_PIECE,
+                                                     multiple_of=src.row_align)
+    arr = _Array(job, run, splan, dtype, flat, rows, piece_rows)
+    if not pipelined:
+        arr.buf = np.empty(rows * math.prod(read_shape[1:]), dtype)
+    return arr
+
+
+def _fixed_chunk(arr: _Array, r0: int, chunk: np.ndarray, pipe) -> np.ndarray | None:
+    """Saved, own or model params; with a pipe, in pieces, each written by the writer thread
+    while the next is computed (returns None)."""
+    from bnstat.stream import chunk_plan, slabs
+
+    engine = arr.run.engine
+    if pipe is None:
+        cplan = chunk_plan(arr.splan, arr.read_shape, chunk.shape[0])
+        return apply_params(chunk, cplan, arr.params_for(r0, chunk.shape[0]), arr.buf, engine)
+    for sl in slabs(chunk.shape[0], arr.piece_rows):
+        sub = chunk[sl]
+        ring = pipe.buffer()
+        pipe.submit(apply_params(sub, chunk_plan(arr.splan, arr.read_shape, sub.shape[0]),
+                           arr.params_for(r0 + sl.start, sub.shape[0]), ring.view(arr.dtype),
+                           engine), ring)
+    return None
+
+
+def _per_batch_chunk(arr: _Array, chunk: np.ndarray, nans: list[int]) -> np.ndarray:
+    """Every run of ``per_batch`` samples with its own statistics."""
+    from bnstat.stream import slabs
+
+    y = arr.buf[:chunk.size].reshape(chunk.shape)
+    for sl in slabs(chunk.shape[0], arr.run.per_batch):
+        sub = chunk[sl]
+        cp = _chunk_params(sub, arr.splan, arr.run, arr.job.src.where, nans)
+        y[sl] = apply_params(sub, arr.splan, cp, np.empty(sub.size, arr.dtype), arr.run.engine)
+    return y
+
+
+def _per_sample_chunk(arr: _Array, chunk: np.ndarray, nans: list[int]) -> np.ndarray:
+    """A kept first axis: the chunk holds whole units, normalized with their own moments."""
+    from bnstat.stream import chunk_plan
+
+    cplan = chunk_plan(arr.splan, arr.read_shape, chunk.shape[0])
+    cp = _chunk_params(chunk, cplan, arr.run, arr.job.src.where, nans)
+    return apply_params(chunk, cplan, cp, arr.buf, arr.run.engine)
+
+
+def _write_job(job: Job, run: Run, box) -> np.ndarray | None:
+    """Normalize one array into ``box`` (a container) or, without one, into a new array."""
+    src = job.src
+    flat = _fixed_params(job, run)
+    pipelined = flat is not None and box is not None
+    arr = _prepare(job, run, flat, pipelined)
+    result = np.empty(arr.read_shape, arr.dtype) if box is None else None
+    writer_cm = box.array(src.name, src.shape, arr.dtype, src.fortran, like=src) if box is not None \
+        else contextlib.nullcontext(None)
+    nans: list[int] = []
+    row_out = math.prod(arr.read_shape[1:]) * arr.dtype.itemsize
+    with writer_cm as write, write_pipeline(write if pipelined else None, arr.piece_rows * row_out,
+                                       run.threads) as pipe:
+        for r0, chunk in src.iter_chunks(arr.rows):
+            check_interrupt()
+            if flat is not None:
+                if run.nan == "raise" and chunk.dtype.kind == "f" and np.isnan(chunk).any():
+                    raise DataError(f"{src.where}: NaN values in the data (rows {r0}.."
+                                    f"{r0 + chunk.shape[0]})", "Use --nan/nan= omit or propagate.")
+                y = _fixed_chunk(arr, r0, chunk, pipe)
+            elif job.strategy == "per-batch":
+                y = _per_batch_chunk(arr, chunk, nans)
+            else:
+                y = _per_sample_chunk(arr, chunk, nans)
+            if y is not None and write is not None:
+                write(y)
+            elif y is not None:
+                result[r0:r0 + chunk.shape[0]] = y
+            if run.progress is not None:
+                run.progress(chunk.nbytes)
+    if sum(nans):  # the per-sample / per-batch statistics, as check_nans says of moments
+        what = ("counted and left out of the statistics" if run.nan == "omit" else
+                "their units' statistics, and so their outputs, are NaN")
+        warn(f"{src.where}: {sum(nans)} NaN value(s) {what}")
+    if result is None:
+        return None
+    return result.transpose() if src.fortran else result
+
+
+def _start(jobs: list[Job], run: Run, threads: int | None, engine: str | None) -> None:
+    """The engine and the thread counts of the kernels and of the readers' helpers."""
+    from bnstat.stream import pick_engine, set_threads
+
+    run.engine = pick_engine(sum(job.src.nbytes for job in jobs), engine)
+    zlibx.set_threads(threads)  # the readers' helper threads (CRC-32, gzip inflate)
+    run.threads = set_threads(threads) if run.engine == "numba" else 1
 
 
 def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None, per_batch=None,
@@ -291,232 +486,33 @@ def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None,
               check_crc=True):
     """Normalize the selected arrays of ``source`` into ``output`` (same format).
 
-    ``source``: a path ('-' for a .npy stream on stdin) or a numpy array; with
-    an array and no ``output`` the normalized array is returned. ``stats``: a
-    stats file path or ``{name: Stats}``; ``model`` + ``bn``: a model file and
-    the name of a BatchNorm layer. Returns ``{name: description}`` of what
-    was applied (or the array). Raises BnstatError subclasses.
+    The parameters and what it raises: :func:`bnstat.normalize`. Returns
+    ``{name: what was applied}``, or without ``output`` the normalized
+    in-memory input (an array; a dict for a dict).
     """
-    from bnstat import _sources
-    from bnstat.io.atomic import check_output
+    from bnstat.io import open_any
     from bnstat.io.writers import open_container
-    from bnstat.stream import (
-        DEFAULT_CHUNK_SIZE,
-        chunk_plan,
-        compute_stats,
-        pick_engine,
-        set_threads,
-    )
+    from bnstat.sizes import size_bytes
+    from bnstat.stream import DEFAULT_CHUNK_SIZE
 
-    if stats is not None and model is not None:
-        raise UsageProblem("give --stats or --model, not both")
-    if model is not None and not bn:
-        raise UsageProblem("--model needs --bn NAME, the BatchNorm layer to apply")
-    if per_batch is not None and (stats is not None or model is not None):
-        raise UsageProblem("--per-batch normalizes with each batch's own statistics; drop --stats/--model")
-    chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
-    in_memory = isinstance(source, np.ndarray)
-    sources = _sources(source, dataset, check_crc)
-    paths = [] if in_memory else ([source] if isinstance(source, str) else list(source))
+    _check_arguments(stats, model, bn, per_batch)
+    chunk = size_bytes(chunk_size, DEFAULT_CHUNK_SIZE)
+    sources = open_any(source, dataset, check_crc=check_crc)
+    in_memory = all(s.kind == "memory" for s in sources)
+    paths = [] if in_memory else sorted({s.path for s in sources})
     # the secondary inputs are never written over either (README "Nothing lost")
     paths += [os.fspath(p) for p in (stats, model) if isinstance(p, str | os.PathLike)]
-    if len(set(s.path for s in sources)) > 1:
-        raise UsageProblem("normalize takes one input file")
-    kind = _container_kind(sources[0])
-    if output is None and not in_memory:
-        raise UsageProblem("normalize needs -o OUTPUT")
-    if output is not None:
-        check_output(output, force=force, inputs=paths)
-        want = _ext_kind(output)
-        if want is not None and want != kind:
-            raise UsageProblem(f"-o {output}: the output is written in the input's format ({kind}); "
-                               f"give a .{'h5' if kind == 'hdf5' else kind} name")
-        if output == "-" and len(sources) != 1:
-            raise UsageProblem(f"standard output carries one array; {len(sources)} selected "
-                               "(choose one with -d)")
-
-    layout_given = layout is not None or channel_axis is not None or reduce is not None
-    norm_given = norm is not None
-    norm = norm or "batch"
-
-    # where the statistics come from, per array
-    saved: dict[str, Stats] | None = None
-    if stats is not None:
-        from bnstat.stats import load_stats
-
-        saved = load_stats(stats) if isinstance(stats, str | os.PathLike) else dict(stats)
-    model_params = None
-    if model is not None:
-        arrays = load_model_arrays(os.fspath(model))
-        model_params, bn_layer, eps = model_bn_params(arrays, bn, os.fspath(model), eps)
-    eps = DEFAULT_EPS if eps is None else float(eps)
-    if eps < 0 or math.isnan(eps):
-        raise UsageProblem(f"--eps {eps}: must be a non-negative number")
-
-    jobs = []
-    for src in sources:
-        st = None
-        if saved is not None:
-            st = saved.get(src.name)
-            if st is None and len(saved) == 1 and len(sources) == 1:
-                st = next(iter(saved.values()))
-            if st is None:
-                raise DataError(f"{src.where}: the stats file has no statistics for {src.name!r} "
-                                f"(it has: {', '.join(saved)})",
-                                "Select the arrays with -d, or save statistics of this array.")
-        if st is not None and not layout_given and not norm_given:
-            if len(st.layout) != len(src.shape):  # the file's fault, not an option's
-                raise DataError(
-                    f"{src.where}: the saved statistics are for {len(st.layout)}-D arrays (layout "
-                    f"{st.layout}), this array has shape {tuple(src.shape)}",
-                    "Normalize with statistics saved for arrays of the same layout.")
-            if st.norm == "custom":
-                plan = make_plan(src.shape, layout=st.layout, reduce=st.reduce, name=src.where)
-            else:
-                plan = make_plan(src.shape, layout=st.layout, norm=st.norm, groups=st.groups,
-                                 name=src.where)
-        else:
-            plan = make_plan(src.shape, layout=layout, channel_axis=channel_axis, norm=norm,
-                             groups=groups, reduce=reduce, name=src.where)
-        if st is not None:
-            unit_shape = plan.unit_shape(src.shape)
-            if (st.layout, st.reduce) != (plan.letters, plan.reduce_letters) or tuple(st.unit_shape) != unit_shape:
-                raise DataError(
-                    f"{src.where}: the saved statistics (layout {st.layout}, reduce {st.reduce}, "
-                    f"unit shape {tuple(st.unit_shape)}) do not fit this array (layout {plan.letters}, "
-                    f"reduce {plan.reduce_letters}, unit shape {unit_shape})",
-                    "Normalize with statistics saved for the same layout and norm kind.")
-        if model_params is not None:
-            if plan.norm != "batch":
-                raise UsageProblem("--model applies a BatchNorm layer: use --norm batch")
-            c = src.shape[plan.channel_axis]
-            if model_params.mean.shape != (c,):
-                raise DataError(f"{src.where}: BatchNorm {bn_layer} has {model_params.mean.size} "
-                                f"channels, the array has {c} (layout {plan.letters})")
-        if per_batch is not None:
-            if plan.n_axis != 0 or src.fortran:
-                raise UsageProblem(f"{src.where}: --per-batch needs N as the first axis of a "
-                                   "C-ordered array")
-        jobs.append((src, plan, st))
-
-    engine = pick_engine(sum(src.nbytes for src, _, _ in jobs), engine)
-    zlibx.set_threads(threads)  # the readers' helper threads (CRC-32, gzip inflate)
-    n_threads = set_threads(threads) if engine == "numba" else 1
-    _THREADS[0] = n_threads
-
-    # the statistics that need a first pass over the data
-    own = {}
-    two_pass = [(src, plan) for src, plan, st in jobs if st is None and model_params is None
-                and per_batch is None and 0 in (plan.transposed() if src.fortran else plan).reduce]
-    for src, _ in two_pass:
-        if not src.repeatable:
-            raise UsageProblem(
-                f"{src.where}: batch statistics of standard input need two passes over the data",
-                "Save the stream to a file, or give --stats, --per-batch or --model.")
-    applied: dict[str, object] = {}
-    containers = open_container(output, kind, force=force, inputs=paths) if output is not None else None
-    results = {}
-
-    with (containers if containers is not None else contextlib.nullcontext()) as box:
-        for src, plan, st in jobs:
-            if (src, plan) in two_pass:
-                s = compute_stats([src], layout=plan.letters, norm=plan.norm, groups=plan.groups,
-                                  reduce=None if plan.norm != "custom" else
-                                  "".join(plan.letters[a] for a in plan.reduce),
-                                  nan_policy=nan, chunk_size=chunk_size, threads=n_threads,
-                                  progress=progress, engine=engine)[src.name]
-                own[src.name] = s
-                params = UnitParams.from_moments(s.mean, s.var_with(0), eps)
-                applied[src.name] = s
-            elif st is not None:
-                params = UnitParams.from_moments(st.mean, st.var_with(0), eps)
-                applied[src.name] = st
-            elif model_params is not None:
-                params = model_params
-                applied[src.name] = f"BatchNorm {bn_layer}"
-            else:
-                params = None  # per chunk (kept first axis) or per batch
-                applied[src.name] = "per-batch" if per_batch else "per-sample"
-            dtype = out_dtype(src.dtype)
-            splan = plan.transposed() if src.fortran else plan
-            read_shape = src.read_shape
-            flat = None
-            if params is not None:
-                # per-channel vectors of a model: broadcast over the kept axes (only C for BN)
-                unit_shape = plan.unit_shape(src.shape)
-                p = params.map(lambda a, shape=unit_shape: np.broadcast_to(a, shape))
-                if src.fortran:
-                    p = p.map(lambda a: a.transpose())
-                flat = p.map(lambda a: np.ascontiguousarray(a, np.float64).ravel())
-            n_units = math.prod(splan.unit_shape(read_shape))
-            rows = src.rows_for(chunk_size)
-            if per_batch is not None:
-                rows = max(per_batch, rows - rows % per_batch)
-            if splan.groups is not None and splan.channel_axis == 0:
-                g = read_shape[0] // splan.groups
-                rows = max(g, rows - rows % g)
-            rows = min(rows, read_shape[0])
-            row_out = math.prod(read_shape[1:]) * dtype.itemsize  # bytes of output per row
-            piece_rows = max(1, min(rows, WRITE_PIECE // max(1, row_out)))
-            if src.row_align > 1:  # whole HDF5 chunks (the output has the input's): no partial writes
-                piece_rows = min(rows, max(src.row_align, piece_rows - piece_rows % src.row_align))
-            if splan.groups is not None and splan.channel_axis == 0:
-                piece_rows = rows  # a piece must hold whole groups: keep the chunk
-            pipelined = flat is not None and box is not None  # written in pieces by a thread
-            buf = None if pipelined else np.empty(rows * math.prod(read_shape[1:]), dtype)
-            if box is None:
-                result = np.empty(read_shape, dtype)
-            writer_cm = box.array(src.name, src.shape, dtype, src.fortran, like=src) if box is not None \
-                else contextlib.nullcontext(None)
-            nans: list[int] = []
-            with writer_cm as write, _pipeline(write if pipelined else None, piece_rows * row_out,
-                                               n_threads) as pipe:
-                for r0, chunk in src.iter_chunks(rows):
-                    check_interrupt()
-                    if nan == "raise" and chunk.dtype.kind == "f" and (flat is not None) and np.isnan(chunk).any():
-                        raise DataError(f"{src.where}: NaN values in the data (rows {r0}..{r0 + chunk.shape[0]})",
-                                        "Use --nan omit or --nan propagate.")
-                    cplan = chunk_plan(splan, read_shape, chunk.shape[0])
-                    if flat is not None and write is not None:
-                        # in pieces, each written by the writer thread while the next is computed
-                        for s0 in range(0, chunk.shape[0], piece_rows):
-                            sub = chunk[s0:s0 + piece_rows]
-                            rng = _unit_range(splan, read_shape, r0 + s0, sub.shape[0], n_units)
-                            cp = flat if rng is None else flat.map(lambda a, r=rng: a[r[0]:r[1]])
-                            ring = pipe.buffer()
-                            pipe.submit(_apply(sub, chunk_plan(splan, read_shape, sub.shape[0]), cp,
-                                               ring.view(dtype), engine), ring)
-                        y = None
-                    elif flat is not None:
-                        rng = _unit_range(splan, read_shape, r0, chunk.shape[0], n_units)
-                        cp = flat if rng is None else flat.map(lambda a, r=rng: a[r[0]:r[1]])
-                        y = _apply(chunk, cplan, cp, buf, engine)
-                    elif per_batch is not None:
-                        y = buf[:chunk.size].reshape(chunk.shape)
-                        for b0 in range(0, chunk.shape[0], per_batch):
-                            sub = chunk[b0:b0 + per_batch]
-                            cp = _chunk_params(sub, splan, eps, nan, src.where, engine, nans)
-                            cp = cp.map(lambda a: np.ascontiguousarray(a).ravel())
-                            part = np.empty(sub.size, dtype)
-                            y[b0:b0 + sub.shape[0]] = _apply(sub, splan, cp, part, engine)
-                    else:
-                        cp = _chunk_params(chunk, cplan, eps, nan, src.where, engine, nans)
-                        y = _apply(chunk, cplan, cp.map(lambda a: np.ascontiguousarray(a).ravel()), buf,
-                                   engine)
-                    if y is None:
-                        pass  # written in pieces above
-                    elif write is not None:
-                        write(y)
-                    else:
-                        result[r0:r0 + chunk.shape[0]] = y
-                    if progress is not None:
-                        progress(chunk.nbytes)
-            if sum(nans):  # the per-sample / per-batch statistics, as check_nans says of moments
-                what = ("counted and left out of the statistics" if nan == "omit" else
-                        "their units' statistics, and so their outputs, are NaN")
-                warn(f"{src.where}: {sum(nans)} NaN value(s) {what}")
-            if box is None:
-                results[src.name] = result.transpose() if src.fortran else result
-    if box is None and in_memory:
-        return next(iter(results.values()))
-    return applied
+    kind = _output_kind(sources, output, in_memory, force, paths)
+    saved = _saved_stats(stats)
+    model_bn = _model_params(model, bn, eps) if model is not None else None
+    run = Run(_check_eps(model_bn[2] if model_bn else eps), nan, chunk, per_batch, progress)
+    spec = dict(layout=layout, channel_axis=channel_axis, norm=norm, groups=groups, reduce=reduce)
+    jobs = [_plan_job(src, spec, saved, model_bn, per_batch, len(sources)) for src in sources]
+    _start(jobs, run, threads, engine)
+    if output is None:
+        results = {job.src.name: _write_job(job, run, None) for job in jobs}
+        return results if isinstance(source, dict) else next(iter(results.values()))
+    with open_container(output, kind, force=force, inputs=paths) as box:
+        for job in jobs:
+            _write_job(job, run, box)
+    return {job.src.name: job.applied for job in jobs}

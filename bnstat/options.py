@@ -8,55 +8,23 @@ flag declared twice. Validation of a single value raises
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import click
 
+from bnstat.sizes import parse_size
+
 
 @dataclass
 class RunState:
-    """Process-wide switches set by option callbacks, read by ``cli``."""
+    """The switches of one run, set by option callbacks: ``ctx.obj`` (``cli.main`` creates it)."""
 
     quiet: bool = False
     debug: bool = False
 
-    def reset(self) -> None:
-        self.quiet = False
-        self.debug = False
-
-
-state = RunState()
-
 NORMS = ("batch", "layer", "instance", "group")
 FORMATS = ("table", "json", "csv", "npz")
 NAN_POLICIES = ("omit", "propagate", "raise")
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1024, "kib": 1024, "m": 1024**2, "mib": 1024**2, "g": 1024**3, "gib": 1024**3,
-    "t": 1024**4, "tib": 1024**4,
-    "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
-}
-
-
-def parse_size(text: str) -> int:
-    """``'64MiB'`` -> 67108864. KiB/MiB/GiB (and K/M/G) are powers of 1024,
-    KB/MB/GB powers of 1000. Raises ValueError."""
-    match = _SIZE_RE.match(str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"{text!r} is not a size (examples: 65536, 512KiB, 64MiB, 1GiB, 100MB)")
-    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    if value < 1:
-        raise ValueError(f"{text!r} is smaller than one byte")
-    if not value < MAX_SIZE:  # 200 digits (or inf): no machine has that much memory
-        raise ValueError(f"{text!r} is larger than any memory (at most 1 PiB)")
-    return int(value)
-
-
-MAX_SIZE = float(1 << 50)
-
 
 def _threads_callback(ctx, param, value):
     """--threads above the cores this process may use: capped there, with a warning."""
@@ -120,13 +88,13 @@ def _reduce_callback(ctx, param, value):
 
 def _quiet_callback(ctx, param, value):
     if value:
-        state.quiet = True
+        ctx.ensure_object(RunState).quiet = True
     return value
 
 
 def _debug_callback(ctx, param, value):
     if value:
-        state.debug = True
+        ctx.ensure_object(RunState).debug = True
     return value
 
 
@@ -151,9 +119,15 @@ chunk_size_option = click.option(
 
 
 def common_options(func):
-    """-o, --force, --quiet, --threads, --chunk-size, --debug (every command)."""
-    for deco in reversed((output_option, force_option, quiet_option, threads_option,
-                          chunk_size_option, debug_option)):
+    """-o, --force, --quiet, --debug (every command)."""
+    for deco in reversed((output_option, force_option, quiet_option, debug_option)):
+        func = deco(func)
+    return func
+
+
+def compute_options(func):
+    """--threads, --chunk-size: only on the commands that compute over data."""
+    for deco in reversed((threads_option, chunk_size_option)):
         func = deco(func)
     return func
 

@@ -20,7 +20,6 @@ from bnstat._version import __version__
 from bnstat.errors import BnstatWarning, DataError, InputError
 
 FIELDS = ("count", "mean", "m2", "min", "max", "nan_count")
-HIGHER = ("m3", "m4")
 
 
 @dataclass
@@ -100,12 +99,10 @@ class Moments:
 
 def concatenate(parts: list[Moments], axis: int) -> Moments:
     """Moments of units side by side (the data split along a kept axis)."""
-    first = parts[0]
     out = {k: np.concatenate([getattr(p, k) for p in parts], axis=axis) for k in FIELDS}
     if all(p.higher for p in parts):
         out["m3"] = np.concatenate([p.m3 for p in parts], axis=axis)
         out["m4"] = np.concatenate([p.m4 for p in parts], axis=axis)
-    del first
     return Moments(**out)
 
 
@@ -285,6 +282,29 @@ def merge_all(stats: list[Stats]) -> Stats:
     for s in stats[1:]:
         out = out.merge(s)
     return out
+
+
+def merge_files(paths) -> dict[str, Stats]:
+    """The stats files ``paths`` (parts of one data set split along N) merged, array by array.
+
+    Arrays are matched by name, in the order they first appear. Raises
+    InputError (a file that is no stats file) and DataError (an array missing
+    from some files, or parts that are not of one data set).
+    """
+    paths = [str(p) for p in paths]
+    loaded = [(path, load_stats(path)) for path in paths]
+    names = list(dict.fromkeys(name for _, st in loaded for name in st))
+    merged = {}
+    for name in names:
+        missing = [path for path, st in loaded if name not in st]
+        if missing:
+            raise DataError(f"{name}: in some stats files but not in {', '.join(missing)}",
+                            "Merge files that hold the same arrays.")
+        try:
+            merged[name] = merge_all([st[name] for _, st in loaded])
+        except DataError as exc:
+            raise DataError(f"{', '.join(paths)}: {exc.message}", exc.hint) from None
+    return merged
 
 
 def warn_degenerate(stats: Stats) -> None:

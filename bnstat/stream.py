@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -20,7 +20,9 @@ from bnstat.errors import DataError, InputError, UsageProblem, check_interrupt, 
 from bnstat.io import zlibx
 from bnstat.io.base import ArraySource
 from bnstat.layout import Plan, make_plan
-from bnstat.stats import Moments, Stats, concatenate, merge_all, warn_degenerate
+from bnstat.kernels._jit import set_threads
+from bnstat.kernels.numpy_engine import numpy_moments
+from bnstat.stats import Moments, Stats, merge_all, warn_degenerate
 
 DEFAULT_CHUNK_SIZE = 64 * 1024**2
 TASKS_PER_THREAD = 4
@@ -30,8 +32,51 @@ TASKS_PER_THREAD = 4
 # than numpy needs for 32 MiB. BNSTAT_ENGINE=numba|numpy overrides.
 SMALL_INPUT = 32 * 1024**2
 ENGINES = ("numba", "numpy")
-# numpy engine: elements per block of a chunk (8 MB of float64 temporaries)
-NUMPY_BLOCK = 1 << 20
+
+
+def slab_rows(n: int, row_bytes: int, chunk_size: int, *, multiple_of: int = 1,
+              buffers: int = 1) -> int:
+    """Rows per slab: as many as fit in ``chunk_size // buffers`` bytes, rounded down to a
+    multiple of ``multiple_of`` but at least one multiple (and at least one row), at most ``n``.
+
+    ``buffers``: a reader that fills a second buffer while the first is in use (HDF5)
+    gets half the rows, so that both stay within the chunk size (README, --chunk-size).
+    """
+    rows = max(1, (chunk_size // max(1, buffers)) // max(1, row_bytes))
+    if multiple_of > 1:
+        rows = max(multiple_of, rows - rows % multiple_of)
+    return min(rows, max(1, n))
+
+
+def slabs(n: int, rows: int) -> list[slice]:
+    """``range(n)`` cut into slices of ``rows`` rows, the last one ragged."""
+    return [slice(r0, min(n, r0 + rows)) for r0 in range(0, n, max(1, rows))]
+
+
+def plan_rows(n: int, row_bytes: int, chunk_size: int, *, multiple_of: int = 1,
+              buffers: int = 1) -> list[slice]:
+    """The one row planner: ``range(n)`` as slabs of about ``chunk_size`` bytes each.
+
+    Every slab but the last holds a multiple of ``multiple_of`` rows (an HDF5
+    dataset's chunk rows, whole groups, whole batches); a row larger than the
+    chunk size still makes a slab of one multiple. A task splitter (Dask) calls
+    it with the task size as ``chunk_size`` and the dataset's chunk rows as
+    ``multiple_of``: each task is then a slab of whole HDF5 chunks.
+    """
+    return slabs(n, slab_rows(n, row_bytes, chunk_size, multiple_of=multiple_of, buffers=buffers))
+
+
+def source_rows(source: ArraySource, chunk_size: int, *, multiple_of: int = 1) -> int:
+    """Rows per chunk of ``source``: whole HDF5 chunks (``row_align``) and a multiple of
+    ``multiple_of`` (whole groups or batches); both when their common multiple fits the
+    chunk size, else ``multiple_of`` only."""
+    buffers = 2 if source.double_buffered else 1
+    align = source.row_align
+    if multiple_of > 1:
+        both = math.lcm(align, multiple_of)
+        align = both if both * source.row_bytes <= chunk_size // buffers else multiple_of
+    return slab_rows(source.read_shape[0], source.row_bytes, chunk_size, multiple_of=align,
+                     buffers=buffers)
 
 
 def pick_engine(nbytes: int, engine: str | None = None) -> str:
@@ -42,15 +87,6 @@ def pick_engine(nbytes: int, engine: str | None = None) -> str:
     if engine != "auto":
         raise UsageProblem(f"BNSTAT_ENGINE={engine}: must be numba, numpy or auto")
     return "numpy" if nbytes < SMALL_INPUT else "numba"
-
-
-def set_threads(threads: int | None) -> int:
-    """Set numba's thread count (None: all it has); returns the count in use."""
-    import numba
-
-    limit = numba.config.NUMBA_NUM_THREADS
-    numba.set_num_threads(max(1, min(threads or limit, limit)))
-    return numba.get_num_threads()
 
 
 def split_tasks(shape4: tuple[int, int, int, int], threads: int) -> tuple[int, int]:
@@ -96,7 +132,7 @@ def chunk_moments(chunk: np.ndarray, plan: Plan, *, higher: bool = False,
     x = kernel_input(chunk, plan)
     if engine == "numpy":
         return numpy_moments(x, higher)
-    from bnstat import kernels
+    from bnstat.kernels import moments as kernels
 
     P, A, U, B = x.shape
     sa, su = split_tasks(x.shape, threads)
@@ -123,58 +159,6 @@ def chunk_moments(chunk: np.ndarray, plan: Plan, *, higher: bool = False,
     return out
 
 
-def blocks(shape4: tuple[int, int, int, int]) -> Iterator[tuple[slice, slice]]:
-    """(P, A) slices of a (P, A, U, B) view of about NUMPY_BLOCK elements each, P outer."""
-    P, A, U, B = shape4
-    rows = max(1, NUMPY_BLOCK // max(1, P * U * B))  # rows of A per block, all of P
-    ps = P if rows > 1 or P * U * B <= NUMPY_BLOCK else max(1, NUMPY_BLOCK // max(1, U * B))
-    for p0 in range(0, P, ps):
-        for a0 in range(0, A, rows):
-            yield slice(p0, p0 + ps), slice(a0, a0 + rows)
-
-
-def numpy_moments(x: np.ndarray, higher: bool = False) -> Moments:
-    """The kernels' results computed with numpy: per block a float64 mean, then
-    central power sums (two passes), blocks merged with Chan / Pébay.
-
-    Same conventions as the kernels: NaN counted and left out, an empty unit
-    has count 0, mean 0, min +inf, max -inf; ±inf gives a ±inf mean and NaN m2.
-    """
-    P, A, U, B = x.shape
-    rows: dict[int, list[Moments]] = {}
-    for ps, as_ in blocks(x.shape):
-        v = x[ps, as_].astype(np.float64)
-        bad = np.isnan(v) if x.dtype.kind == "f" else None
-        nanc = np.zeros(v.shape[::2], np.int64) if bad is None else bad.sum(axis=(1, 3))
-        cnt = np.full(v.shape[::2], v.shape[1] * B, np.int64) - nanc
-        if bad is not None:
-            v[bad] = 0.0
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(cnt > 0, v.sum(axis=(1, 3)) / np.maximum(cnt, 1), 0.0)
-            d = v - mean[:, None, :, None]
-            if bad is not None:
-                d[bad] = 0.0
-            d2 = d * d
-            m2 = d2.sum(axis=(1, 3))
-            m3 = (d2 * d).sum(axis=(1, 3)) if higher else None
-            m4 = (d2 * d2).sum(axis=(1, 3)) if higher else None
-        if bad is not None:
-            v[bad] = np.nan  # fmin/fmax skip NaN
-        mn = np.fmin.reduce(v, axis=(1, 3), initial=np.inf)
-        mx = np.fmax.reduce(v, axis=(1, 3), initial=-np.inf)
-        part = Moments(cnt.ravel(), mean.ravel(), m2.ravel(), mn.ravel(), mx.ravel(), nanc.ravel(),
-                       None if m3 is None else m3.ravel(), None if m4 is None else m4.ravel())
-        key = ps.start
-        rows[key] = [part] if key not in rows else rows[key] + [part]
-    merged = []
-    for key in sorted(rows):
-        out = rows[key][0]
-        for part in rows[key][1:]:
-            out = out.merge(part)
-        merged.append(out)
-    return merged[0] if len(merged) == 1 else concatenate(merged, axis=0)
-
-
 def chunk_plan(splan: Plan, read_shape: tuple[int, ...], rows: int) -> Plan:
     """The plan of a chunk of ``rows`` rows of an array of ``read_shape``.
 
@@ -193,11 +177,10 @@ def source_moments(source: ArraySource, plan: Plan, *, chunk_size: int, higher: 
     splan = plan.transposed() if source.fortran else plan
     shape = source.read_shape
     n_units = math.prod(splan.unit_shape(shape))
-    rows = source.rows_for(chunk_size)
     group_rows = 1
     if splan.groups is not None and splan.channel_axis == 0:
         group_rows = shape[0] // splan.groups  # a chunk must hold whole groups
-        rows = max(group_rows, rows - rows % group_rows)
+    rows = source_rows(source, chunk_size, multiple_of=group_rows)
     first_kept = 0 not in splan.reduce or group_rows > 1
     per_row = n_units * group_rows // shape[0] if first_kept else 0
     state = Moments.empty((n_units,), higher)
@@ -239,16 +222,10 @@ class ArrayGroup:
     name: str
     sources: list[ArraySource]
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.sources[0].shape
 
-
-def group_sources(sources: list[ArraySource], *, per_file: bool = False,
-                  n_axis: Callable[[ArraySource], int] | None = None) -> list[ArrayGroup]:
+def group_sources(sources: list[ArraySource], *, per_file: bool = False) -> list[ArrayGroup]:
     """Arrays of the same name across files become one group, unless ``per_file``."""
     groups: dict[str, ArrayGroup] = {}
-    names = {s.name for s in sources}
     multi_file = len({s.path for s in sources}) > 1
     for src in sources:
         key = f"{src.path}:{src.name}" if (per_file and multi_file) else src.name
@@ -256,7 +233,6 @@ def group_sources(sources: list[ArraySource], *, per_file: bool = False,
             groups[key].sources.append(src)
         else:
             groups[key] = ArrayGroup(key, [src])
-    del names
     return list(groups.values())
 
 
@@ -271,7 +247,7 @@ def check_group_shapes(group: ArrayGroup, plans: list[Plan]) -> None:
             raise InputError(
                 f"{group.name}: {first.path} has shape {first.shape} but {src.path} has shape "
                 f"{src.shape}; arrays of one name are merged along {plan.letters[n]} and must agree "
-                "on the other axes", "Use --per-file to keep them apart.")
+                "on the other axes", "Use --per-file/per_file=True to keep them apart.")
 
 
 def compute_stats(sources: list[ArraySource], *, layout=None, channel_axis=None, norm="batch",
@@ -300,7 +276,7 @@ def compute_stats(sources: list[ArraySource], *, layout=None, channel_axis=None,
                 by_letters.setdefault(ps[0].letters, []).append(g.name)
         for letters, names in by_letters.items():
             shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-            warn(f"no --layout given: assuming the PyTorch layout {letters} (channel axis 1) for {shown}")
+            warn(f"no --layout/layout= given: assuming the PyTorch layout {letters} (channel axis 1) for {shown}")
     engine = pick_engine(sum(s.nbytes for s in sources), engine)
     zlibx.set_threads(threads)  # the readers' helper threads (CRC-32, gzip inflate)
     n_threads = set_threads(threads) if engine == "numba" else 1
@@ -332,7 +308,7 @@ def check_nans(stats: Stats, nan_policy: str) -> None:
         first = np.unravel_index(int(np.flatnonzero(stats.nan_count.ravel())[0]), stats.unit_shape)
         unit = ", ".join(f"{a}={i}" for a, i in zip(stats.unit_axes, first))
         raise DataError(f"{stats.name}: {total} NaN value(s), the first in unit ({unit})",
-                        "Use --nan omit to leave them out, or --nan propagate.")
+                        "Use --nan/nan= omit to leave them out, or propagate.")
     if nan_policy == "omit":
         warn(f"{stats.name}: {total} NaN value(s) in {units} unit(s) counted and left out")
     else:

@@ -19,6 +19,7 @@ from reference import assert_matches, ref_moments
 
 import bnstat
 from bnstat import stream
+from bnstat.kernels import numpy_engine
 
 LAYOUTS = [("NC", (40, 6), "batch", None), ("NCHW", (5, 4, 6, 7), "batch", None),
            ("NHWC", (5, 6, 7, 4), "batch", None), ("NCL", (6, 4, 9), "instance", None),
@@ -46,7 +47,7 @@ def test_numpy_engine_blocks_merge_exactly(monkeypatch, rng):
     x = rng.standard_normal((7, 5, 11, 3)) * 1e3 + 1e4
     want = ref_moments(x, "NCHW", "instance")
     for block in (1, 4, 40, 10**6):
-        monkeypatch.setattr(stream, "NUMPY_BLOCK", block)
+        monkeypatch.setattr(numpy_engine, "NUMPY_BLOCK", block)
         assert_matches(only(bnstat.moments(x, layout="NCHW", norm="instance", engine="numpy")),
                        want, x)
 
@@ -108,7 +109,7 @@ def test_auto_engine_uses_numpy_below_the_threshold_and_numba_above(tmp_path):
     rows = stream.SMALL_INPUT // (4 * 256) + 1
     np.save(big, np.lib.format.open_memmap(tmp_path / "tmp.npy", "w+", np.float32, (rows, 256)))
     code = ("import sys, json, bnstat; s = bnstat.moments(sys.argv[1], layout='NC')['{}'];"
-            "print(json.dumps([float(s.mean[0]), 'bnstat.kernels' in sys.modules]))")
+            "print(json.dumps([float(s.mean[0]), 'bnstat.kernels.moments' in sys.modules]))")
     for path, engine, kernels in [(small, None, False), (big, None, True), (small, "numba", True),
                                   (big, "numpy", False)]:
         proc = _probe(code.format(path.stem).replace("sys.argv[1]", repr(str(path))), engine)

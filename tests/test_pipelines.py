@@ -208,7 +208,7 @@ def test_head_ends_quietly(long_csv):
     assert out.splitlines()[0].startswith("name,unit,count,mean")
     assert len(out.splitlines()) == 2
     assert "Traceback" not in err and "error" not in err.lower() and "Broken pipe" not in err
-    assert all(line.startswith("bnstat: warning: no --layout given") for line in err.splitlines())
+    assert all(line.startswith("bnstat: warning: no --layout/layout= given") for line in err.splitlines())
 
 
 @needs_bnstat_script

@@ -191,7 +191,7 @@ def test_dataset_patterns(nested, patterns, want):
 
 def test_dataset_pattern_matches_nothing(nested):
     path, _ = nested
-    with pytest.raises(InputError, match=r"no array matches -d nothing\*"):
+    with pytest.raises(InputError, match=r"no array matches -d/dataset= nothing\*"):
         moments(path, layout="NCL", dataset="nothing*")
 
 

@@ -36,8 +36,7 @@ def _pair_callback(ctx, param, value):
               help="Run every folded pair against layer-then-BN on random inputs; exit 1 when one "
               "is over tolerance.")
 @options.common_options
-def command(model, pairs, plan, dry_run, eps, bn_mode, check, output, force, quiet, threads,
-            chunk_size):
+def command(model, pairs, plan, dry_run, eps, bn_mode, check, output, force, quiet):
     """Fold every BatchNorm of MODEL into the conv, conv-transpose or linear
     layer that feeds it: W' = W * gamma/sqrt(var+eps), b' = (b - mean) *
     gamma/sqrt(var+eps) + beta.

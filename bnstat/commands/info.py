@@ -13,7 +13,7 @@ from bnstat import options
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True, help="Output format.")
 @options.common_options
-def command(inputs, datasets, fmt, output, force, quiet, threads, chunk_size):
+def command(inputs, datasets, fmt, output, force, quiet):
     """List every array of the files: name, shape, dtype, order, chunks,
     compression, size; for model files, the layers that `fold` would pair.
 

@@ -11,7 +11,7 @@ from bnstat import options
 @click.argument("stats_files", nargs=-1, required=True, metavar="STATS.npz...")
 @options.format_option
 @options.common_options
-def command(stats_files, fmt, output, force, quiet, threads, chunk_size):
+def command(stats_files, fmt, output, force, quiet):
     """Merge stats files into one, exactly (as one run over all the data).
 
     The files hold statistics of parts of one data set split along N (for
@@ -24,24 +24,10 @@ def command(stats_files, fmt, output, force, quiet, threads, chunk_size):
       bnstat merge a.npz b.npz --format json
     """
     from bnstat.commands._output import check_target, emit
-    from bnstat.errors import DataError
-    from bnstat.stats import load_stats, merge_all
+    from bnstat.stats import merge_files
 
     if output is None and fmt is None:
         raise click.UsageError("give -o OUT.npz (or --format json|csv|table for standard output)")
     fmt = options.format_for(fmt, output)
     check_target(output, fmt, force, stats_files)
-    loaded = [(path, load_stats(path)) for path in stats_files]
-    names = list(dict.fromkeys(name for _, st in loaded for name in st))
-    merged = {}
-    for name in names:
-        parts = [st[name] for _, st in loaded if name in st]
-        missing = [path for path, st in loaded if name not in st]
-        if missing:
-            raise DataError(f"{name}: in some stats files but not in {', '.join(missing)}",
-                            "Merge files that hold the same arrays.")
-        try:
-            merged[name] = merge_all(parts)
-        except DataError as exc:
-            raise DataError(f"{', '.join(stats_files)}: {exc.message}", exc.hint) from None
-    emit(merged, fmt, output, force=force, inputs=stats_files)
+    emit(merge_files(stats_files), fmt, output, force=force, inputs=stats_files)

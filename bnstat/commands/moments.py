@@ -18,6 +18,7 @@ from bnstat import options
 @options.format_option
 @options.table_options
 @options.common_options
+@options.compute_options
 def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, per_file,
             skip_crc, nan_policy, higher, fmt, sort, top, show_all, output, force, quiet, threads, chunk_size):
     """Exact per-unit count, mean, var, std, min, max and NaN count.

@@ -12,7 +12,7 @@ from bnstat import options
 @click.option("--stats", "stats_file", type=str, default=None, metavar="STATS.npz",
               help="Normalize with statistics saved by `bnstat moments -o` (matched by array name).")
 @click.option("--model", type=str, default=None, metavar="MODEL",
-              help="A model file (.npz/HDF5, PyTorch or Keras naming) whose BN layer to apply.")
+              help="A model file (.npz, HDF5, .safetensors; PyTorch or Keras naming) whose BN layer to apply.")
 @click.option("--bn", "bn_name", type=str, default=None, metavar="NAME",
               help="The BatchNorm layer of --model, e.g. features.1 or batch_normalization.")
 @click.option("--eps", type=click.FloatRange(min=0), default=None,
@@ -24,6 +24,7 @@ from bnstat import options
 @options.skip_crc_option
 @options.nan_option
 @options.common_options
+@options.compute_options
 def command(input_path, stats_file, model, bn_name, eps, per_batch, layout, channel_axis, norm,
             groups, reduce, datasets, skip_crc, nan_policy, output, force, quiet, threads, chunk_size):
     """Write PATH normalized: y = (x - mean) / sqrt(var + eps) * gamma + beta.

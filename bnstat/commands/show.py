@@ -12,7 +12,7 @@ from bnstat import options
 @options.format_option
 @options.table_options
 @options.common_options
-def command(stats_file, fmt, sort, top, show_all, output, force, quiet, threads, chunk_size):
+def command(stats_file, fmt, sort, top, show_all, output, force, quiet):
     """Render a stats file saved by `bnstat moments -o FILE.npz`.
 
     \b

@@ -1,7 +1,9 @@
 """Inputs and outputs. Only this package opens files by name.
 
-``open_sources(paths, patterns)`` turns command-line paths into named
-:class:`ArraySource` objects that are read chunk by chunk.
+``open_any(source, dataset)`` is the one way to turn what a caller gives (a
+path, a list of paths, a numpy array, a dict of arrays, anything with
+``__array__``) into named :class:`ArraySource` objects that are read chunk
+by chunk; ``open_sources(paths, patterns)`` is its path half (the CLI).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import fnmatch
 from bnstat.errors import InputError
 from bnstat.io.base import ArraySource, MemorySource, check_shape, read_head
 
-__all__ = ["ArraySource", "MemorySource", "open_sources", "sniff"]
+__all__ = ["ArraySource", "MemorySource", "open_any", "open_sources", "sniff"]
 
 def sniff(path: str) -> str:
     """'npy', 'npz' or 'hdf5' from the file's first bytes (else its extension).
@@ -82,7 +84,58 @@ def open_sources(paths, patterns=(), *, check: bool = True, check_crc: bool = Tr
     if not sources:
         where = ", ".join(paths)
         if patterns:
-            raise InputError(f"{where}: no array matches -d {' -d '.join(patterns)}",
+            raise InputError(f"{where}: no array matches -d/dataset= {' -d '.join(patterns)}",
                              "List the arrays with: bnstat info " + " ".join(paths))
         raise InputError(f"{where}: no numeric array of 2 or more dimensions found")
     return sources
+
+
+_SOURCE_KINDS = "a path, a list of paths, a numpy array, a dict of arrays or an object with __array__"
+
+
+def _is_path(obj) -> bool:
+    return isinstance(obj, str | bytes) or hasattr(obj, "__fspath__")
+
+
+def _as_array(obj, name: str):
+    """``np.asarray(obj)`` (a tensor, an xarray DataArray, a dask block...). Raises InputError."""
+    import numpy as np
+
+    if isinstance(obj, np.ndarray):
+        return obj
+    try:
+        return np.asarray(obj)
+    except (TypeError, ValueError, RuntimeError) as exc:  # e.g. a tensor that requires grad
+        raise InputError(f"{name}: cannot be read as a numpy array ({exc})",
+                         "Pass a numpy array, e.g. tensor.detach().cpu().numpy().") from exc
+
+
+def open_any(source, dataset=None, *, check_crc: bool = True) -> list[ArraySource]:
+    """The arrays of ``source`` as ArraySources, for computing (2+ dimensions, not empty).
+
+    ``source``: a path or path-like ('-': a .npy stream on stdin), a list of
+    them (one data set split along N), a numpy array, a dict of named arrays,
+    or anything with ``__array__`` (a torch tensor, an xarray DataArray).
+    ``dataset``: a pattern or list of patterns selecting arrays of files.
+    Raises UsageProblem for anything else, InputError for unreadable inputs.
+    """
+    import os
+
+    import numpy as np
+
+    from bnstat.errors import UsageProblem
+
+    if isinstance(source, dict):
+        if not source:
+            raise UsageProblem("source=: an empty dict; give at least one array")
+        return [MemorySource(_as_array(v, str(k)), str(k)) for k, v in source.items()]
+    if isinstance(source, np.ndarray) or (hasattr(source, "__array__") and not _is_path(source)):
+        return [MemorySource(_as_array(source, "array"))]
+    if _is_path(source):
+        paths = [source]
+    elif isinstance(source, list | tuple) and source and all(_is_path(p) for p in source):
+        paths = list(source)
+    else:
+        raise UsageProblem(f"source=: {type(source).__name__} is not an input; give {_SOURCE_KINDS}")
+    patterns = [dataset] if isinstance(dataset, str) else list(dataset or ())
+    return open_sources([os.fsdecode(os.fspath(p)) for p in paths], patterns, check_crc=check_crc)

@@ -13,18 +13,23 @@ from bnstat.errors import InputError
 SUPPORTED_KINDS = "fiu"
 
 
+def input_error(path: str, exc: OSError) -> InputError:
+    """An OSError met reading ``path`` as the InputError naming the file: the one mapping."""
+    if isinstance(exc, FileNotFoundError):
+        return InputError(f"{path}: no such file")
+    if isinstance(exc, PermissionError):
+        return InputError(f"{path}: permission denied")
+    return InputError(f"{path}: cannot read: {exc.strerror or exc}")
+
+
 def open_input(path: str, directory_hint: str = "Give the files inside it."):
-    """``open(path, "rb")``, its failures as InputError naming the file (SPEC 4)."""
+    """``open(path, "rb")``, its failures as InputError naming the file (README, errors)."""
     if os.path.isdir(path):
         raise InputError(f"{path}: is a directory", directory_hint)
     try:
         return open(path, "rb")
-    except FileNotFoundError as exc:
-        raise InputError(f"{path}: no such file") from exc
-    except PermissionError as exc:
-        raise InputError(f"{path}: permission denied") from exc
     except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
+        raise input_error(path, exc) from exc
 
 
 def read_head(path: str, n: int, directory_hint: str = "Give the files inside it.") -> bytes:
@@ -33,7 +38,7 @@ def read_head(path: str, n: int, directory_hint: str = "Give the files inside it
         try:
             return fh.read(n)
         except OSError as exc:
-            raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
+            raise input_error(path, exc) from exc
 
 
 def check_dtype(dtype: np.dtype, where: str) -> None:
@@ -99,17 +104,11 @@ class ArraySource:
     double_buffered: bool = False  # the reader fills a second buffer while one is in use
 
     def rows_for(self, chunk_size: int) -> int:
-        """Rows per chunk for a chunk size in bytes (at least one row, aligned).
+        """Rows per chunk for a chunk size in bytes (``bnstat.stream.source_rows``: at least
+        one row, aligned to ``row_align``, halved for a double-buffered reader)."""
+        from bnstat.stream import source_rows
 
-        A double-buffered reader gets half the rows per buffer, so that its two
-        buffers together stay within the chunk size (SPEC 7).
-        """
-        if self.double_buffered:
-            chunk_size //= 2
-        rows = max(1, chunk_size // max(1, self.row_bytes))
-        if self.row_align > 1:
-            rows = max(self.row_align, rows - rows % self.row_align)
-        return min(rows, max(1, self.read_shape[0]))
+        return source_rows(self, chunk_size)
 
     def iter_chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
         raise NotImplementedError  # pragma: no cover - every reader defines it
@@ -153,9 +152,11 @@ class MemorySource(ArraySource):
         return self.name
 
     def iter_chunks(self, rows):
+        from bnstat.stream import slabs
+
         arr = self.array.T if self.fortran else self.array
-        for r0 in range(0, arr.shape[0], rows):
-            chunk = arr[r0:r0 + rows]
+        for sl in slabs(arr.shape[0], rows):
+            r0, chunk = sl.start, arr[sl]
             if not chunk.flags.c_contiguous or not chunk.dtype.isnative:
                 chunk = np.ascontiguousarray(chunk, dtype=chunk.dtype.newbyteorder("="))
             yield r0, chunk

@@ -25,6 +25,7 @@ import numpy as np
 from bnstat.errors import InputError
 from bnstat.io import zlibx
 from bnstat.io.base import ArraySource, check_dtype, native, open_input
+from bnstat.stream import slabs
 
 _ZIP_LOCAL_HEADER = 30
 # Linux 5.14+: populate the page tables of a range (not in Python's mmap module).
@@ -185,9 +186,9 @@ class NpyStreamSource(ArraySource):
         """Chunks as windows of one read-only memory map of the file.
 
         No copy: the kernels read the page cache directly (a 64 MiB
-        ``readinto`` ran at 6.3 GB/s, PERF-NOTES, about what the 2-thread
+        ``readinto`` ran at 6.3 GB/s (measured), about what the 2-thread
         kernel needs for itself). The next window is announced with
-        MADV_WILLNEED (5.5 -> 6.8 GB/s on a 6.6 GB file, PERF-NOTES) and a window is
+        MADV_WILLNEED (5.5 -> 6.8 GB/s on a 6.6 GB file, measured) and a window is
         dropped with MADV_DONTNEED once the consumer asks for the next one,
         so resident memory (file pages mapped into the process count) stays
         one window whatever the file size.
@@ -218,9 +219,9 @@ class NpyStreamSource(ArraySource):
             if advise:
                 mm.madvise(mmap.MADV_SEQUENTIAL)
                 mm.madvise(mmap.MADV_WILLNEED, *span(0))
-            for r0 in range(0, n, rows):
+            for sl in slabs(n, rows):
                 self._check_changed()  # a writer waits on the lease: stop before it truncates
-                r = min(rows, n - r0)
+                r0, r = sl.start, sl.stop - sl.start
                 if advise and r0 + rows < n:
                     mm.madvise(mmap.MADV_WILLNEED, *span(r0 + rows))
                 if populate:
@@ -253,8 +254,8 @@ class NpyStreamSource(ArraySource):
         row_bytes = self.row_bytes
         buf = np.empty(rows * row_bytes, np.uint8)
         try:
-            for r0 in range(0, shape[0], rows):
-                r = min(rows, shape[0] - r0)
+            for sl in slabs(shape[0], rows):
+                r0, r = sl.start, sl.stop - sl.start
                 nb = r * row_bytes
                 self._check_changed()
                 got = readinto_full(fh, memoryview(buf)[:nb])

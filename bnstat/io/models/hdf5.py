@@ -62,46 +62,28 @@ def _keras_config(f) -> dict | None:
     return doc if isinstance(doc, dict) else None
 
 
-def _hdf5_walk(f):
-    """(name, dataset, tracked) for every dataset; tracked: every group keeps creation order."""
-    import h5py
+def _datasets(path: str, f):
+    """(name, dataset) of every dataset, and whether every group keeps creation order."""
+    from bnstat.io.hdf5 import tracks_creation_order, walk
 
+    groups: list = []
     found = []
-    tracked = [True]
-
-    def visit(group, prefix):
-        try:
-            if not group.id.get_create_plist().get_link_creation_order():
-                tracked[0] = False
-        except Exception:  # an old HDF5 library: assume alphabetical
-            tracked[0] = False
-        for key in group:
-            name = f"{prefix}{key}"
-            try:
-                obj = group[key]
-            except (KeyError, OSError) as exc:
-                raise InputError(f"{f.filename}:{name}: cannot be read ({exc})") from exc
-            if isinstance(obj, h5py.Group):
-                visit(obj, name + "/")
-            elif isinstance(obj, h5py.Dataset):
-                found.append((name, obj))
-
-    visit(f, "")
-    return found, tracked[0]
+    for name, ds, problem in walk(path, f, groups):
+        if problem:
+            raise InputError(f"{path}:{name}: {problem}")
+        found.append((name, ds))
+    return found, all(tracks_creation_order(g) for g in groups)
 
 
 def _read(path: str, values: bool):
-    import h5py
+    from bnstat.io.hdf5 import open_h5
 
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise InputError(f"{path}: not a readable HDF5 file ({exc})") from exc
+    f = open_h5(path)
     entries: dict = {}
     arrays: dict = {}
     try:
         with f:
-            found, tracked = _hdf5_walk(f)
+            found, tracked = _datasets(path, f)
             numeric = {}
             for name, ds in found:
                 dt = ds.dtype

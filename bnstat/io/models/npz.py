@@ -10,15 +10,8 @@ import numpy as np
 
 from bnstat.errors import InputError
 from bnstat.io import magic
+from bnstat.io.npy import read_npy_header
 from bnstat.io.models.base import ModelFile, ModelFormat, ModelIndex, check_numeric
-
-
-def _npy_header(fh, where: str):
-    """(shape, dtype) of a .npy stream's header. Raises InputError."""
-    from bnstat.io.npy import read_npy_header
-
-    shape, _fortran, dtype = read_npy_header(fh, where)
-    return shape, dtype
 
 
 def index(path: str) -> ModelIndex:
@@ -32,7 +25,7 @@ def index(path: str) -> ModelIndex:
                 name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
                 compressed |= info.compress_type != zipfile.ZIP_STORED
                 with zf.open(info) as fh:
-                    shape, dtype = _npy_header(fh, f"{path}:{name}")
+                    shape, _fortran, dtype = read_npy_header(fh, f"{path}:{name}")
                 check_numeric(f"{path}:{name}", dtype)
                 entries[name] = (shape, dtype)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:

@@ -15,6 +15,7 @@ import numpy as np
 
 from bnstat.errors import InputError, OutputError
 from bnstat.io import magic
+from bnstat.io.base import open_input
 from bnstat.io.models.base import ModelFile, ModelFormat, ModelIndex
 
 # safetensors dtype codes <-> numpy (little-endian)
@@ -46,12 +47,8 @@ def _st_header(path: str, fh, size: int) -> tuple[dict, int]:
 
 
 def _read(path: str, values: bool):
-    try:
-        size = os.path.getsize(path)
-        fh = open(path, "rb")
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from exc
-    with fh:
+    with open_input(path) as fh:
+        size = os.fstat(fh.fileno()).st_size
         header, start = _st_header(path, fh, size)
         metadata = header.pop("__metadata__", None)
         entries: dict = {}

@@ -1,105 +1,19 @@
-"""Reports: rich tables, JSON, CSV, progress bars. The only module that imports rich."""
+"""Rich tables: the statistics of each array, the arrays of files, plain lines."""
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import math
-import os
-import sys
-import time
 import warnings
 
 import numpy as np
 
-from bnstat._version import __version__
+from bnstat.render.console import emit_rich
 from bnstat.stats import Stats
 
 SMALL_TABLE = 32  # arrays with at most this many units show every unit
 DEFAULT_TOP = 20
 DESCENDING = {"mean", "var", "std", "max", "nan", "absmean"}
-
-
-# ---- JSON and CSV -----------------------------------------------------------
-
-def _floats(a: np.ndarray) -> list:
-    return [float(v) for v in np.asarray(a, dtype=np.float64).ravel()]
-
-
-def _ints(a: np.ndarray) -> list:
-    return [int(v) for v in np.asarray(a).ravel()]
-
-
-def stats_record(s: Stats) -> dict:
-    cols = s.columns()
-    rec = {"name": s.name, "sources": s.sources, "shape": list(s.shape), "dtype": s.dtype,
-           "layout": s.layout, "layout_assumed": s.assumed_layout, "reduce": s.reduce,
-           "unit_axes": s.unit_axes, "unit_shape": list(s.unit_shape), "ddof": s.ddof,
-           "nan_policy": s.nan_policy,
-           "count": _ints(cols["count"]), "mean": _floats(cols["mean"]), "var": _floats(cols["var"]),
-           "std": _floats(cols["std"]), "min": _floats(cols["min"]), "max": _floats(cols["max"]),
-           "nan_count": _ints(cols["nan_count"])}
-    if s.higher:
-        rec["skew"] = _floats(cols["skew"])
-        rec["kurtosis"] = _floats(cols["kurtosis"])
-    return rec
-
-
-def to_json(stats: dict[str, Stats]) -> str:
-    """SPEC 4 JSON; floats round-trip (Python's repr), NaN as NaN."""
-    doc = {"bnstat": __version__, "arrays": [stats_record(s) for s in stats.values()]}
-    return json.dumps(doc) + "\n"
-
-
-CSV_COLUMNS = ["name", "unit", "count", "mean", "var", "std", "min", "max", "nan_count"]
-
-
-def write_csv(stats: dict[str, Stats], fh) -> None:
-    """One header line, one row per unit in C order (``unit`` is the flat index)."""
-    higher = any(s.higher for s in stats.values())
-    writer = csv.writer(fh, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS + (["skew", "kurtosis"] if higher else []))
-    for s in stats.values():
-        cols = {k: np.asarray(v).ravel() for k, v in s.columns().items()}
-        for i in range(int(np.prod(s.unit_shape))):
-            row = [s.name, i, int(cols["count"][i])]
-            row += [repr(float(cols[k][i])) for k in ("mean", "var", "std", "min", "max")]
-            row.append(int(cols["nan_count"][i]))
-            if higher:
-                row += [repr(float(cols[k][i])) if k in cols else "" for k in ("skew", "kurtosis")]
-            writer.writerow(row)
-
-
-# ---- tables -------------------------------------------------------------------
-
-def _console(file=None, stderr=False, width=140):
-    """A rich console for ``file``: the terminal's width, else $COLUMNS, else ``width``."""
-    from rich.console import Console
-
-    target = file if file is not None else (sys.stderr if stderr else sys.stdout)
-    if not (hasattr(target, "isatty") and target.isatty()):
-        width = int(os.environ.get("COLUMNS", 0) or 0) or width
-    else:
-        width = None
-    return Console(file=target, width=width, highlight=False, soft_wrap=False)
-
-
-def emit_rich(draw, *, file=None, width=140) -> None:
-    """Render with ``draw(console)``, then write the text with a plain ``write``.
-
-    rich's own writes turn a broken pipe into ``SystemExit(1)``
-    (``Console.on_broken_pipe``); bnstat.cli ends a broken pipe quietly with
-    its own status (141, as a Unix tool killed by SIGPIPE). Write errors
-    propagate as OSError.
-    """
-    target = file if file is not None else sys.stdout
-    console = _console(target, width=width)
-    with console.capture() as captured:
-        draw(console)
-    # rich pads lines to the console's width; trailing blanks only get in the way of diff and grep
-    target.write("\n".join(line.rstrip(" ") for line in captured.get().split("\n")))
-    target.flush()
 
 
 def fmt_num(v: float) -> str:
@@ -265,55 +179,3 @@ def human_size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
-
-
-# ---- progress -------------------------------------------------------------------
-
-class _Progress:
-    """A rich progress bar on stderr that appears only after ``delay`` seconds."""
-
-    def __init__(self, total: int, label: str, delay: float = 0.5):
-        self.total = total
-        self.label = label
-        self.delay = delay
-        self.start = time.monotonic()
-        self.done = 0
-        self.bar = None
-        self.task = None
-
-    def __call__(self, nbytes: int) -> None:
-        self.done += nbytes
-        if self.bar is None and time.monotonic() - self.start >= self.delay:
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                TransferSpeedColumn(), TimeRemainingColumn(),
-                                console=_console(stderr=True), transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task(self.label, total=self.total)
-        if self.bar is not None:
-            self.bar.update(self.task, completed=self.done)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-@contextlib.contextmanager
-def progress(total: int, label: str, enabled: bool):
-    """A callback ``advance(nbytes)``; a bar only when ``enabled`` and stderr is a terminal."""
-    if not enabled or not sys.stderr.isatty():
-        yield None
-        return
-    bar = _Progress(total, label)
-    try:
-        yield bar
-    finally:
-        bar.close()

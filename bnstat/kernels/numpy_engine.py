@@ -1,0 +1,70 @@
+"""The numpy engine: the moments kernels' results computed with numpy.
+
+For inputs under ``stream.SMALL_INPUT`` bytes, where loading numba's kernels
+costs more than the work (bench/README.md); also the float64 arithmetic of
+normalize's numpy path (``blocks``). Unlike the numba kernels this module
+returns ``stats.Moments``; it imports no numba.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from bnstat.stats import Moments, concatenate
+
+# elements per block of a chunk (8 MB of float64 temporaries)
+NUMPY_BLOCK = 1 << 20
+
+
+def blocks(shape4: tuple[int, int, int, int]) -> Iterator[tuple[slice, slice]]:
+    """(P, A) slices of a (P, A, U, B) view of about NUMPY_BLOCK elements each, P outer."""
+    P, A, U, B = shape4
+    rows = max(1, NUMPY_BLOCK // max(1, P * U * B))  # rows of A per block, all of P
+    ps = P if rows > 1 or P * U * B <= NUMPY_BLOCK else max(1, NUMPY_BLOCK // max(1, U * B))
+    for p0 in range(0, P, ps):
+        for a0 in range(0, A, rows):
+            yield slice(p0, p0 + ps), slice(a0, a0 + rows)
+
+
+def numpy_moments(x: np.ndarray, higher: bool = False) -> Moments:
+    """The kernels' results computed with numpy: per block a float64 mean, then
+    central power sums (two passes), blocks merged with Chan / Pébay.
+
+    Same conventions as the kernels: NaN counted and left out, an empty unit
+    has count 0, mean 0, min +inf, max -inf; ±inf gives a ±inf mean and NaN m2.
+    """
+    P, A, U, B = x.shape
+    rows: dict[int, list[Moments]] = {}
+    for ps, as_ in blocks(x.shape):
+        v = x[ps, as_].astype(np.float64)
+        bad = np.isnan(v) if x.dtype.kind == "f" else None
+        nanc = np.zeros(v.shape[::2], np.int64) if bad is None else bad.sum(axis=(1, 3))
+        cnt = np.full(v.shape[::2], v.shape[1] * B, np.int64) - nanc
+        if bad is not None:
+            v[bad] = 0.0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(cnt > 0, v.sum(axis=(1, 3)) / np.maximum(cnt, 1), 0.0)
+            d = v - mean[:, None, :, None]
+            if bad is not None:
+                d[bad] = 0.0
+            d2 = d * d
+            m2 = d2.sum(axis=(1, 3))
+            m3 = (d2 * d).sum(axis=(1, 3)) if higher else None
+            m4 = (d2 * d2).sum(axis=(1, 3)) if higher else None
+        if bad is not None:
+            v[bad] = np.nan  # fmin/fmax skip NaN
+        mn = np.fmin.reduce(v, axis=(1, 3), initial=np.inf)
+        mx = np.fmax.reduce(v, axis=(1, 3), initial=-np.inf)
+        part = Moments(cnt.ravel(), mean.ravel(), m2.ravel(), mn.ravel(), mx.ravel(), nanc.ravel(),
+                       None if m3 is None else m3.ravel(), None if m4 is None else m4.ravel())
+        key = ps.start
+        rows[key] = [part] if key not in rows else rows[key] + [part]
+    merged = []
+    for key in sorted(rows):
+        out = rows[key][0]
+        for part in rows[key][1:]:
+            out = out.merge(part)
+        merged.append(out)
+    return merged[0] if len(merged) == 1 else concatenate(merged, axis=0)

@@ -1,0 +1,59 @@
+"""Statistics as JSON (SPEC 4) and CSV: plain text, no rich."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+
+from bnstat._version import __version__
+from bnstat.stats import Stats
+
+
+def _floats(a: np.ndarray) -> list:
+    return [float(v) for v in np.asarray(a, dtype=np.float64).ravel()]
+
+
+def _ints(a: np.ndarray) -> list:
+    return [int(v) for v in np.asarray(a).ravel()]
+
+
+def stats_record(s: Stats) -> dict:
+    cols = s.columns()
+    rec = {"name": s.name, "sources": s.sources, "shape": list(s.shape), "dtype": s.dtype,
+           "layout": s.layout, "layout_assumed": s.assumed_layout, "reduce": s.reduce,
+           "unit_axes": s.unit_axes, "unit_shape": list(s.unit_shape), "ddof": s.ddof,
+           "nan_policy": s.nan_policy,
+           "count": _ints(cols["count"]), "mean": _floats(cols["mean"]), "var": _floats(cols["var"]),
+           "std": _floats(cols["std"]), "min": _floats(cols["min"]), "max": _floats(cols["max"]),
+           "nan_count": _ints(cols["nan_count"])}
+    if s.higher:
+        rec["skew"] = _floats(cols["skew"])
+        rec["kurtosis"] = _floats(cols["kurtosis"])
+    return rec
+
+
+def to_json(stats: dict[str, Stats]) -> str:
+    """SPEC 4 JSON; floats round-trip (Python's repr), NaN as NaN."""
+    doc = {"bnstat": __version__, "arrays": [stats_record(s) for s in stats.values()]}
+    return json.dumps(doc) + "\n"
+
+
+CSV_COLUMNS = ["name", "unit", "count", "mean", "var", "std", "min", "max", "nan_count"]
+
+
+def write_csv(stats: dict[str, Stats], fh) -> None:
+    """One header line, one row per unit in C order (``unit`` is the flat index)."""
+    higher = any(s.higher for s in stats.values())
+    writer = csv.writer(fh, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS + (["skew", "kurtosis"] if higher else []))
+    for s in stats.values():
+        cols = {k: np.asarray(v).ravel() for k, v in s.columns().items()}
+        for i in range(int(np.prod(s.unit_shape))):
+            row = [s.name, i, int(cols["count"][i])]
+            row += [repr(float(cols[k][i])) for k in ("mean", "var", "std", "min", "max")]
+            row.append(int(cols["nan_count"][i]))
+            if higher:
+                row += [repr(float(cols[k][i])) if k in cols else "" for k in ("skew", "kurtosis")]
+            writer.writerow(row)

@@ -1,0 +1,90 @@
+"""bnstat.kernels._jit: the numba flags and the process set-up, done by explicit calls only.
+
+Each probe runs in a fresh interpreter: numba's target and the OpenMP layer are per process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import _env
+
+SNAPSHOT = """
+import json, os, sys
+env0 = dict(os.environ)
+mods0 = dict(sys.modules)
+{code}
+env1 = dict(os.environ)
+changed_env = sorted(k for k in set(env0) | set(env1) if env0.get(k) != env1.get(k))
+replaced = sorted(k for k, m in mods0.items() if sys.modules.get(k) is not m)
+print(json.dumps({{"env": changed_env, "replaced": replaced,
+    "scipy_linalg": repr(sys.modules.get("scipy.linalg", "absent"))[:20],
+    "omp": os.environ.get("OMP_WAIT_POLICY"), "numba": "numba" in sys.modules}}))
+"""
+
+
+def probe(code: str, **env) -> dict:
+    environ = _env()
+    environ.pop("OMP_WAIT_POLICY", None)
+    environ.update(env)
+    proc = subprocess.run([sys.executable, "-c", SNAPSHOT.format(code=code)], capture_output=True,
+                          text=True, env=environ, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_importing_the_kernels_changes_no_environment_and_no_other_module():
+    got = probe("import bnstat.kernels, bnstat.kernels._jit, bnstat.kernels._keys, "
+                "bnstat.kernels.moments, bnstat.kernels.normalize, bnstat.kernels.numpy_engine")
+    assert got["env"] == [] and got["omp"] is None
+    assert got["replaced"] == []
+    assert got["scipy_linalg"] == "'absent'"  # neither imported nor blocked (None)
+    assert got["numba"]  # the kernels were really compiled-or-declared: numba is imported
+
+
+def test_importing_the_package_alone_imports_no_numba():
+    got = probe("import bnstat.kernels")
+    assert got["numba"] is False and got["env"] == []
+
+
+def test_setup_sets_passive_wait_policy_and_keeps_the_users():
+    assert probe("from bnstat.kernels import _jit; _jit.setup()")["omp"] == "passive"
+    got = probe("from bnstat.kernels import _jit; _jit.setup(cli=True)", OMP_WAIT_POLICY="active")
+    assert got["omp"] == "active" and got["env"] == []
+    # setup itself imports nothing (the CLI calls it before parsing: `bnstat --help` stays fast)
+    assert probe("from bnstat.kernels import _jit; _jit.setup(cli=True)")["numba"] is False
+
+
+def test_cli_ready_loads_the_target_without_scipy_and_lifts_the_block():
+    """After setup(cli=True) the target load sees no scipy.linalg and leaves no None entry behind;
+    a later import of scipy.linalg (a user's np.dot) still works."""
+    got = probe("from bnstat.kernels import _jit; _jit.setup(cli=True); _jit.ready()\n"
+                "import numpy as np; from bnstat.kernels import moments as k\n"
+                "x = np.ones((1, 3, 2, 1)); z = [np.zeros((1, 1, 2), t) for t in "
+                "('i8', 'f8', 'f8', 'f8', 'f8', 'i8')]\n"
+                "k.moments4(x, 1, 1, *z); assert z[1].tolist() == [[[1.0, 1.0]]]\n"
+                "assert 'scipy.linalg' not in sys.modules\n"
+                "try:\n    import scipy.linalg\nexcept ModuleNotFoundError:\n    pass\n")
+    assert got["scipy_linalg"] != "None"
+    assert got["replaced"] == []
+
+
+def test_api_ready_does_not_block_scipy():
+    """A library user's process (no setup(cli=True)): numba's BLAS probe runs as usual."""
+    code = ("from bnstat.kernels import _jit; _jit.ready()\n"
+            "import importlib.util\n"
+            "has_scipy = importlib.util.find_spec('scipy') is not None\n"
+            "assert ('scipy.linalg' in sys.modules) == has_scipy, has_scipy\n")
+    got = probe(code)
+    assert got["scipy_linalg"] != "None"
+    assert got["omp"] == "passive"
+
+
+def test_every_kernel_is_cached_and_keeps_the_nan_tests():
+    from bnstat.kernels import _jit
+
+    for flags in (_jit.JIT, _jit.SUMS_JIT, _jit.PARALLEL_JIT):
+        assert flags["cache"] is True
+        assert not {"nnan", "ninf", "fast"} & set(flags.get("fastmath") or ())
