@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -409,3 +410,89 @@ def test_signal_wrapped_by_a_library(tmp_path, monkeypatch):
     rc, out, err = run_inproc("moments", tmp_path / "x.npy", "--layout", "NC")
     assert rc == 143, err
     assert "internal error" not in err
+
+
+# ---- memory bombs -------------------------------------------------------------------------------
+
+ALLOWANCE = 150 << 20  # the interpreter, numpy, h5py (about 60 MB here) and some slack
+
+
+def peak_rss(args, cwd, stdin=None):
+    """(exit code, stderr, peak RSS in bytes) of ``bnstat ARGS`` run in a fresh wrapper."""
+    wrapper = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], stdin=sys.stdin); "
+               "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    env = _env()
+    env["BNSTAT_ENGINE"] = "numpy"  # the same bounds, without numba's 150 MB of compiler
+    with open(stdin, "rb") if stdin else open(os.devnull, "rb") as fh:
+        proc = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "bnstat", *map(str, args)],
+                              stdin=fh, capture_output=True, cwd=cwd, env=env, timeout=300)
+    rc, kb = proc.stdout.decode().split()[-2:]
+    return int(rc), proc.stderr.decode(), int(kb) * 1024
+
+
+def test_member_with_hundreds_of_mb_after_its_array(tmp_path):
+    """A deflated member: a (4, 3) array then 300 MB of zeros (300 KB compressed). Its CRC
+    covers them: they are inflated in blocks, never held at once (once 660 MB of RSS)."""
+    with zipfile.ZipFile(tmp_path / "t.npz", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("x.npy", npy_bytes(np.ones((4, 3), "f4")) + b"\0" * (300 << 20))
+    rc, err, rss = peak_rss(["moments", tmp_path / "t.npz", "--layout", "NC", "--chunk-size", "1MiB",
+                             "-o", tmp_path / "s.json"], tmp_path)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "s.json").read_text())["arrays"][0]["mean"] == [1.0, 1.0, 1.0]
+    assert rss < (1 << 20) + ALLOWANCE, rss
+
+
+def test_stats_member_inflating_to_a_gigabyte(tmp_path):
+    """A stats file whose mean member declares 1 GB (1 MB deflated): refused before np.load."""
+    np.save(tmp_path / "x.npy", np.ones((4, 3), "f4"))
+    rc, _, err = run(["moments", tmp_path / "x.npy", "--layout", "NC", "-o", tmp_path / "good.npz"], tmp_path)
+    assert rc == 0, err
+    with zipfile.ZipFile(tmp_path / "good.npz") as src, \
+            zipfile.ZipFile(tmp_path / "s.npz", "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename == "x/mean.npy":
+                data = npy_bytes(np.zeros(3)) + b"\0" * (1 << 30)
+            dst.writestr(info.filename, data)
+    os.unlink(tmp_path / "good.npz")
+    before = snapshot(tmp_path)
+    rc, err, rss = peak_rss(["show", tmp_path / "s.npz"], tmp_path)
+    assert rc == 1, err
+    assert re.search(r"s\.npz:x/mean: declares 10737419\d\d bytes, more than statistics", err), err
+    assert rss < ALLOWANCE, rss
+    assert snapshot(tmp_path) == before
+
+
+def test_stdin_header_claiming_a_trillion_elements(tmp_path):
+    (tmp_path / "claim.npy").write_bytes(npy_with_header(header("(10000000, 100000)"), b"\0" * 4096))
+    rc, err, rss = peak_rss(["moments", "-", "--layout", "NC", "--chunk-size", "1MiB"], tmp_path,
+                            stdin=tmp_path / "claim.npy")
+    assert rc == 1, err
+    assert "stdin: truncated: the data ends after 4096 of 4000000000000 bytes" in err, err
+    assert rss < (1 << 20) + ALLOWANCE, rss
+
+
+def sparse_h5(path, shape):
+    import h5py
+
+    with h5py.File(path, "w") as f:  # no chunk written: the file is a few KB
+        f.create_dataset("x", shape=shape, dtype="f4", chunks=(1, 1 << 20))
+    return path
+
+
+def test_a_row_larger_than_memory_is_refused_before_allocation(tmp_path):
+    from bnstat.stream import available_memory
+
+    cols = available_memory() // 4 + (1 << 30)  # one row: more than the memory available
+    path = sparse_h5(tmp_path / "sparse.h5", (2, cols))
+    err = check(tmp_path, ["moments", path, "--layout", "CN", "--chunk-size", "64MiB"])
+    assert "sparse.h5:x: one slab of 1 row(s)" in err and "more than --chunk-size" in err, err
+
+
+def test_billions_of_units_are_refused_before_allocation(tmp_path):
+    """--layout NC on a (2, 2.5e9) dataset: 2.5e9 channels, 240 GB of statistics."""
+    path = sparse_h5(tmp_path / "sparse.h5", (2, 2_500_000_000))
+    rc, err, rss = peak_rss(["moments", path, "--layout", "NC"], tmp_path)
+    assert rc == 1, err
+    assert "2,500,000,000 units (layout NC) need" in err, err
+    assert rss < ALLOWANCE, rss

@@ -13,7 +13,6 @@ import numpy as np
 
 from bnstat.errors import InputError
 from bnstat.io.base import ArraySource, check_dtype
-from bnstat.stream import slabs
 
 
 def _h5py():
@@ -174,7 +173,7 @@ def _iter_overlapped(ds, rows, bufs):
     from concurrent.futures import ThreadPoolExecutor
 
     n = ds.shape[0]
-    starts = [sl.start for sl in slabs(n, rows)]
+    starts = range(0, n, max(1, rows))  # the starts of stream.slabs(n, rows), lazily
     with ThreadPoolExecutor(1, thread_name_prefix="bnstat-h5read") as pool:
         pending = pool.submit(_read_slab, ds, bufs[0], 0, min(n, rows))
         for i, r0 in enumerate(starts):
@@ -276,7 +275,7 @@ def _iter_deflate(ds, rows, bufs, pipeline):
                    for rest in itertools.product(*grids)]
         return [pool.submit(decode, r0, off, out) for off in offsets]
 
-    starts = [sl.start for sl in slabs(n, rows)]
+    starts = range(0, n, max(1, rows))  # the starts of stream.slabs(n, rows), lazily
     with ThreadPoolExecutor(zlibx.workers(), thread_name_prefix="bnstat-inflate") as pool:
         pending = submit(pool, 0)
         try:

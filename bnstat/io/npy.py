@@ -175,9 +175,10 @@ class NpyStreamSource(ArraySource):
         crc = self._running_crc
         end = self.data_offset + self.nbytes
         if self.data_size > end:
-            with self.opener() as fh:
+            with self.opener() as fh:  # bytes after the array: in blocks, never all at once
                 fh.seek(end)
-                crc = zlib.crc32(fh.read(), crc)
+                while block := fh.read(1 << 20):
+                    crc = zlib.crc32(block, crc)
         if crc != self.crc:
             raise InputError(f"{self.where}: corrupt zip member (bad CRC-32: the data was damaged)",
                              "numpy's np.load refuses it too; restore the file from its source.")
