@@ -27,7 +27,7 @@ from bnstat._version import __version__
 if TYPE_CHECKING:
     from bnstat.stats import Stats
 
-__all__ = ["__version__", "moments", "normalize", "fold", "load_stats", "save_stats"]
+__all__ = ["__version__", "moments", "hist", "normalize", "fold", "load_stats", "save_stats"]
 
 
 def moments(source, *, layout: str | None = None, channel_axis: int | None = None,
@@ -89,21 +89,24 @@ def normalize(source, output: str | None = None, *, stats=None, model=None, bn: 
 
 def fold(source, *, output: str | None = None, pairs: Iterable = (), plan=None,
          eps: float | None = None, bn: str = "drop", check: bool = False, dry_run: bool = False,
-         plan_output: str | None = None, force: bool = False, seed: int = 0):
+         plan_output: str | None = None, force: bool = False, seed: int = 0,
+         strict: bool = False):
     """Fold every BatchNorm of a model into the layer that feeds it; a FoldResult.
 
     ``source``: a model file or a mapping of named arrays; ``pairs``:
     ``"CONV=BN"`` strings or ``(conv, bn)`` tuples; ``plan``: a plan file or
     dict; ``bn``: "drop" or "identity"; ``check``: test every pair on random
-    inputs. Writes ``output`` (and ``plan_output``) atomically unless
-    ``dry_run``. Raises InputError (unreadable model or plan), DataError
-    (refusals; FoldCheckError when a check fails), UsageProblem (bad pairs),
+    inputs (and the whole model where the file has a graph); ``strict``:
+    refuse pairs that rest on an assumption. Writes ``output`` (and
+    ``plan_output``) atomically unless ``dry_run``. Raises InputError
+    (unreadable model or plan), DataError (refusals; FoldCheckError when a
+    check fails; FoldAssumptionError with strict), UsageProblem (bad pairs),
     OutputError. Nothing is written when it raises.
     """
     from bnstat.folding import fold as _fold
 
     return _fold(source, output=output, pairs=pairs, plan=plan, eps=eps, bn=bn, check=check,
-                 dry_run=dry_run, plan_output=plan_output, force=force, seed=seed)
+                 dry_run=dry_run, plan_output=plan_output, force=force, seed=seed, strict=strict)
 
 
 def load_stats(path) -> dict[str, Stats]:
@@ -129,3 +132,32 @@ def save_stats(stats: Mapping[str, Stats], path, *, force: bool = False) -> None
     with atomic_open(os.fspath(path), "wb", force=force) as fh:
         _save(dict(stats), fh)
 
+
+def hist(source, *, layout=None, channel_axis=None, norm="batch", groups=None, reduce=None, ddof=0,
+         bins=2048, range="auto", quantiles=None, amax=None, per_tensor=False, num_bits=8,
+         unsigned=False, dataset=None, chunk_size=None, threads=None, nan="omit", per_file=False,
+         progress=None, check_crc=True):
+    """Exact per-unit histograms of every selected array of ``source`` (README "Histograms").
+
+    ``source`` as for ``moments``. ``range``: "auto" (each unit's min..max), "abs"
+    (|x| over 0..max |x|) or (lo, hi) / "LO:HI"; ``quantiles``: q values computed
+    exactly (np.quantile, method "linear"); ``amax``: calibration methods (max,
+    percentile:P, mse, entropy; with ``range="abs"``). Returns ``{name: Histogram}``,
+    each with ``edges``, ``counts``, ``quantile(q)``, ``amax(method)`` and ``stats``.
+    Raises bnstat.errors.BnstatError.
+    """
+    from bnstat.histrun import compute_hist
+    from bnstat.io import open_any
+    from bnstat.sizes import size_bytes
+    from bnstat.stream import DEFAULT_CHUNK_SIZE
+
+    kwargs = dict(layout=layout, channel_axis=channel_axis, norm=norm, groups=groups, reduce=reduce,
+                  ddof=ddof, bins=bins, range=range, quantiles=quantiles, amax=amax,
+                  per_tensor=per_tensor, num_bits=num_bits, unsigned=unsigned, nan_policy=nan,
+                  chunk_size=size_bytes(chunk_size, DEFAULT_CHUNK_SIZE), threads=threads,
+                  per_file=per_file, progress=progress)
+
+    def run(**changes):  # quantile(q) / amax(method) not computed: the passes again
+        return compute_hist(open_any(source, dataset, check_crc=check_crc), **{**kwargs, **changes})
+
+    return compute_hist(open_any(source, dataset, check_crc=check_crc), **kwargs, rerun=run)

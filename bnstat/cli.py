@@ -53,6 +53,8 @@ COMMANDS = {
     "merge": Entry("bnstat.commands.merge", "Merge saved stats files exactly into one."),
     "normalize": Entry("bnstat.commands.normalize", "Normalize arrays as BN / LayerNorm / InstanceNorm / GroupNorm would."),
     "fold": Entry("bnstat.commands.fold", "Fold BatchNorm layers into the conv / linear layers that feed them."),
+    "hist": Entry("bnstat.commands.hist", "Exact per-unit histograms, quantiles and calibration ranges (amax)."),
+    "plot": Entry("bnstat.commands.plot", "Plot a stats or histogram file (PNG, SVG, PDF; the plot extra)."),
 }
 
 
@@ -207,80 +209,84 @@ def _buffer_stdout() -> None:
                                       errors=sys.stdout.errors, write_through=True)
 
 
+def _run(args: list[str], state: options.RunState) -> int:
+    """Parse and run one command line; the exit status of SPEC 4 (no exception escapes but
+    an internal error or OSError under --debug)."""
+    from bnstat import errors
+    from bnstat.errors import BnstatError, Terminated
+
+    try:
+        # make_context/invoke rather than cli.main: click's main turns a
+        # broken pipe into exit 1 and KeyboardInterrupt into Abort itself
+        with cli.make_context("bnstat", args, obj=state) as ctx:
+            cli.invoke(ctx)
+        errors.check_interrupt()
+        sys.stdout.flush()
+        return 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        return 130
+    except Terminated:
+        return 143
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except BnstatError as exc:
+        if state.debug:
+            import traceback
+
+            traceback.print_exc()
+        _print_error(str(exc))
+        return exc.exit_code
+    except OSError as exc:  # an I/O failure no layer below named (e.g. stdout on a full disk)
+        if state.debug:
+            raise
+        import errno
+
+        where = f"{exc.filename}: " if exc.filename else ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+            where += "cannot write: "  # files are named by the layers below; this is stdout
+        _print_error(f"{where}{exc.strerror or exc}")
+        _silence_stdout()  # the interpreter's final flush would fail again
+        return 1
+    except MemoryError:
+        _print_error("out of memory; try a smaller --chunk-size")
+        return 1
+    except Exception as exc:  # an unexpected failure: still no traceback by default
+        if errors.pending_signal is not None:  # a signal, wrapped by a library (numba's compiler)
+            return 130 if errors.pending_signal == signal.SIGINT else 143
+        if state.debug:
+            raise
+        # the first line only: errors are one or two lines (SPEC 4); numba's are dozens
+        first = (str(exc).strip().splitlines() or [""])[0]
+        _print_error(f"internal error: {type(exc).__name__}: {first} (run with --debug for the traceback)")
+        return 1
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script; exits with SPEC 4's status codes."""
     from bnstat import errors
-    from bnstat.errors import BnstatError, BnstatWarning, Terminated
-
+    from bnstat.errors import BnstatWarning
     from bnstat.kernels import _jit
 
     _closed_stdio()
     _jit.setup(cli=True)  # the command line tool: numba's start-up shortcut (imports nothing)
     _buffer_stdout()
-
     args = list(sys.argv[1:] if argv is None else argv)
     state = options.RunState()  # ctx.obj of every command of this run
     errors.pending_signal = None
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     previous_hook = sys.unraisablehook
     sys.unraisablehook = _unraisable(previous_hook)
-    code = 0
     with warnings.catch_warnings():
         warnings.simplefilter("always", BnstatWarning)
         warnings.showwarning = _warning_printer(state)
         try:
-            # make_context/invoke rather than cli.main: click's main turns a
-            # broken pipe into exit 1 and KeyboardInterrupt into Abort itself
-            with cli.make_context("bnstat", args, obj=state) as ctx:
-                cli.invoke(ctx)
-            errors.check_interrupt()
-            sys.stdout.flush()
-        except click.exceptions.Exit as exc:
-            code = exc.exit_code
-        except click.exceptions.Abort:
-            code = 130
-        except KeyboardInterrupt:
-            code = 130
-        except Terminated:
-            code = 143
-        except BrokenPipeError:
-            _silence_stdout()
-            code = 141
-        except click.ClickException as exc:
-            exc.show()
-            code = exc.exit_code
-        except BnstatError as exc:
-            if state.debug:
-                import traceback
-
-                traceback.print_exc()
-            _print_error(str(exc))
-            code = exc.exit_code
-        except OSError as exc:  # an I/O failure no layer below named (e.g. stdout on a full disk)
-            if state.debug:
-                raise
-            import errno
-
-            where = f"{exc.filename}: " if exc.filename else ""
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
-                where += "cannot write: "  # files are named by the layers below; this is stdout
-            _print_error(f"{where}{exc.strerror or exc}")
-            _silence_stdout()  # the interpreter's final flush would fail again
-            code = 1
-        except MemoryError:
-            _print_error("out of memory; try a smaller --chunk-size")
-            code = 1
-        except Exception as exc:  # an unexpected failure: still no traceback by default
-            if errors.pending_signal is not None:  # a signal, wrapped by a library (numba's
-                code = 130 if errors.pending_signal == signal.SIGINT else 143  # compiler)
-            elif state.debug:
-                raise
-            else:
-                # the first line only: errors are one or two lines (SPEC 4); numba's are dozens
-                first = (str(exc).strip().splitlines() or [""])[0]
-                _print_error(f"internal error: {type(exc).__name__}: {first} "
-                             "(run with --debug for the traceback)")
-                code = 1
+            code = _run(args, state)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

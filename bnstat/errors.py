@@ -26,6 +26,10 @@ class BnstatError(Exception):
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n{self.hint}"
 
+    def __reduce__(self):
+        # message and hint both survive pickling (a Dask worker's error reaches the client)
+        return (type(self), (self.message, self.hint))
+
 
 class InputError(BnstatError):
     """An input file is missing, unreadable, corrupt or of an unsupported kind."""

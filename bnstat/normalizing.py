@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,92 +33,20 @@ from bnstat.stats import Stats
 DEFAULT_EPS = 1e-5
 
 
-# ---- model files: BatchNorm parameters ---------------------------------------------
-
-_PT_KEYS = ("running_mean", "running_var", "weight", "bias")
-_KERAS_KEYS = ("moving_mean", "moving_variance", "gamma", "beta")
-
-
-def _strip(key: str) -> str:
-    return key[:-2] if key.endswith(":0") else key
-
-
-def bn_layers(arrays: dict[str, np.ndarray]) -> dict[str, dict[str, str]]:
-    """The BatchNorm layers of a model's named arrays: {layer: {role: key}}.
-
-    PyTorch naming: NAME.running_mean, .running_var, .weight, .bias. Keras
-    naming: .../NAME/moving_mean(:0), moving_variance, gamma, beta.
-    """
-    layers: dict[str, dict[str, str]] = {}
-    for key in arrays:
-        k = _strip(key)
-        for sep in (".", "/"):
-            prefix, _, leaf = k.rpartition(sep)
-            if not prefix:
-                continue
-            if sep == "." and leaf in ("running_mean", "running_var"):
-                layers.setdefault(prefix, {})[leaf] = key
-            if sep == "/" and leaf in ("moving_mean", "moving_variance"):
-                layers.setdefault(prefix, {})[leaf] = key
-    out = {}
-    for layer, roles in layers.items():
-        keras = "moving_mean" in roles or "moving_variance" in roles
-        names = _KERAS_KEYS if keras else _PT_KEYS
-        sep = "/" if keras else "."
-        found = {}
-        for role in names:
-            for key in (f"{layer}{sep}{role}", f"{layer}{sep}{role}:0"):
-                if key in arrays:
-                    found[role] = key
-        if names[0] in found and names[1] in found:
-            out[layer] = found
-    return out
-
-
-def _short_names(layer: str) -> set[str]:
-    """Names a user may give for a layer: the full path and its trailing parts."""
-    parts = re.split(r"[/]", layer)
-    names = {layer}
-    for i in range(len(parts)):
-        names.add("/".join(parts[i:]))
-    return names
-
+# ---- model files: BatchNorm parameters (the vocabulary is bnstat.folding.layers') ------------
 
 def model_bn_params(arrays: dict[str, np.ndarray], name: str, where: str, eps: float | None):
-    """(UnitParams of one channel axis, eps used) for the BN layer ``name``.
+    """(UnitParams of one channel axis, layer name, eps used) for the BN layer ``name``.
 
     Raises DataError when the name is unknown or ambiguous (listing the BN
     layers), or the running variance is negative or NaN.
     """
-    layers = bn_layers(arrays)
-    if not layers:
-        raise DataError(f"{where}: no BatchNorm layer found (no running_mean/running_var or "
-                        "moving_mean/moving_variance arrays)")
-    matches = [layer for layer in layers if name in _short_names(layer)]
-    if len(matches) != 1:
-        listing = ", ".join(layers)
-        what = "ambiguous" if matches else "unknown"
-        raise DataError(f"{where}: {what} BatchNorm layer {name!r}; the file has: {listing}",
-                        "Give one of those names with --bn.")
-    layer = matches[0]
-    roles = layers[layer]
-    keras = "moving_mean" in roles
-    get = lambda role: (np.asarray(arrays[roles[role]], np.float64) if role in roles else None)  # noqa: E731
-    mean = get("moving_mean" if keras else "running_mean")
-    var = get("moving_variance" if keras else "running_var")
-    gamma = get("gamma" if keras else "weight")
-    beta = get("beta" if keras else "bias")
-    _check_bn_shapes(where, layer, {roles[r]: v for r, v in zip(
-        ("moving_mean", "moving_variance", "gamma", "beta") if keras else _PT_KEYS,
-        (mean, var, gamma, beta), strict=True) if v is not None})
-    if np.any(np.isnan(var)) or np.any(var < 0):
-        raise DataError(f"{where}: BatchNorm {layer}: running variance is negative or NaN")
-    for label, value in (("running mean", mean), ("weight", gamma), ("bias", beta)):
-        if value is not None and np.any(np.isnan(value)):
-            raise DataError(f"{where}: BatchNorm {layer}: {label} has NaN values")
-    if eps is None:
-        eps = 1e-3 if keras else DEFAULT_EPS
-    return UnitParams.from_moments(mean, var, eps, gamma, beta), layer, eps
+    from bnstat.folding.layers import bn_params
+
+    p = bn_params(arrays, name, eps, where=where)
+    _check_bn_shapes(where, p.layer, {k: np.asarray(v) for k, v in (
+        ("mean", p.mean), ("variance", p.var), ("gamma", p.gamma), ("beta", p.beta)) if v is not None})
+    return UnitParams.from_moments(p.mean, p.var, p.eps, p.gamma, p.beta), p.layer, p.eps
 
 
 def _check_bn_shapes(where: str, layer: str, parts: dict[str, np.ndarray]) -> None:
@@ -309,8 +236,8 @@ def _plan_job(src: ArraySource, spec: dict, saved, model, per_batch, n_sources: 
         if not src.repeatable:
             raise UsageProblem(
                 f"{src.where}: batch statistics of standard input need two passes over the data",
-                "Save the stream to a file, or give --stats/stats=, --per-batch/per_batch= or "
-                "--model/model=.")
+                "Save the stream to a file, or give --stats, --per-batch or --model "
+                "(stats=, per_batch=, model=).")
         return Job(src, plan, "own")
     return Job(src, plan, "per-sample", applied="per-sample")
 

@@ -44,13 +44,17 @@ def _threads_callback(ctx, param, value):
     return value
 
 
-def _size_callback(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+def _checked(check):
+    """A click callback applying ``check`` (which raises ValueError) to a given value."""
+    def callback(ctx, param, value):
+        if value is None:
+            return None
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+    return callback
 
 
 def check_layout_letters(text: str) -> str:
@@ -64,15 +68,6 @@ def check_layout_letters(text: str) -> str:
     if len(set(letters)) != len(letters):
         raise ValueError(f"{text!r}: each axis letter may appear once")
     return letters
-
-
-def _layout_callback(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return check_layout_letters(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
 def _reduce_callback(ctx, param, value):
@@ -113,9 +108,15 @@ threads_option = click.option(
     "--threads", type=click.IntRange(min=1), default=None, metavar="N", callback=_threads_callback,
     help="Number of compute threads (default: all cores).")
 chunk_size_option = click.option(
-    "--chunk-size", type=str, default=None, callback=_size_callback, metavar="SIZE",
+    "--chunk-size", type=str, default=None, callback=_checked(parse_size), metavar="SIZE",
     help="Bytes read at a time: 65536, 512KiB, 64MiB, 1GiB; KB/MB/GB are powers of 1000. "
     "Memory stays bounded by it. [default: 64MiB]")
+
+
+scheduler_option = click.option(
+    "--scheduler", metavar="ADDRESS", default=None,
+    help="Run on a Dask cluster: tcp://HOST:PORT of a running scheduler, or local[:N] "
+         "(a local cluster of N worker processes). Needs the dask extra.")
 
 
 def common_options(func):
@@ -156,7 +157,7 @@ def selection_options(func):
 def layout_options(func):
     """--layout, --channel-axis, --norm, --groups, --reduce."""
     decos = (
-        click.option("--layout", type=str, default=None, callback=_layout_callback,
+        click.option("--layout", type=str, default=None, callback=_checked(check_layout_letters),
                      help="Axis letters, one per dimension, one C: NC, NCL, NLC, NCHW, NHWC, NCDHW..."),
         click.option("--channel-axis", type=int, default=None, metavar="K",
                      help="The channel axis, instead of --layout (negative counts from the end)."),

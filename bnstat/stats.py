@@ -19,7 +19,7 @@ import numpy as np
 from bnstat._version import __version__
 from bnstat.errors import BnstatWarning, DataError, InputError
 
-FIELDS = ("count", "mean", "m2", "min", "max", "nan_count")
+FIELDS = ("count", "mean", "m2", "min", "max", "nan_count", "inf_count")
 
 
 @dataclass
@@ -34,6 +34,11 @@ class Moments:
     nan_count: np.ndarray
     m3: np.ndarray | None = None
     m4: np.ndarray | None = None
+    inf_count: np.ndarray | None = None  # values +-inf per unit (None: none counted, zeros)
+
+    def __post_init__(self):
+        if self.inf_count is None:
+            self.inf_count = np.zeros(np.shape(self.count), np.int64)
 
     @classmethod
     def empty(cls, shape, higher: bool = False) -> Moments:
@@ -94,7 +99,7 @@ class Moments:
                     m4 = np.where(infinite, np.nan, m4)
         return Moments(self.count + other.count, mean, m2,
                        np.fmin(self.min, other.min), np.fmax(self.max, other.max),
-                       self.nan_count + other.nan_count, m3, m4)
+                       self.nan_count + other.nan_count, m3, m4, self.inf_count + other.inf_count)
 
 
 def concatenate(parts: list[Moments], axis: int) -> Moments:
@@ -155,6 +160,10 @@ class Stats:
         return self.moments.nan_count
 
     @property
+    def inf_count(self) -> np.ndarray:
+        return self.moments.inf_count
+
+    @property
     def mean(self) -> np.ndarray:
         return self._mask(self.moments.mean)
 
@@ -211,7 +220,8 @@ class Stats:
     def columns(self) -> dict[str, np.ndarray]:
         """The reported per-unit statistics, in the order of the outputs."""
         cols = {"count": self.count, "mean": self.mean, "var": self.var, "std": self.std,
-                "min": self.min, "max": self.max, "nan_count": self.nan_count}
+                "min": self.min, "max": self.max, "nan_count": self.nan_count,
+                "inf_count": self.inf_count}
         if self.higher:
             cols["skew"] = self.skew
             cols["kurtosis"] = self.kurtosis
@@ -284,15 +294,17 @@ def merge_all(stats: list[Stats]) -> Stats:
     return out
 
 
-def merge_files(paths) -> dict[str, Stats]:
+def merge_files(paths, load=None, merge=None) -> dict[str, Stats]:
     """The stats files ``paths`` (parts of one data set split along N) merged, array by array.
 
-    Arrays are matched by name, in the order they first appear. Raises
+    Arrays are matched by name, in the order they first appear. ``load``/``merge``
+    replace ``load_stats``/``merge_all`` (histogram files: bnstat.histogram). Raises
     InputError (a file that is no stats file) and DataError (an array missing
     from some files, or parts that are not of one data set).
     """
     paths = [str(p) for p in paths]
-    loaded = [(path, load_stats(path)) for path in paths]
+    load, merge_all_ = load or load_stats, merge or merge_all
+    loaded = [(path, load(path)) for path in paths]
     names = list(dict.fromkeys(name for _, st in loaded for name in st))
     merged = {}
     for name in names:
@@ -301,7 +313,7 @@ def merge_files(paths) -> dict[str, Stats]:
             raise DataError(f"{name}: in some stats files but not in {', '.join(missing)}",
                             "Merge files that hold the same arrays.")
         try:
-            merged[name] = merge_all([st[name] for _, st in loaded])
+            merged[name] = merge_all_([st[name] for _, st in loaded])
         except DataError as exc:
             raise DataError(f"{', '.join(paths)}: {exc.message}", exc.hint) from None
     return merged
@@ -320,10 +332,14 @@ def warn_degenerate(stats: Stats) -> None:
 STATS_KEY = "__bnstat__"
 
 
-def save_stats(stats: dict[str, Stats], fh) -> None:
-    """Write a stats file (.npz, loadable with plain numpy) to a binary file object."""
-    arrays: dict[str, np.ndarray] = {}
-    meta = {"bnstat": __version__, "format": 1, "arrays": []}
+def save_stats(stats: dict[str, Stats], fh, extra: dict | None = None, extra_meta: dict | None = None) -> None:
+    """Write a stats file (.npz, loadable with plain numpy) to a binary file object.
+
+    ``extra`` arrays (``NAME/edges``...) and ``extra_meta`` keys of the metadata are
+    written beside the moments (bnstat.histogram's files).
+    """
+    arrays: dict[str, np.ndarray] = dict(extra or {})
+    meta = {"bnstat": __version__, "format": 1, "arrays": [], **(extra_meta or {})}
     for name, s in stats.items():
         for key in ("count", "mean", "m2"):
             arrays[f"{name}/{key}"] = getattr(s.moments, key)
@@ -333,6 +349,7 @@ def save_stats(stats: dict[str, Stats], fh) -> None:
         arrays[f"{name}/min"] = np.where(empty, np.nan, s.moments.min)
         arrays[f"{name}/max"] = np.where(empty, np.nan, s.moments.max)
         arrays[f"{name}/nan_count"] = s.nan_count
+        arrays[f"{name}/inf_count"] = s.inf_count
         if s.higher:
             arrays[f"{name}/m3"] = s.moments.m3
             arrays[f"{name}/m4"] = s.moments.m4
@@ -369,10 +386,13 @@ def load_stats(path: str) -> dict[str, Stats]:
                 mn = np.where(count > 0, mn, np.inf)
                 mx = np.where(count > 0, mx, -np.inf)
                 nan_count = get("nan_count").astype(np.int64)
+                # files written before inf_count existed: no infinite value was counted
+                inf_count = (get("inf_count").astype(np.int64).reshape(shape) if f"{name}/inf_count" in files
+                             else np.zeros(shape, np.int64))
                 moments = Moments(count.reshape(shape), get("mean").reshape(shape), get("m2").reshape(shape),
                                   mn.reshape(shape), mx.reshape(shape), nan_count.reshape(shape),
                                   get("m3").reshape(shape) if higher else None,
-                                  get("m4").reshape(shape) if higher else None)
+                                  get("m4").reshape(shape) if higher else None, inf_count)
                 out[name] = Stats(name=name, moments=moments, shape=tuple(m["shape"]), dtype=m["dtype"],
                                   layout=m["layout"], reduce=m["reduce"], unit_axes=list(m["unit_axes"]),
                                   ddof=int(m["ddof"]), sources=list(m["sources"]), norm=m.get("norm", "batch"),

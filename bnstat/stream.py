@@ -168,9 +168,31 @@ def kernel_input(chunk: np.ndarray, plan: Plan) -> np.ndarray:
 def chunk_moments(chunk: np.ndarray, plan: Plan, *, higher: bool = False,
                   threads: int = 1, engine: str = "numba") -> Moments:
     """Moments of every unit a chunk covers, flat in C order over (P, U)."""
-    x = kernel_input(chunk, plan)
+    return view_moments(kernel_input(chunk, plan), higher=higher, threads=threads, engine=engine)
+
+
+def count_infs(x: np.ndarray, part: Moments) -> Moments:
+    """``part`` with the +-inf values of each unit of the (P, A, U, B) view ``x`` counted.
+
+    Only a unit whose min is -inf or max is +inf can hold one: those units
+    alone are counted, with numpy; clean data pays two comparisons per unit.
+    """
+    suspect = np.flatnonzero((part.min == -np.inf) | (part.max == np.inf))
+    if suspect.size:
+        U = x.shape[2]
+        inf = part.inf_count.copy()
+        for i in suspect:
+            p, u = divmod(int(i), U)
+            inf[i] = np.count_nonzero(np.isinf(x[p, :, u, :]))
+        part = replace(part, inf_count=inf)
+    return part
+
+
+def view_moments(x: np.ndarray, *, higher: bool = False, threads: int = 1,
+                 engine: str = "numba") -> Moments:
+    """Moments of every unit of a (P, A, U, B) kernel view, flat in C order over (P, U)."""
     if engine == "numpy":
-        return numpy_moments(x, higher)
+        return count_infs(x, numpy_moments(x, higher))
     from bnstat.kernels import moments as kernels
 
     P, A, U, B = x.shape
@@ -195,7 +217,7 @@ def chunk_moments(chunk: np.ndarray, plan: Plan, *, higher: bool = False,
     out = parts[0]
     for part in parts[1:]:
         out = out.merge(part)
-    return out
+    return count_infs(x, out)
 
 
 def chunk_plan(splan: Plan, read_shape: tuple[int, ...], rows: int) -> Plan:
@@ -211,8 +233,15 @@ def chunk_plan(splan: Plan, read_shape: tuple[int, ...], rows: int) -> Plan:
 
 def source_moments(source: ArraySource, plan: Plan, *, chunk_size: int, higher: bool = False,
                    threads: int = 1, progress: Callable[[int], None] | None = None,
-                   engine: str = "numba") -> Moments:
-    """Moments of one source, of shape ``plan.unit_shape(source.shape)``."""
+                   engine: str = "numba", visit: Callable | None = None,
+                   moments: bool = True) -> Moments | None:
+    """Moments of one source, of shape ``plan.unit_shape(source.shape)``.
+
+    ``visit(x, lo, hi)``, when given, also sees every chunk's (P, A, U, B)
+    kernel view ``x`` covering the units ``lo:hi`` (flat, in the order of the
+    transposed plan for a Fortran-ordered source); ``moments=False`` skips
+    the moments (and returns None): a pass for ``visit`` alone.
+    """
     splan = plan.transposed() if source.fortran else plan
     shape = source.read_shape
     n_units = math.prod(splan.unit_shape(shape))
@@ -240,13 +269,21 @@ def source_moments(source: ArraySource, plan: Plan, *, chunk_size: int, higher: 
     try:
         for r0, chunk in source.iter_chunks(rows):
             check_interrupt()
-            part = chunk_moments(chunk, chunk_plan(splan, shape, chunk.shape[0]), higher=higher,
-                                 threads=kthreads, engine=engine)
-            if first_kept:
-                lo = (r0 // group_rows) * per_row
-                hi = lo + part.count.size
+            cplan = chunk_plan(splan, shape, chunk.shape[0])
+            lo = (r0 // group_rows) * per_row if first_kept else 0
+            part = None
+            if visit is None:
+                part = chunk_moments(chunk, cplan, higher=higher, threads=kthreads, engine=engine)
+            else:
+                x = kernel_input(chunk, cplan)
+                visit(x, lo, lo + x.shape[0] * x.shape[2] if first_kept else n_units)
+                if moments:
+                    part = view_moments(x, higher=higher, threads=kthreads, engine=engine)
+            if part is None:
+                pass
+            elif first_kept:
                 for key, value in part.arrays().items():
-                    getattr(state, key)[lo:hi] = value
+                    getattr(state, key)[lo:lo + part.count.size] = value
             else:
                 state = state.merge(part)
             if progress is not None:
@@ -254,6 +291,8 @@ def source_moments(source: ArraySource, plan: Plan, *, chunk_size: int, higher: 
     finally:
         if spare:
             set_threads(threads)
+    if not moments:
+        return None
     state = state.map(lambda a: a.reshape(splan.unit_shape(shape)))
     if source.fortran:
         state = state.map(lambda a: np.ascontiguousarray(a.transpose()))
@@ -295,51 +334,64 @@ def check_group_shapes(group: ArrayGroup, plans: list[Plan]) -> None:
                 "on the other axes", "Use --per-file/per_file=True to keep them apart.")
 
 
-def compute_stats(sources: list[ArraySource], *, layout=None, channel_axis=None, norm="batch",
-                  groups=None, reduce=None, ddof=0, higher=False, nan_policy="omit",
-                  chunk_size=None, threads=None, per_file=False,
-                  progress: Callable[[int], None] | None = None,
-                  engine: str | None = None) -> dict[str, Stats]:
-    """Statistics of every named array. Raises BnstatError subclasses.
-
-    ``engine``: "numba", "numpy" or None (``pick_engine`` by the input size).
-    """
-    chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
+def plan_groups(sources: list[ArraySource], *, layout=None, channel_axis=None, norm="batch",
+                groups=None, reduce=None, per_file=False) -> tuple[list[ArrayGroup], list[list[Plan]]]:
+    """The named arrays and every source's plan, before any reading (a layout that does not
+    fit fails first); warns once per layout that was assumed. Raises BnstatError."""
     array_groups = group_sources(sources, per_file=per_file)
-    # every plan first: a layout that does not fit fails before any reading
     plans = []
     for g in array_groups:
         ps = [make_plan(s.shape, layout=layout, channel_axis=channel_axis, norm=norm, groups=groups,
                         reduce=reduce, name=s.where) for s in g.sources]
         check_group_shapes(g, ps)
         plans.append(ps)
-    assumed = [g.name for g, ps in zip(array_groups, plans) if ps[0].assumed]
-    if assumed:
-        by_letters: dict[str, list[str]] = {}
-        for g, ps in zip(array_groups, plans):
-            if ps[0].assumed:
-                by_letters.setdefault(ps[0].letters, []).append(g.name)
-        for letters, names in by_letters.items():
-            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-            warn(f"no --layout/layout= given: assuming the PyTorch layout {letters} (channel axis 1) for {shown}")
+    by_letters: dict[str, list[str]] = {}
+    for g, ps in zip(array_groups, plans):
+        if ps[0].assumed:
+            by_letters.setdefault(ps[0].letters, []).append(g.name)
+    for letters, names in by_letters.items():
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        warn(f"no --layout/layout= given: assuming the PyTorch layout {letters} (channel axis 1) for {shown}")
+    return array_groups, plans
+
+
+def finish_group(stats: Stats, nan_policy: str) -> Stats:
+    """The last checks of one array's statistics: --nan, degenerate units."""
+    check_nans(stats, nan_policy)
+    warn_degenerate(stats)
+    return stats
+
+
+def compute_stats(sources: list[ArraySource], *, layout=None, channel_axis=None, norm="batch",
+                  groups=None, reduce=None, ddof=0, higher=False, nan_policy="omit",
+                  chunk_size=None, threads=None, per_file=False,
+                  progress: Callable[[int], None] | None = None,
+                  engine: str | None = None, visit: Callable | None = None) -> dict[str, Stats]:
+    """Statistics of every named array. Raises BnstatError subclasses.
+
+    ``engine``: "numba", "numpy" or None (``pick_engine`` by the input size).
+    ``visit(name, i, source, plan)``, when given, returns the ``visit`` callback of
+    ``source_moments`` for the i-th source of the array ``name`` (or None).
+    """
+    chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
+    array_groups, plans = plan_groups(sources, layout=layout, channel_axis=channel_axis, norm=norm,
+                                      groups=groups, reduce=reduce, per_file=per_file)
     engine = pick_engine(sum(s.nbytes for s in sources), engine)
     zlibx.set_threads(threads)  # the readers' helper threads (CRC-32, gzip inflate)
     n_threads = set_threads(threads) if engine == "numba" else 1
     results = {}
     for g, ps in zip(array_groups, plans):
         parts = []
-        for src, plan in zip(g.sources, ps):
+        for i, (src, plan) in enumerate(zip(g.sources, ps)):
             moments = source_moments(src, plan, chunk_size=chunk_size, higher=higher,
-                                     threads=n_threads, progress=progress, engine=engine)
+                                     threads=n_threads, progress=progress, engine=engine,
+                                     visit=visit(g.name, i, src, plan) if visit else None)
             parts.append(Stats(name=g.name, moments=moments, shape=tuple(src.shape),
                                dtype=np.dtype(src.dtype).name, layout=plan.letters,
                                reduce=plan.reduce_letters, unit_axes=plan.unit_axes, ddof=ddof,
                                sources=[src.path], norm=plan.norm, groups=plan.groups,
                                assumed_layout=plan.assumed, nan_policy=nan_policy))
-        stats = merge_all(parts)
-        check_nans(stats, nan_policy)
-        warn_degenerate(stats)
-        results[g.name] = stats
+        results[g.name] = finish_group(merge_all(parts), nan_policy)
     return results
 
 

@@ -30,7 +30,9 @@ def state(rng):
 
 def test_the_registry_names_every_format_once():
     names = [f.name for f in FORMATS]
-    assert names == ["npz", "hdf5", "safetensors"]
+    # sniffed in this order: the torch and Keras 3 zips before the .npz zip, a Keras 3
+    # .weights.h5 before plain HDF5
+    assert names == ["torch", "keras-weights", "keras", "npz", "hdf5", "safetensors"]
     exts = [e for f in FORMATS for e in f.extensions]
     assert len(exts) == len(set(exts))
     assert all(isinstance(f, models.ModelFormat) for f in FORMATS)
@@ -119,7 +121,7 @@ def test_refusals_name_the_file(tmp_path, name, content, message):
     with pytest.raises(InputError, match=message) as info:
         read_model(str(path))
     if "unknown" in message:
-        assert "bnstat reads models as .npz, HDF5 (.h5) and .safetensors" in str(info.value)
+        assert all(f in str(info.value) for f in ("bnstat reads models as", "PyTorch .pt", "(.keras)", ".npz", "HDF5 (.h5)", ".safetensors"))
 
 
 def test_a_missing_model_file_and_a_directory(tmp_path):
@@ -131,9 +133,9 @@ def test_a_missing_model_file_and_a_directory(tmp_path):
 
 def test_an_unknown_output_extension(tmp_path, rng):
     with pytest.raises(OutputError, match=r"cannot tell the model format") as info:
-        write_model(str(tmp_path / "out.bin"), state(rng))
-    assert "Use .npz, .h5 or .safetensors." in str(info.value)
-    assert not (tmp_path / "out.bin").exists()
+        write_model(str(tmp_path / "out.xyz"), state(rng))
+    assert "Use .pt, .weights.h5, .keras, .npz, .h5 or .safetensors." in str(info.value)
+    assert not (tmp_path / "out.xyz").exists()
 
 
 def test_a_new_format_is_one_registry_entry(tmp_path, monkeypatch, rng):
@@ -167,7 +169,7 @@ def test_a_new_format_is_one_registry_entry(tmp_path, monkeypatch, rng):
     with pytest.raises(InputError, match=r"c\.toy: not a toy file"):
         read_model(str(tmp_path / "c.toy"))
     (tmp_path / "d.txt").write_bytes(b"something else entirely")
-    with pytest.raises(InputError, match=r"reads models as Toy \(\.toy\), \.npz, HDF5"):
+    with pytest.raises(InputError, match=r"reads models as Toy \(\.toy\), PyTorch \.pt, "):
         read_model(str(tmp_path / "d.txt"))
     # a read-only format is never chosen for an output
     monkeypatch.setattr(models, "FORMATS", (dataclasses.replace(toy, write=None), *FORMATS))

@@ -88,3 +88,32 @@ def test_every_kernel_is_cached_and_keeps_the_nan_tests():
     for flags in (_jit.JIT, _jit.SUMS_JIT, _jit.PARALLEL_JIT):
         assert flags["cache"] is True
         assert not {"nnan", "ninf", "fast"} & set(flags.get("fastmath") or ())
+
+
+# ---- moved from the acceptance audit --------------------------------------------------
+
+
+def test_kernels_compile_nothing_at_import_and_are_cached():
+    """Nothing compiled at import, cache=True on every kernel, no fastmath flag that deletes
+    the NaN tests (STYLE 8)."""
+    code = (
+        "import json, bnstat, sys\n"
+        "heavy = [m for m in ('numba', 'h5py', 'rich', 'click') if m in sys.modules]\n"
+        "import bnstat.kernels._keys, bnstat.kernels.moments, bnstat.kernels.normalize\n"
+        "from numba.core.registry import CPUDispatcher\n"
+        "from numba.core.caching import NullCache\n"
+        "ds = {m + '.' + n: v for m in ('moments', 'normalize')\n"
+        "      for n, v in vars(getattr(bnstat.kernels, m)).items() if isinstance(v, CPUDispatcher)}\n"
+        "print(json.dumps({'heavy': heavy, 'kernels': {n: [len(d.signatures),\n"
+        "    not isinstance(d._cache, NullCache), sorted(d.targetoptions.get('fastmath') or [])]\n"
+        "    for n, d in ds.items()}}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(),
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["heavy"] == []  # `import bnstat` imports none of them
+    assert len(doc["kernels"]) >= 3
+    for name, (compiled, cached, fastmath) in doc["kernels"].items():
+        assert compiled == 0, f"{name} compiled at import"
+        assert cached, f"{name} has no cache"
+        assert not {"nnan", "ninf", "fast"} & set(fastmath), (name, fastmath)

@@ -218,7 +218,7 @@ def test_csv_header_and_rows(tmp_path, rng):
                                 "instance", "--format", "csv")
     assert code == 0, err
     rows = list(csv.reader(io.StringIO(out)))
-    assert rows[0] == ["name", "unit", "count", "mean", "var", "std", "min", "max", "nan_count"]
+    assert rows[0] == ["name", "unit", "count", "mean", "var", "std", "min", "max", "nan_count", "inf_count"]
     ref = ref_moments(x, "NCL", "instance")
     assert len(rows) == 1 + 24
     for i, row in enumerate(rows[1:]):
@@ -266,7 +266,7 @@ def test_stats_npz_with_plain_numpy(tmp_path, rng, higher):
     ref = ref_moments(x, "NCL", ddof=1)
     with np.load(tmp_path / "s.npz", allow_pickle=False) as z:
         keys = set(z.files)
-        base = {f"g/acts/{k}" for k in ("count", "mean", "m2", "var", "min", "max", "nan_count")}
+        base = {f"g/acts/{k}" for k in ("count", "mean", "m2", "var", "min", "max", "nan_count", "inf_count")}
         extra = {f"g/acts/{k}" for k in ("m3", "m4", "skew", "kurtosis")}
         assert keys == base | {"__bnstat__"} | (extra if higher else set())
         np.testing.assert_array_equal(z["g/acts/count"], ref.count)
@@ -558,3 +558,29 @@ def test_usage_errors_exit_2(tmp_path, rng, args, needle):
 def test_show_of_a_file_that_is_not_a_stats_file(tmp_path, rng):
     np.savez(tmp_path / "plain.npz", a=data((3, 2), rng))
     assert_error(run_inproc("show", tmp_path / "plain.npz"), 1, "plain.npz", "stats file")
+
+
+# ---- moved from the acceptance audit --------------------------------------------------
+
+
+def test_threads_option_is_honoured(tmp_path):
+    import numba
+
+    x = np.random.default_rng(5).normal(size=(64, 8, 30))
+    np.save(tmp_path / "t.npy", x)
+    before = numba.get_num_threads()
+    ref = ref_moments(x, "NCL")
+    try:
+        for t in (1, 2):
+            rc, out, err = run_inproc("moments", tmp_path / "t.npy", "--layout", "NCL", "--threads", t,
+                                      "--format", "json")
+            assert rc == 0, err
+            assert numba.get_num_threads() == min(t, numba.config.NUMBA_NUM_THREADS)
+            rec = json.loads(out)["arrays"][0]
+            np.testing.assert_allclose(rec["var"], ref.var, rtol=1e-12)
+        rc, _, err = run_inproc("normalize", tmp_path / "t.npy", "--layout", "NCL", "--threads", "1",
+                                "-o", tmp_path / "n.npy")
+        assert rc == 0, err
+        assert numba.get_num_threads() == 1
+    finally:
+        numba.set_num_threads(before)

@@ -22,11 +22,14 @@ import zipfile
 import h5py
 import numpy as np
 import pytest
+from conftest import _env, run_inproc
+from helpers import SAMPLE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bnstat
 from bnstat.errors import BnstatError, BnstatWarning, DataError, UsageProblem
+from conftest import _env
 
 # ---- the reference ---------------------------------------------------------------------
 
@@ -111,7 +114,7 @@ def no_temporaries(folder):
 def cli(*args, stdin=None, cwd=None, timeout=120):
     """Run `python -m bnstat ARGS`; no traceback, ever, without --debug."""
     proc = subprocess.run([sys.executable, "-m", "bnstat", *map(str, args)], input=stdin,
-                          capture_output=True, cwd=cwd, timeout=timeout)
+                          capture_output=True, cwd=cwd, timeout=timeout, env=_env())
     assert b"Traceback" not in proc.stderr, proc.stderr.decode()
     return proc
 
@@ -471,7 +474,7 @@ def test_cli_model_unknown_and_ambiguous_names_list_the_bn_layers(tmp_path):
     np.savez(tmp_path / "pt.npz", **pytorch_model(6))
     procs = [subprocess.Popen([sys.executable, "-m", "bnstat", "normalize", "x.npy", "-o", f"o{i}.npy",
                                "--model", m, "--bn", bn], cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
+                              stderr=subprocess.PIPE, env=_env())
              for i, (m, bn) in enumerate([("k.npz", "bn"), ("pt.npz", "features.9")])]
     (out0, err0), (out1, err1) = (p.communicate(timeout=120) for p in procs)
     for p, e in zip(procs, (err0, err1), strict=True):
@@ -581,7 +584,7 @@ def test_cli_stdin_with_per_batch_stats_or_layer_norm(tmp_path):
     }
     procs = {k: subprocess.Popen([sys.executable, "-m", "bnstat", "normalize", "-", *a,
                                   "--chunk-size", "500"], cwd=tmp_path, stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
              for k, (a, _) in runs.items()}
     outs = {k: p.communicate(npy_bytes(x), timeout=120) for k, p in procs.items()}
     for k, (out, e) in outs.items():
@@ -698,7 +701,8 @@ def test_cli_existing_output_and_output_equal_to_input(tmp_path):
             ["a.npy", "-o", "./sub/../a.npy", "--force"]]
     (tmp_path / "sub").mkdir()
     procs = [subprocess.Popen([sys.executable, "-m", "bnstat", "normalize", *c, "--layout", "NCL"],
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for c in cmds]
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=_env()) for c in cmds]
     res = [p.communicate(timeout=120) for p in procs]
     for p, (_, e) in zip(procs, res, strict=True):
         assert p.returncode == 1 and b"Traceback" not in e, e.decode()
@@ -731,7 +735,7 @@ def test_cli_failure_in_the_middle_leaves_nothing(tmp_path):
     ]
     procs = [subprocess.Popen([sys.executable, "-m", "bnstat", "normalize", *a, "--chunk-size", "1000"],
                               cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE) for a, _ in runs]
+                              stderr=subprocess.PIPE, env=_env()) for a, _ in runs]
     res = [p.communicate(stdin or b"", timeout=120) for p, (_, stdin) in zip(procs, runs, strict=True)]
     for p, (_, e) in zip(procs, res, strict=True):
         assert p.returncode == 1 and b"Traceback" not in e, e.decode()
@@ -750,7 +754,7 @@ def test_cli_sigint_half_way_leaves_no_output_and_no_temporary(tmp_path):
     payload = npy_bytes(x)
     proc = subprocess.Popen([sys.executable, "-m", "bnstat", "normalize", "-", "-o", "o.npy", "--per-batch",
                              "4", "--layout", "NCL", "--chunk-size", "1000"], cwd=tmp_path,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
     try:
         proc.stdin.write(payload[:len(payload) // 2])
         proc.stdin.flush()
@@ -794,7 +798,7 @@ def test_cli_usage_errors(tmp_path):
             (["a.npy", "-o", "o.npy", "--stats", "s.npz", "--model", "m.npz", "--bn", "x"], "not both"),
             (["a.npy", "-o", "o.npy", "--layout", "NCHW"], "has 4 letters but the array has 3")]
     procs = [subprocess.Popen([sys.executable, "-m", "bnstat", "normalize", *a], cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for a, _ in runs]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env()) for a, _ in runs]
     for p, (_, msg) in zip(procs, runs, strict=True):
         _, e = p.communicate(timeout=120)
         assert p.returncode == 2, e.decode()
@@ -834,3 +838,93 @@ def test_nans_left_out_of_own_statistics_are_warned(per_batch):
         got = y[0:2]
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
     assert np.isnan(y[1, 1, 1]) and np.isfinite(np.delete(y.ravel(), 1 * 15 + 1 * 5 + 1)).all()
+
+
+# ---- moved from the acceptance audit --------------------------------------------------
+
+
+def _bn_ref(x, mean, var, eps=1e-5, gamma=None, beta=None, axis=1):
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    r = lambda v: np.asarray(v, np.float64).reshape(shape)  # noqa: E731
+    y = (x - r(mean)) / np.sqrt(r(var) + eps)
+    if gamma is not None:
+        y = y * r(gamma) + r(beta)
+    return y
+
+
+def _within_one_f16_ulp(y, ref):
+    r16 = ref.astype(np.float16)
+    assert y.dtype == np.float16
+    assert np.all(np.abs(y.astype(np.float64) - r16) <= np.spacing(np.abs(r16))), \
+        np.max(np.abs(y.astype(np.float64) - r16))
+
+
+def test_float16_with_every_statistics_source(tmp_path):
+    """float16 inputs with --per-batch, --stats and --model (the suite had float16 for the
+    input's own statistics only): float16 out, within one float16 ulp of the float64 result."""
+    rng = np.random.default_rng(8)
+    x = (rng.normal(size=(10, 6, 4, 3)) * 2 + 3).astype(np.float16)
+    xf = x.astype(np.float64)
+    axes = (0, 2, 3)
+    # --per-batch 4: runs of 4, 4, 2
+    y = bnstat.normalize(x, layout="NCHW", per_batch=4, chunk_size=500)
+    ref = np.concatenate([_bn_ref(xf[i:i + 4], xf[i:i + 4].mean(axes), xf[i:i + 4].var(axes))
+                          for i in range(0, 10, 4)])
+    _within_one_f16_ulp(y, ref)
+    # --stats saved by moments
+    np.save(tmp_path / "x.npy", x)
+    rc, _, err = run_inproc("moments", tmp_path / "x.npy", "--layout", "NCHW", "-o", tmp_path / "s.npz")
+    assert rc == 0, err
+    rc, _, err = run_inproc("normalize", tmp_path / "x.npy", "--stats", tmp_path / "s.npz",
+                            "-o", tmp_path / "y.npy", "--chunk-size", "500")
+    assert rc == 0 and "Traceback" not in err, err
+    _within_one_f16_ulp(np.load(tmp_path / "y.npy"), _bn_ref(xf, xf.mean(axes), xf.var(axes)))
+    # --model, PyTorch naming, float16 parameters
+    c = 6
+    model = {"features.0.weight": np.ones((c, 2, 3, 3), np.float16),
+             "features.1.running_mean": rng.normal(size=c).astype(np.float16),
+             "features.1.running_var": rng.uniform(0.5, 2, c).astype(np.float16),
+             "features.1.weight": rng.uniform(0.5, 2, c).astype(np.float16),
+             "features.1.bias": rng.normal(size=c).astype(np.float16)}
+    np.savez(tmp_path / "m.npz", **model)
+    y = bnstat.normalize(x, model=str(tmp_path / "m.npz"), bn="features.1", layout="NCHW")
+    f = lambda k: model[f"features.1.{k}"].astype(np.float64)  # noqa: E731
+    _within_one_f16_ulp(y, _bn_ref(xf, f("running_mean"), f("running_var"), 1e-5, f("weight"),
+                                   f("bias")))
+
+
+def test_cli_model_of_the_sample_file_to_stdout(tmp_path):
+    """The README's `normalize ... -o - --model model.npz --bn features.1` on the shipped model:
+    inference-mode BN with PyTorch's eps 1e-5."""
+    with np.load(os.path.join(SAMPLE, "model.npz")) as z:
+        p = {k: z[f"features.1.{k}"].astype(np.float64) for k in ("running_mean", "running_var",
+                                                                  "weight", "bias")}
+    c = p["running_mean"].shape[0]
+    x = np.random.default_rng(9).normal(size=(3, c, 5, 4)).astype(np.float32)
+    np.save(tmp_path / "acts.npy", x)
+    rc, out, err = run_inproc("normalize", tmp_path / "acts.npy", "-o", "-", "--model",
+                              os.path.join(SAMPLE, "model.npz"), "--bn", "features.1", binary=True)
+    assert rc == 0 and "Traceback" not in err, err
+    y = np.load(io.BytesIO(out))
+    assert y.dtype == np.float32 and y.shape == x.shape
+    want = _bn_ref(x.astype(np.float64), p["running_mean"], p["running_var"], 1e-5, p["weight"],
+                   p["bias"])
+    np.testing.assert_allclose(y, want, rtol=0, atol=2e-6 * max(1.0, np.abs(want).max()))
+    assert os.listdir(tmp_path) == ["acts.npy"]
+
+
+def test_cli_reduce_and_channel_axis(tmp_path):
+    x = (np.random.default_rng(10).normal(size=(3, 5, 8)) * 3 + 1).astype(np.float32)
+    np.save(tmp_path / "tok.npy", x)
+    xf = x.astype(np.float64)
+    rc, _, err = run_inproc("normalize", tmp_path / "tok.npy", "--layout", "NLC", "--reduce", "C",
+                            "-o", tmp_path / "tok_ln.npy")
+    assert rc == 0, err
+    want = (xf - xf.mean(2, keepdims=True)) / np.sqrt(xf.var(2, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "tok_ln.npy"), want, rtol=0, atol=1e-6)
+    rc, _, err = run_inproc("normalize", tmp_path / "tok.npy", "--channel-axis", "2",
+                            "-o", tmp_path / "tok_bn.npy")
+    assert rc == 0, err
+    want = (xf - xf.mean((0, 1), keepdims=True)) / np.sqrt(xf.var((0, 1), keepdims=True) + 1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "tok_bn.npy"), want, rtol=0, atol=1e-6)

@@ -2,8 +2,8 @@
 reader that stops early (`| head`), data only on stdout, warnings and progress
 on stderr, no progress bar or colour unless a terminal asks for it, NO_COLOR.
 
-The README's "Exit codes" and "Use in pipelines" examples
-(tests/README_SECTION_pipelines.md) are run here with the same command text,
+The README's "Exit codes" and "Use in pipelines" examples (read from README.md)
+are run here with the same command text,
 through a real shell (bash) with the installed ``bnstat`` console script.
 """
 
@@ -66,7 +66,7 @@ def acts(tmp_path):
 
 # ---- the README examples ------------------------------------------------------------------
 
-# (command exactly as in tests/README_SECTION_pipelines.md, check(rc, stdout, stderr, folder, acts))
+# (command exactly as in README.md's "Use in pipelines", check(rc, stdout, stderr, folder, acts))
 def _csv_head(rc, out, err, d, a):
     assert rc == 0, err
     lines = out.splitlines()
@@ -159,13 +159,13 @@ EXAMPLES = [
 
 
 def _readme_text() -> str:
-    text = ""
-    for path in (os.path.join(HERE, "README_SECTION_pipelines.md"),
-                 os.path.join(os.path.dirname(HERE), "README.md")):
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as fh:
-                text += fh.read()
-    return text
+    """README.md's "Exit codes" and "Use in pipelines" sections, read from README.md itself."""
+    with open(os.path.join(os.path.dirname(HERE), "README.md"), encoding="utf-8") as fh:
+        text = fh.read()
+    start = text.index("\n## Exit codes\n")
+    pipelines = text.index("\n## Use in pipelines\n", start)
+    end = text.find("\n## ", pipelines + 1)
+    return text[start:end if end >= 0 else len(text)]
 
 
 def test_readme_shows_every_example():

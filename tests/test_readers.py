@@ -3,12 +3,18 @@ files, -d selection, against the float64 reference of the same data."""
 
 from __future__ import annotations
 
+import json
+import os
+import tracemalloc
+
 import h5py
 import numpy as np
 import pytest
-from conftest import moments_on_few_threads
+from conftest import moments_on_few_threads, npy_bytes, run_inproc
+from helpers import assert_fails
 from reference import assert_matches, ref_moments
 
+import bnstat
 from bnstat.errors import BnstatError, InputError
 
 CASES = [("NCHW", "batch", None), ("NHWC", "batch", None), ("NHWC", "group", 2),
@@ -322,3 +328,75 @@ def test_npz_reader_closes_its_files(tmp_path, rng, saver):
     leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     assert leaks == []
     assert_matches(got["a"], ref_moments(a, "NCL"), a)
+
+
+# ---- moved from the acceptance audit --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sixteen_mb(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stream")
+    a = np.random.default_rng(7).random((4000, 1000)).astype(np.float32)  # 16 MB
+    np.savez(d / "stored.npz", a=a)
+    np.savez_compressed(d / "deflated.npz", a=a)
+    with h5py.File(d / "gzip.h5", "w") as f:
+        f.create_dataset("a", data=a, chunks=(128, 1000), compression="gzip", compression_opts=1)
+    return d, a
+
+
+@pytest.mark.parametrize("name", ["stored.npz", "deflated.npz", "gzip.h5"])
+def test_npz_members_and_hdf5_are_streamed_not_loaded_whole(sixteen_mb, name, tmp_path):
+    """Peak Python/numpy allocations (tracemalloc) of moments and normalize with a 1 MiB chunk
+    stay under half the 16 MB array: a reader that loads a member whole cannot pass."""
+    d, a = sixteen_mb
+    path = str(d / name)
+    out = str(tmp_path / ("o" + os.path.splitext(name)[1]))
+    # warm: imports, and the kernels compiled or loaded (compiling allocates a lot in Python)
+    bnstat.moments(path, layout="NC", chunk_size=1 << 20)
+    bnstat.normalize(path, out, layout="NC", norm="layer", chunk_size=1 << 20)
+    os.unlink(out)
+    tracemalloc.start()
+    try:
+        (got,) = bnstat.moments(path, layout="NC", chunk_size=1 << 20).values()
+        peak_moments = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        bnstat.normalize(path, out, layout="NC", norm="layer", chunk_size=1 << 20)
+        peak_normalize = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak_moments < a.nbytes // 2, peak_moments
+    assert peak_normalize < a.nbytes // 2, peak_normalize
+    np.testing.assert_allclose(got.mean, a.astype(np.float64).mean(axis=0), rtol=1e-12)
+    if name.endswith(".npz"):
+        with np.load(out) as z:
+            y = z["a"]
+    else:
+        with h5py.File(out, "r") as f:
+            y = f["a"][()]
+    rows = slice(0, 4000, 397)  # a sample of rows, against the float64 reference
+    xa = a[rows].astype(np.float64)
+    want = (xa - xa.mean(1, keepdims=True)) / np.sqrt(xa.var(1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(y[rows], want, rtol=0, atol=1e-5)
+
+
+def test_npy_format_version_3(tmp_path):
+    x = np.random.default_rng(15).normal(size=(6, 3, 4)).astype(np.float32)
+    with open(tmp_path / "v3.npy", "wb") as fh:
+        np.lib.format.write_array(fh, x, version=(3, 0))
+    assert np.load(tmp_path / "v3.npy").shape == x.shape  # numpy reads it
+    rc, out, err = run_inproc("moments", tmp_path / "v3.npy", "--layout", "NCL", "--format", "json")
+    assert rc == 0, err
+    rec = json.loads(out)["arrays"][0]
+    ref = ref_moments(x, "NCL")
+    np.testing.assert_allclose(rec["mean"], ref.mean, rtol=1e-12)
+    rc, out, err = run_inproc("moments", "-", "--layout", "NCL", "--format", "csv",
+                              input=(tmp_path / "v3.npy").read_bytes())
+    assert rc == 0, err
+
+
+def test_npy_unknown_format_version_is_a_clear_error(tmp_path):
+    raw = bytearray(npy_bytes(np.ones((4, 3), np.float32)))
+    raw[6:8] = bytes([9, 0])  # version 9.0
+    (tmp_path / "v9.npy").write_bytes(bytes(raw))
+    assert_fails(run_inproc("moments", tmp_path / "v9.npy", "--layout", "NC"), 1,
+                 r"v9\.npy: .*(version|corrupt|not a \.npy)")

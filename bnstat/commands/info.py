@@ -12,8 +12,10 @@ from bnstat import options
 @options.dataset_option
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True, help="Output format.")
+@click.option("--config", "keras_config", default=None, metavar="FILE",
+              help="The graph (config.json or a .keras) of Keras 3 .weights.h5 inputs.")
 @options.common_options
-def command(inputs, datasets, fmt, output, force, quiet):
+def command(inputs, datasets, fmt, keras_config, output, force, quiet):
     """List every array of the files: name, shape, dtype, order, chunks,
     compression, size; for model files, the layers that `fold` would pair.
 
@@ -31,14 +33,22 @@ def command(inputs, datasets, fmt, output, force, quiet):
 
     if output is not None:
         check_output(output, force=force, inputs=inputs)
-    sources = open_sources(inputs, datasets, check=False)
+    from bnstat.io.models.keras3 import config_from, is_keras_archive
+    from bnstat.folding.onnx import describe_onnx, is_onnx
+
+    # ONNX models and .keras zips are model files only: no array rows, their layers below
+    onnx_lines = [ln for path in inputs if is_onnx(path) for ln in describe_onnx(path)]
+    arrays_in = [p for p in inputs if not is_onnx(p) and not (p != "-" and is_keras_archive(p))]
+    sources = open_sources(arrays_in, datasets, check=False) if arrays_in else []
     rows = [s.describe() for s in sources]
-    model_lines = _model_lines(inputs)
+    with config_from(keras_config):
+        model_lines = onnx_lines + _model_lines([p for p in inputs if not is_onnx(p)])
     with atomic_open(output or "-", "w", force=force, inputs=inputs) as fh:
         if fmt == "json":
             fh.write(json.dumps({"arrays": rows, "fold": model_lines}, indent=1) + "\n")
         else:
-            render.print_info(rows, file=fh)
+            if rows:
+                render.print_info(rows, file=fh)
             if model_lines:
                 render.print_lines(["", "layers fold would see:"] + [f"  {ln}" for ln in model_lines],
                                    file=fh)

@@ -30,4 +30,13 @@ def command(stats_files, fmt, output, force, quiet):
         raise click.UsageError("give -o OUT.npz (or --format json|csv|table for standard output)")
     fmt = options.format_for(fmt, output)
     check_target(output, fmt, force, stats_files)
+    from bnstat.histogram import kind_of_files
+
+    if kind_of_files(stats_files) == "histogram":  # histogram files (bnstat hist): counts added
+        from bnstat.histogram import load_hist, merge_hists
+        from bnstat.render_hist import emit as emit_hist
+
+        merged = merge_files(stats_files, load=load_hist, merge=merge_hists)
+        emit_hist(merged, fmt, output, force=force, inputs=stats_files)
+        return
     emit(merge_files(stats_files), fmt, output, force=force, inputs=stats_files)

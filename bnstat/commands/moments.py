@@ -17,10 +17,12 @@ from bnstat import options
 @options.higher_option
 @options.format_option
 @options.table_options
+@options.scheduler_option
 @options.common_options
 @options.compute_options
 def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, per_file,
-            skip_crc, nan_policy, higher, fmt, sort, top, show_all, output, force, quiet, threads, chunk_size):
+            skip_crc, nan_policy, higher, fmt, sort, top, show_all, scheduler, output, force, quiet,
+            threads, chunk_size):
     """Exact per-unit count, mean, var, std, min, max and NaN count.
 
     PATH is a .npy, .npz or HDF5 file, or '-' for a .npy stream on standard
@@ -35,6 +37,7 @@ def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, 
       bnstat moments tokens.npy --layout NLC --reduce C --format csv
       bnstat moments part1.h5 part2.h5 -d 'features/*' -o stats.npz
       python make.py | bnstat moments - --format json
+      bnstat moments shards/*.h5 --scheduler local:2 -o stats.npz
     """
     from bnstat.commands._output import check_target, emit
     from bnstat.io import open_sources
@@ -46,8 +49,14 @@ def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, 
     check_target(output, fmt, force, inputs)
     sources = open_sources(inputs, datasets, check_crc=not skip_crc)
     total = sum(s.nbytes for s in sources)
+    kwargs = dict(ddof=ddof, higher=higher, nan_policy=nan_policy, chunk_size=chunk_size,
+                  threads=threads, per_file=per_file, **spec)
     with progress(total, "moments", enabled=not quiet) as advance:
-        stats = compute_stats(sources, ddof=ddof, higher=higher, nan_policy=nan_policy,
-                              chunk_size=chunk_size, threads=threads, per_file=per_file,
-                              progress=advance, **spec)
+        if scheduler is not None:
+            from bnstat.dask import compute_stats_distributed
+
+            stats = compute_stats_distributed(scheduler, sources, progress=advance,
+                                              check_crc=not skip_crc, **kwargs)
+        else:
+            stats = compute_stats(sources, progress=advance, **kwargs)
     emit(stats, fmt, output, force=force, inputs=inputs, sort=sort, top=top, show_all=show_all)

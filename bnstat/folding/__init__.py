@@ -26,7 +26,7 @@ The pieces, in the order :func:`fold` runs them:
    BN (inference mode), on random inputs, through the pure-numpy reference
    convolution / transposed convolution / matmul of this module.
 
-No click and no rich here; :mod:`bnstat.fold_render` draws the plan.
+No click and no rich here; :mod:`bnstat.render.fold` draws the plan.
 """
 
 
@@ -41,17 +41,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bnstat.errors import DataError, InputError, OutputError, UsageProblem, warn
-from bnstat.folding.apply import fold_pair
-from bnstat.folding.check import check_pair
+from bnstat.folding.apply import apply_plan
+from bnstat.folding.check import CHECK_SCOPE, check_plan
 from bnstat.folding.keras import apply_keras_config, keras_graph
 from bnstat.folding.layers import (CONVENTION_LABEL, DEFAULT_EPS, KERAS, PYTORCH, Layer,
-                                   convention_of, parse_layers)
+                                   apply_layer_metadata, convention_of, parse_layers)
 from bnstat.folding.pairing import PAIRING_RULES, make_plan
 from bnstat.folding.plans import Pair, Unpaired, load_plan, parse_pair
 from bnstat.folding.readings import Reading
 
 __all__ = ["fold", "describe_model", "FoldResult", "Pair", "Unpaired", "Layer", "Reading",
-           "parse_layers", "make_plan", "DEFAULT_EPS", "PAIRING_RULES", "FoldCheckError"]
+           "parse_layers", "make_plan", "DEFAULT_EPS", "PAIRING_RULES", "FoldCheckError",
+           "FoldAssumptionError", "CHECK_SCOPE"]
 
 # ---- the API -------------------------------------------------------------------
 
@@ -76,11 +77,18 @@ class FoldResult:
     layer_count: int = 0
     dry_run: bool = False
     requested_output: str | None = None  # -o given with a dry run
+    # --check on the whole model (a file with a graph): max_rel_error, tolerance, ok; or refused
+    model_check: dict | None = None
 
     @property
     def failed(self) -> list[Pair]:
         """Pairs whose check exceeded the tolerance."""
         return [p for p in self.pairs if not p.ok]
+
+    @property
+    def assumed(self) -> list[Pair]:
+        """Pairs that rest on an assumption (warned about; refused with strict=)."""
+        return [p for p in self.pairs if not p.certain]
 
     @property
     def default_eps(self) -> dict[str, float]:
@@ -99,6 +107,19 @@ class FoldResult:
             doc["eps"] = self.eps
         return doc
 
+    def report_dict(self) -> dict:
+        """The plan plus what was done (what fold --format json prints)."""
+        doc = self.plan_dict()
+        doc.update({"assumed": [f"{p.conv.display}={p.bn.display}" for p in self.assumed],
+                    "dry_run": self.dry_run, "output": self.output,
+                    "output_format": self.output_format, "plan_output": self.plan_output,
+                    "added": self.added, "removed": self.removed})
+        if self.checked:
+            doc["check_scope"] = CHECK_SCOPE
+            doc["model_check"] = self.model_check
+            doc["check_failed"] = [f"{p.conv.display}={p.bn.display}" for p in self.failed]
+        return doc
+
     def plan_json(self) -> str:
         return json.dumps(self.plan_dict(), indent=1, allow_nan=False) + "\n"
 
@@ -109,10 +130,70 @@ class FoldCheckError(DataError):
     def __init__(self, result: FoldResult):
         bad = result.failed
         names = ", ".join(f"{p.conv.display}+{p.bn.display}" for p in bad[:4])
-        super().__init__(f"{result.source}: the check failed for {len(bad)} pair(s) ({names}): the "
-                         "folded layer differs from layer then BN; nothing written",
+        what = (f"the check failed for {len(bad)} pair(s) ({names}): the folded layer differs "
+                "from layer then BN" if bad else "the whole folded model differs from the "
+                f"original (max relative error {result.model_check['max_rel_error']:.2e})")
+        super().__init__(f"{result.source}: {what}; nothing written",
                          "Check the pairing and kinds in the plan (bnstat fold --dry-run --plan FILE).")
         self.result = result
+
+
+class FoldAssumptionError(DataError):
+    """strict= and a pair rests on an assumption; ``result`` holds the plan."""
+
+    def __init__(self, result: FoldResult):
+        bad = result.assumed
+        names = "; ".join(f"{p.conv.display}+{p.bn.display}: {p.assumption}" for p in bad)
+        super().__init__(f"{result.source}: --strict/strict=: {len(bad)} pair(s) rest on an "
+                         f"assumption, nothing written: {names}",
+                         "Settle each with a plan entry (bnstat fold MODEL --dry-run --plan FILE, "
+                         "set its \"kind\" and \"certain\": true) or --pair CONV=BN.")
+        self.result = result
+
+
+def _warn_assumed(result: FoldResult) -> None:
+    for p in result.assumed:
+        warn(f"{p.conv.display} <- {p.bn.display}: folded on an assumption: {p.assumption}. "
+             "Settle it with a plan entry (bnstat fold MODEL --dry-run --plan FILE; set \"kind\" "
+             "and \"certain\": true) or --pair; --strict refuses such pairs")
+
+
+def _check_outputs(output, plan_output, force: bool, inputs: list) -> None:
+    """Refuse outputs that would overwrite something, before any work. Raises OutputError."""
+    from bnstat.io.atomic import check_output
+
+    if output is not None:
+        check_output(output, force=force, inputs=inputs)
+    if plan_output is not None:
+        if os.path.exists(plan_output) and not force and not os.path.isdir(plan_output):
+            raise OutputError(f"{plan_output}: the plan file exists; with --dry-run, --plan FILE is "
+                              "where the plan is written; nothing was written",
+                              "Use --force to replace it, or drop --dry-run to fold with it.")
+        check_output(plan_output, force=force, inputs=inputs)
+
+
+def _explicit(pairs, plan) -> tuple[list, float | None]:
+    """The explicit pairs (--pair first: it wins over the plan) and the plan's eps."""
+    explicit = [parse_pair(p) for p in pairs]
+    plan_eps = None
+    if plan is not None:
+        from_plan, plan_eps = load_plan(plan)
+        listed = {e.bn for e in explicit}
+        explicit += [e for e in from_plan if e.bn not in listed]
+    return explicit, plan_eps
+
+
+def _check(result: FoldResult, model, layers, graph, seed: int) -> None:
+    """--check: every pair, and the whole model where the file has a graph. Raises
+    FoldCheckError."""
+    check_plan(result, model, seed)
+    if graph and getattr(model, "config", None):
+        from bnstat.folding.graphcheck import check_model
+
+        result.model_check = check_model(graph, model.config, layers, model.arrays,
+                                         result.arrays, np.random.default_rng(seed))
+    if result.failed or not (result.model_check or {}).get("ok", True):
+        raise FoldCheckError(result)
 
 
 def _layers_of(model) -> tuple[list[Layer], dict | None]:
@@ -125,6 +206,8 @@ def _layers_of(model) -> tuple[list[Layer], dict | None]:
     graph = keras_graph(model.config) if getattr(model, "config", None) else None
     if graph:
         apply_keras_config(layers, graph)
+    apply_layer_metadata(layers, (getattr(model, "metadata", None) or {}).get("layers")
+                         if isinstance(getattr(model, "metadata", None), dict) else None)
     return layers, graph
 
 
@@ -140,7 +223,8 @@ def _load(source):
 
 def fold(source, *, output: str | None = None, pairs: Iterable = (), plan=None,
          eps: float | None = None, bn: str = "drop", check: bool = False, dry_run: bool = False,
-         plan_output: str | None = None, force: bool = False, seed: int = 0) -> FoldResult:
+         plan_output: str | None = None, force: bool = False, seed: int = 0,
+         strict: bool = False) -> FoldResult:
     """Fold every BatchNorm of a model into the layer that feeds it.
 
     ``source``: a model file (.npz, HDF5, .safetensors) or a mapping of named
@@ -149,16 +233,19 @@ def fold(source, *, output: str | None = None, pairs: Iterable = (), plan=None,
     ``eps``: overrides every default. ``bn``: ``"drop"`` removes the folded
     BNs' arrays and gives every folded layer a bias; ``"identity"`` keeps the
     keys, the BN computing x + shift. ``check``: run every pair against the
-    original on random inputs. With ``output`` (and not ``dry_run``) the
+    original on random inputs (and, where the file carries a graph, the
+    whole model). ``strict``: refuse to fold when a pair rests on an
+    assumption (FoldAssumptionError, nothing written). With ``output`` (and not ``dry_run``) the
     folded model is written there atomically, in the format its extension
     names (else the input's); ``plan_output`` receives the plan as JSON.
 
     Returns a :class:`FoldResult`. Raises InputError (unreadable model or
     plan), DataError (refusals: negative/NaN variance, NaN parameters,
-    channel mismatch; FoldCheckError when a check fails), UsageProblem (bad
+    channel mismatch; FoldCheckError when a check fails; FoldAssumptionError
+    with ``strict``), UsageProblem (bad
     pairs), OutputError. Nothing is written when it raises.
     """
-    from bnstat.io.atomic import atomic_open, check_output
+    from bnstat.io.atomic import atomic_open
     from bnstat.io.models import write_model
 
     if bn not in ("drop", "identity"):
@@ -169,14 +256,7 @@ def fold(source, *, output: str | None = None, pairs: Iterable = (), plan=None,
     inputs = [path] if path else []
     if isinstance(plan, str | os.PathLike):
         inputs.append(os.fspath(plan))
-    if output is not None and not dry_run:
-        check_output(output, force=force, inputs=inputs)
-    if plan_output is not None:
-        if os.path.exists(plan_output) and not force and not os.path.isdir(plan_output):
-            raise OutputError(f"{plan_output}: the plan file exists; with --dry-run, --plan FILE is "
-                              "where the plan is written; nothing was written",
-                              "Use --force to replace it, or drop --dry-run to fold with it.")
-        check_output(plan_output, force=force, inputs=inputs)
+    _check_outputs(None if dry_run else output, plan_output, force, inputs)
 
     model = _load(source)
     layers, graph = _layers_of(model)
@@ -185,12 +265,7 @@ def fold(source, *, output: str | None = None, pairs: Iterable = (), plan=None,
         raise InputError(f"{model.label}: no layer weights found: not a model in PyTorch or Keras "
                          "naming (x.weight, y.running_mean / kernel, moving_mean)",
                          "List its arrays with: bnstat info " + (path or "FILE"))
-    explicit = [parse_pair(p) for p in pairs]
-    plan_eps = None
-    if plan is not None:
-        from_plan, plan_eps = load_plan(plan)
-        listed = {e.bn for e in explicit}
-        explicit += [e for e in from_plan if e.bn not in listed]  # --pair wins over the plan
+    explicit, plan_eps = _explicit(pairs, plan)
     keras_order = model.ordered and (model.order_source == "Keras layer order" or model.format != "hdf5")
     found, unpaired = make_plan(layers, explicit=explicit, eps=eps, ordered=model.ordered,
                                 keras_order=keras_order, plan_eps=plan_eps, graph=graph)
@@ -199,52 +274,22 @@ def fold(source, *, output: str | None = None, pairs: Iterable = (), plan=None,
                         "moving_mean/moving_variance); nothing to fold",
                         "Give the model file whose BatchNorm layers should be folded.")
 
-    arrays = model.arrays
-    updates: dict[str, np.ndarray] = {}
-    removed: list[str] = []
-    added: dict[str, str] = {}
-    for pair in found:
-        folded = fold_pair(pair, arrays, bn, model.round_stored)
-        updates.update(folded.updates)
-        removed += folded.removed
-        added.update(folded.added)
-        pair.note = "; ".join(n for n in (folded.note, "read as conv?" if pair.caution else "") if n)
-        if pair.caution:
-            warn(pair.caution)
-    for new, anchor in added.items():  # a bias added to a bfloat16 weight is bfloat16 too
-        if model.stored.get(anchor) == "BF16":
-            model.stored[new] = "BF16"
-            updates[new] = model.round_stored(new, updates[new])
-    out: dict[str, np.ndarray] = {}
-    gone = set(removed)
-    follows: dict[str, list[str]] = {}
-    for new, anchor in added.items():
-        follows.setdefault(anchor, []).append(new)
-    for key, value in arrays.items():
-        if key in gone:
-            continue
-        out[key] = updates.get(key, value)
-        for new in follows.get(key, ()):
-            out[new] = updates[new]
-
+    out, added, removed = apply_plan(found, model, bn)
     result = FoldResult(model.label, convention, model.order_source if model.format != "memory"
-                        else "mapping order", bn, eps, found, unpaired, out, list(added), removed,
+                        else "mapping order", bn, eps, found, unpaired, out, added, removed,
                         layer_count=len(layers), dry_run=dry_run,
                         requested_output=output if dry_run else None)
     if check:
-        rng = np.random.default_rng(seed)
-        for pair in found:
-            wkey = pair.conv.params[pair.conv.weight_param]
-            pair.check_abs, pair.check_rel, pair.tolerance = check_pair(
-                pair, arrays, out, bn, rng, model.stored.get(wkey))
-        result.checked = True
-        if result.failed:
-            raise FoldCheckError(result)
+        _check(result, model, layers, graph, seed)
+    if strict and result.assumed:
+        raise FoldAssumptionError(result)
+    _warn_assumed(result)
     if unpaired:
         names = ", ".join(u.bn.display for u in unpaired[:5]) + (" ..." if len(unpaired) > 5 else "")
         warn(f"{len(unpaired)} BatchNorm layer(s) left unfolded ({names}); the plan says why. "
              "Settle them with --pair CONV=BN or --plan FILE")
-    if bn == "drop" and found and getattr(model, "config", None) and output and not dry_run:
+    if bn == "drop" and found and getattr(model, "config", None) and output and not dry_run \
+            and model.format == "hdf5":  # a Keras 3 file's config is rewritten (io/models/keras3)
         warn(f"{model.label}: its model_config still describes the dropped BatchNorm layers: load "
              "the folded weights into a model without them (load_weights), or use --bn identity "
              "to keep the file loadable as it is")

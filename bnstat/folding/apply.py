@@ -178,3 +178,34 @@ def fold_pair(pair: Pair, arrays: Mapping[str, np.ndarray], bn_mode: str,
     return _Folded(updates, [], {}, note)
 
 
+
+
+def apply_plan(pairs: list[Pair], model, bn_mode: str) -> tuple[dict, list[str], list[str]]:
+    """(the folded arrays in order, keys added, keys removed) of a plan on ``model`` (a
+    ModelFile). Every pair is validated first. Raises DataError, UsageProblem."""
+    arrays = model.arrays
+    updates: dict[str, np.ndarray] = {}
+    removed: list[str] = []
+    added: dict[str, str] = {}
+    for pair in pairs:
+        folded = fold_pair(pair, arrays, bn_mode, model.round_stored)
+        updates.update(folded.updates)
+        removed += folded.removed
+        added.update(folded.added)
+        pair.note = "; ".join(n for n in (folded.note, "assumed" if pair.assumption else "") if n)
+    for new, anchor in added.items():  # a bias added to a bfloat16 weight is bfloat16 too
+        if model.stored.get(anchor) == "BF16":
+            model.stored[new] = "BF16"
+            updates[new] = model.round_stored(new, updates[new])
+    out: dict[str, np.ndarray] = {}
+    gone = set(removed)
+    follows: dict[str, list[str]] = {}
+    for new, anchor in added.items():
+        follows.setdefault(anchor, []).append(new)
+    for key, value in arrays.items():
+        if key in gone:
+            continue
+        out[key] = updates.get(key, value)
+        for new in follows.get(key, ()):
+            out[new] = updates[new]
+    return out, list(added), removed

@@ -1,5 +1,11 @@
 """--check: numpy reference conv / conv-transpose / matmul, each folded pair against
-layer-then-BN in inference mode on random inputs."""
+layer-then-BN in inference mode on random inputs.
+
+What it verifies is :data:`CHECK_SCOPE` (the plan's header says it): the
+arithmetic of each pair under the reading the plan chose, not the pairing
+itself; where the file carries a graph, :mod:`bnstat.folding.graphcheck`
+also runs the whole folded model against the original.
+"""
 
 from __future__ import annotations
 
@@ -128,3 +134,17 @@ def check_pair(pair: Pair, before: Mapping[str, np.ndarray], after: Mapping[str,
     return abs_err, rel, tolerance_for(np.asarray(before[wkey]).dtype, stored)
 
 
+
+
+CHECK_SCOPE = ("the arithmetic of each planned pair (folded layer vs layer then BN, random "
+               "inputs, the pair's reading); it cannot tell a wrong pairing: see the evidence")
+
+
+def check_plan(result, model, seed: int = 0) -> None:
+    """Fill each pair's check errors in ``result`` (a FoldResult) from ``model``'s arrays."""
+    rng = np.random.default_rng(seed)
+    for pair in result.pairs:
+        wkey = pair.conv.params[pair.conv.weight_param]
+        pair.check_abs, pair.check_rel, pair.tolerance = check_pair(
+            pair, model.arrays, result.arrays, result.bn_mode, rng, model.stored.get(wkey))
+    result.checked = True

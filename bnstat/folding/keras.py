@@ -86,15 +86,16 @@ def apply_keras_config(layers: list[Layer], graph: dict[str, dict]) -> None:
         if ly.role == "bn":
             eps = cfg.get("epsilon")
             if isinstance(eps, int | float) and not isinstance(eps, bool) and eps >= 0:
-                ly.eps_hint = float(eps)
+                ly.eps = float(eps)
         elif ly.role == "weighted":
             kind = _KERAS_CLASS_KINDS.get(node["class"])
+            ly.module_type = node["class"]
             if kind is not None and ly.weight_param == "kernel" and kind in ("conv", "conv_transpose",
-                                                                             "dense"):
-                ly.kind_hint = kind
+                                                                             "dense", "depthwise"):
+                ly.kind_hint, ly.kind_source = kind, "graph"
             groups = cfg.get("groups")
             if isinstance(groups, int) and groups > 1 and kind == "conv":
-                ly.groups_hint = groups
+                ly.groups = groups
             act = cfg.get("activation")
             if isinstance(act, dict):  # a serialized activation object
                 act = (act.get("config") or {}).get("name") or act.get("class_name")

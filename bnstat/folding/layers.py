@@ -88,10 +88,15 @@ class Layer:
     role: str = "other"  # bn, weighted or other
     display: str = ""
     shapes: dict[str, tuple] = field(default_factory=dict)  # param -> shape
-    # from a Keras model_config: the layer's class, groups, epsilon, and why it cannot feed a BN
+    # Evidence beyond names and shapes (the hook readers fill, see the module docstring): the
+    # framework class (Conv2d, ConvTranspose2d, DepthwiseConv2D...), groups, a BN's epsilon;
+    # kind_hint is the kind they imply (conv, conv_transpose, depthwise...), kind_source where
+    # it comes from ("graph" for a Keras model_config, "module type" for a pickled module tree)
+    module_type: str | None = None
+    groups: int | None = None
+    eps: float | None = None
     kind_hint: str | None = None
-    groups_hint: int | None = None
-    eps_hint: float | None = None
+    kind_source: str | None = None
     block: str | None = None
     seq: int | None = None  # position of its layer group in a Keras file's layer_names
 
@@ -207,6 +212,43 @@ def parse_layers(entries: Mapping[str, tuple]) -> list[Layer]:
             layer.display = layer.name
     layers.sort(key=lambda ly: ly.order)
     return layers
+
+
+_MODULE_KINDS = (("convtranspose", "conv_transpose"), ("conv2dtranspose", "conv_transpose"),
+                 ("conv1dtranspose", "conv_transpose"), ("conv3dtranspose", "conv_transpose"),
+                 ("depthwise", "depthwise"), ("separable", "separable"), ("conv", "conv"),
+                 ("linear", "linear"), ("dense", "dense"), ("gemm", "linear"))
+
+
+def kind_of_module(module_type: str | None) -> str | None:
+    """The kind a framework class names: ConvTranspose2d -> conv_transpose, Conv2d -> conv..."""
+    low = (module_type or "").lower().replace("_", "")
+    for word, kind in _MODULE_KINDS:
+        if word in low:
+            return kind
+    return None
+
+
+def apply_layer_metadata(layers: list[Layer], metadata: Mapping | None) -> None:
+    """Copy a reader's per-layer evidence (``{layer: {"module_type", "groups", "eps"}}``) on."""
+    if not isinstance(metadata, Mapping):
+        return
+    for ly in layers:
+        info = metadata.get(ly.name)
+        if not isinstance(info, Mapping):
+            continue
+        mt = info.get("module_type")
+        if isinstance(mt, str):
+            ly.module_type = mt
+            kind = kind_of_module(mt)
+            if kind is not None and ly.role == "weighted" and ly.kind_hint is None:
+                ly.kind_hint, ly.kind_source = kind, "module type"
+        g = info.get("groups")
+        if isinstance(g, int) and not isinstance(g, bool) and g >= 1:
+            ly.groups = g
+        e = info.get("eps")
+        if isinstance(e, int | float) and not isinstance(e, bool) and e >= 0:
+            ly.eps = float(e)
 
 
 def convention_of(layers: list[Layer]) -> str | None:

@@ -14,6 +14,10 @@ from bnstat.folding.readings import Reading
 
 # ---- the plan ----------------------------------------------------------------
 
+# What a pair can rest on, strongest first (the plan's "evidence" lists them).
+EVIDENCE = ("--pair", "plan", "graph", "module type", "sequential neighbours", "names", "shapes",
+            "file order")
+
 @dataclass
 class Pair:
     """One BN folded into one layer."""
@@ -22,13 +26,19 @@ class Pair:
     bn: Layer
     reading: Reading
     eps: float
-    by: str  # the evidence: --pair, plan, sequence, name, layer order, shape
+    by: str  # the rule that paired them: --pair, plan, model graph, sequence, name, layer order, shape
     eps_source: str = "default"
     note: str = ""
-    caution: str = ""  # a doubt about the reading, warned about by fold()
+    # what the pair rests on, among EVIDENCE; an assumption is what the file could not settle
+    evidence: tuple[str, ...] = ()
+    assumption: str = ""
     check_abs: float | None = None
     check_rel: float | None = None
     tolerance: float | None = None
+
+    @property
+    def certain(self) -> bool:
+        return not self.assumption
 
     @property
     def ok(self) -> bool:
@@ -38,7 +48,10 @@ class Pair:
     def record(self) -> dict:
         rec = {"conv": self.conv.display, "bn": self.bn.display, "kind": self.reading.kind,
                "layout": self.reading.layout, "groups": self.reading.groups,
-               "channels": self.reading.channels, "eps": self.eps, "by": self.by}
+               "channels": self.reading.channels, "eps": self.eps, "by": self.by,
+               "evidence": list(self.evidence), "certain": self.certain}
+        if self.assumption:
+            rec["assumption"] = self.assumption
         if self.note:
             rec["note"] = self.note
         if self.check_rel is not None:
@@ -73,6 +86,7 @@ class Explicit:
     groups: int | None = None
     eps: float | None = None
     source: str = "--pair"
+    certain: bool = True  # a plan entry with "certain": false stays an assumption
 
 
 def resolve(name: str, layers: list[Layer], what: str, source: str) -> Layer:
@@ -187,8 +201,11 @@ def load_plan(plan, label: str | None = None) -> tuple[list[Explicit], float | N
         groups = rec.get("groups")
         if groups is not None and (not isinstance(groups, int) or groups < 1):
             raise InputError(f"{where}: groups must be a positive integer")
+        certain = rec.get("certain", True)
+        if not isinstance(certain, bool):
+            raise InputError(f"{where}: \"certain\" must be true or false")
         out.append(Explicit(conv, rec["bn"], kind, groups, _eps_value(rec.get("eps"), where + ": eps"),
-                            source=f"plan {label}"))
+                            source=f"plan {label}", certain=certain))
     for i, rec in enumerate(doc.get("unfolded") or []):
         if not isinstance(rec, dict) or not isinstance(rec.get("bn"), str):
             raise InputError(f"{label}: unfolded[{i}] needs \"bn\"")

@@ -8,11 +8,14 @@ array read as a conv-transpose is (in, out/groups, k...). Keras kernels are
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
-from bnstat.folding.layers import _SPATIAL, _TRANSPOSE_NAME, KERAS, PYTORCH, Layer
+from bnstat.folding.layers import _CONV_TOKEN, _SPATIAL, _TRANSPOSE_NAME, KERAS, PYTORCH, Layer
+
+_DEPTHWISE_NAME = re.compile(r"(?i)depthwise|dw_?conv")
 
 # ---- readings of a weight ----------------------------------------------------
 
@@ -68,6 +71,8 @@ def _readings(layer: Layer, C: int | None, kind: str | None = None,
             sp = _SPATIAL[nd - 2]
             out.append(Reading("conv", sp + "IO", shape[-1], groups or 1, fw))
             out.append(Reading("conv_transpose", sp + "OI", shape[-2], 1, fw))
+            # Keras 3 names a DepthwiseConv2D's weight "kernel": (k..., C, M), channel c*M+m
+            out.append(Reading("depthwise", sp + "CM", shape[-2] * shape[-1], shape[-2], fw))
     if kind is not None:
         same = {kind, "linear", "dense"} if kind in ("linear", "dense") else {kind}
         out = [r for r in out if r.kind in same]
@@ -76,26 +81,76 @@ def _readings(layer: Layer, C: int | None, kind: str | None = None,
     return out
 
 
-def fit(layer: Layer, C: int, kind: str | None = None, groups: int | None = None,
-        transpose: bool = True) -> Reading | None:
-    """The reading of ``layer`` whose output channels are C (ordinary conv first), or None.
+def fit(layer: Layer, C: int, kind: str | None = None, groups: int | None = None) -> Reading | None:
+    """The reading of ``layer`` whose output channels are C, or None (see :func:`read`)."""
+    found = read(layer, C, kind, groups)
+    return found.reading if found is not None else None
 
-    Without ``kind``/``groups``, those a Keras model_config gives are used.
-    ``transpose=False`` leaves out the conv-transpose reading unless the
-    config or the layer's name says it is one: a conv whose *input* channels
-    are C also reads as a conv-transpose with C outputs, which is how a
-    pre-activation BN (BN -> conv) would look.
+
+@dataclass(frozen=True)
+class Read:
+    """A reading and what it rests on: the evidence, and the assumption it makes ('' if none)."""
+
+    reading: Reading
+    evidence: tuple[str, ...]
+    assumption: str = ""
+
+
+def read(layer: Layer, C: int, kind: str | None = None, groups: int | None = None,
+         source: str = "plan") -> Read | None:
+    """How ``layer`` feeds a BN of C channels, or None when no reading with evidence gives C.
+
+    ``kind``/``groups`` come from the user (``source``); else the layer's own
+    evidence (a Keras config, a module type) decides. Otherwise a weight is
+    read the ordinary way (conv, linear, dense), and as a conv-transpose only
+    when its name says so (deconv, convT, conv_transpose, upconv...), never
+    merely because the ordinary reading does not fit: a conv whose *input*
+    channels are C would read as a conv-transpose with C outputs, which is
+    how a pre-activation BN (BN -> conv) looks. A square weight read as a
+    conv with nothing to tell it from a conv-transpose is an assumption.
     """
-    if kind is None and groups is None:
-        kind, groups = layer.kind_hint, layer.groups_hint
-    found = _readings(layer, C, kind, groups)
-    if not transpose and kind is None and not _transposey(layer):
-        found = [r for r in found if r.kind != "conv_transpose"]
-    return found[0] if found else None
+    if kind is None and groups is None and layer.kind_hint is not None:
+        kind, source = layer.kind_hint, layer.kind_source or "graph"
+    groups = groups if groups is not None else layer.groups
+    if kind is not None:
+        found = _readings(layer, C, kind, groups)
+        return Read(found[0], (source,)) if found else None
+    w = layer.params[layer.weight_param]
+    shape = layer.shapes[layer.weight_param]
+    if _transposey(layer):
+        found = _readings(layer, C, "conv_transpose", groups)
+        if found:
+            return Read(found[0], ("names",))
+        found = _readings(layer, C, "conv", groups)
+        return Read(found[0], ("shapes",), f"{layer.display} is named like a transposed conv but "
+                    f"{w} {tuple(shape)} reads only as an ordinary conv with {C} outputs") \
+            if found else None
+    if layer.convention == KERAS and layer.weight_param == "kernel" and len(shape) >= 3 \
+            and _DEPTHWISE_NAME.search(layer.keras_name):
+        found = _readings(layer, C, "depthwise", groups)
+        return Read(found[0], ("names",)) if found else None
+    found = [r for r in _readings(layer, C, None, groups) if r.kind != "conv_transpose"
+             and not (r.kind == "depthwise" and layer.weight_param == "kernel")]
+    if not found:
+        return None
+    r = found[0]
+    square = r.kind == "conv" and (shape[0] == shape[1] if layer.convention == PYTORCH
+                                   else shape[-1] == shape[-2])
+    if square and not _conv_named(layer):
+        return Read(r, ("shapes",), f"{w} {tuple(shape)} reads both as a conv and as a "
+                    f"conv-transpose with {C} outputs and nothing in the file says which: read as "
+                    "a conv")
+    return Read(r, ("names",) if square else ("shapes",))
 
 
 def _transposey(layer: Layer) -> bool:
     return bool(_TRANSPOSE_NAME.search(layer.segments[-1] if layer.segments else ""))
+
+
+def _conv_named(layer: Layer) -> bool:
+    """The layer's own name says an ordinary conv (conv1, stem_conv, conv2d_3)."""
+    last = layer.segments[-1] if layer.segments else ""
+    return any(_CONV_TOKEN.match(t) for t in [last, *last.split("_")]) and not _transposey(layer)
 
 
 def _outs_text(layer: Layer) -> str:

@@ -16,7 +16,7 @@ from bnstat.io.base import ArraySource, MemorySource, check_shape, read_head
 __all__ = ["ArraySource", "MemorySource", "open_any", "open_sources", "sniff"]
 
 def sniff(path: str) -> str:
-    """'npy', 'npz' or 'hdf5' from the file's first bytes (else its extension).
+    """'npy', 'npz' (any zip), 'hdf5' or 'safetensors' from the first bytes (else the extension).
 
     Raises InputError for missing, unreadable, empty or unknown files.
     """
@@ -25,10 +25,16 @@ def sniff(path: str) -> str:
     head = read_head(path, magic.HEAD_BYTES)
     if not head:
         raise InputError(f"{path}: empty file")
-    kind = {"npy": "npy", "zip": "npz", "hdf5": "hdf5"}.get(magic.container(path, head))
+    kind = {"npy": "npy", "zip": "npz", "hdf5": "hdf5",
+            "safetensors": "safetensors"}.get(magic.container(path, head))
     if kind is not None:
         return kind
     ext = magic.extension(path)
+    if ext in (".pt", ".pth", ".ckpt", ".bin"):
+        from bnstat.io.models.torch_zip import RESAVE, refuse_legacy
+
+        refuse_legacy(path, read_head(path, 263))
+        raise InputError(f"{path}: not a torch.save (zip) file", RESAVE)
     if ext in magic.HDF5_EXTS:
         raise InputError(f"{path}: not an HDF5 file (no HDF5 signature)")
     kinds = {".npy": "a .npy array", ".npz": "a .npz (zip) file"}
@@ -60,6 +66,14 @@ def open_path(path: str, patterns=(), *, check_crc: bool = True) -> list[ArraySo
             from bnstat.io.hdf5 import open_hdf5
 
             return open_hdf5(path, selected)
+        if kind == "safetensors":
+            from bnstat.io.models.torch_zip import open_safetensors
+
+            return open_safetensors(path, selected)
+        from bnstat.io.models.torch_zip import is_torch_zip, open_torch
+
+        if kind == "npz" and is_torch_zip(path):
+            return open_torch(path, selected)
         from bnstat.io.npy import open_npy, open_npz
 
         sources = open_npy(path) if kind == "npy" else open_npz(path, check_crc=check_crc)

@@ -39,6 +39,8 @@ def open_h5(path: str):
 def tracks_creation_order(group) -> bool:
     """Whether ``group`` iterates its links in creation order (else alphabetically)."""
     try:
+        if isinstance(group, _h5py().File):  # the File's plist never reports order tracking,
+            group = group["/"]  # even for h5py.File(..., track_order=True): the root group's does
         return bool(group.id.get_create_plist().get_link_creation_order())
     except Exception:  # noqa: BLE001 - an old HDF5 library: assume alphabetical
         return False

@@ -72,6 +72,10 @@ def _merge(n, mu, q, bn, bmean, bq):
         return n, mu, q
     if n == 0:
         return bn, bmean, bq
+    if not (math.isfinite(mu) and math.isfinite(bmean)):
+        # ±inf in a part: the mean is ±inf (NaN with both signs) and m2 NaN, as numpy's
+        # sum / n and stats.Moments.merge; Chan's update would make inf - inf of the mean
+        return n + bn, mu + bmean, math.nan
     tot = n + bn
     delta = bmean - mu
     mu = mu + delta * (bn / tot)
@@ -217,6 +221,17 @@ def _rows_task(x, p, a0, a1, u0, u1, cnt, mean, m2, mn, mx, nanc):
         nanc[u0 + j] = (a1 - a0) - n[j]
 
 
+@njit(**JIT)
+def _task_bounds(t, A, U, sa, su):
+    """Task t of P * sa * su: its p, its range ia of A [a0, a1) and its range of U [u0, u1)."""
+    per_p = sa * su
+    p = t // per_p
+    r = t - p * per_p
+    ia = r // su
+    iu = r - ia * su
+    return p, ia, (A * ia) // sa, (A * (ia + 1)) // sa, (U * iu) // su, (U * (iu + 1)) // su
+
+
 @njit(**PARALLEL_JIT)
 def _moments4(x, sa, su, cnt, mean, m2, mn, mx, nanc):
     """Count, mean, m2, min, max, NaN count of a (P, A, U, B) view.
@@ -226,16 +241,8 @@ def _moments4(x, sa, su, cnt, mean, m2, mn, mx, nanc):
     count 0, min +inf, max -inf when the caller initialised it so).
     """
     P, A, U, B = x.shape
-    per_p = sa * su
-    for t in prange(P * per_p):
-        p = t // per_p
-        r = t - p * per_p
-        ia = r // su
-        iu = r - ia * su
-        a0 = (A * ia) // sa
-        a1 = (A * (ia + 1)) // sa
-        u0 = (U * iu) // su
-        u1 = (U * (iu + 1)) // su
+    for t in prange(P * sa * su):
+        p, ia, a0, a1, u0, u1 = _task_bounds(t, A, U, sa, su)
         if a1 <= a0 or u1 <= u0:
             continue
         if B == 1:
@@ -255,6 +262,8 @@ def _pebay(n, mu, q2, q3, q4, bn, bmu, b2, b3, b4):
         return n, mu, q2, q3, q4
     if n == 0:
         return bn, bmu, b2, b3, b4
+    if not (math.isfinite(mu) and math.isfinite(bmu)):  # ±inf in a part, as in _merge
+        return n + bn, mu + bmu, math.nan, math.nan, math.nan
     na = float(n)
     nb = float(bn)
     tot = na + nb
@@ -310,12 +319,14 @@ def _higher_task(x, p, a0, a1, u0, u1, cnt, mean, m2, m3, m4, mn, mx, nanc):
                         c2 += dd
                         c3 += dd * d
                         c4 += dd * dd
-            # refine the block mean by the mean residual (exact in exact arithmetic)
-            corr = c1 / bn
-            bmu += corr
-            c4 = c4 - 4.0 * corr * c3 + 6.0 * corr * corr * c2 - 3.0 * bn * corr ** 4
-            c3 = c3 - 3.0 * corr * c2 + 2.0 * bn * corr ** 3
-            c2 = c2 - bn * corr * corr
+            # refine the block mean by the mean residual (exact in exact arithmetic); an
+            # infinite mean (±inf in the block) stays as it is, its power sums are NaN
+            if math.isfinite(bmu):
+                corr = c1 / bn
+                bmu += corr
+                c4 = c4 - 4.0 * corr * c3 + 6.0 * corr * corr * c2 - 3.0 * bn * corr ** 4
+                c3 = c3 - 3.0 * corr * c2 + 2.0 * bn * corr ** 3
+                c2 = c2 - bn * corr * corr
             n, mu, q2, q3, q4 = _pebay(n, mu, q2, q3, q4, bn, bmu, max(c2, 0.0), c3, max(c4, 0.0))
         cnt[u] = n
         mean[u] = mu
@@ -331,16 +342,8 @@ def _higher_task(x, p, a0, a1, u0, u1, cnt, mean, m2, m3, m4, mn, mx, nanc):
 def _moments4_higher(x, sa, su, cnt, mean, m2, m3, m4, mn, mx, nanc):
     """As ``moments4``, plus the third and fourth central moment sums."""
     P, A, U, B = x.shape
-    per_p = sa * su
-    for t in prange(P * per_p):
-        p = t // per_p
-        r = t - p * per_p
-        ia = r // su
-        iu = r - ia * su
-        a0 = (A * ia) // sa
-        a1 = (A * (ia + 1)) // sa
-        u0 = (U * iu) // su
-        u1 = (U * (iu + 1)) // su
+    for t in prange(P * sa * su):
+        p, ia, a0, a1, u0, u1 = _task_bounds(t, A, U, sa, su)
         _higher_task(x, p, a0, a1, u0, u1, cnt[ia, p], mean[ia, p], m2[ia, p], m3[ia, p],
                      m4[ia, p], mn[ia, p], mx[ia, p], nanc[ia, p])
 

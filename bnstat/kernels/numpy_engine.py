@@ -44,7 +44,7 @@ def numpy_moments(x: np.ndarray, higher: bool = False) -> Moments:
         cnt = np.full(v.shape[::2], v.shape[1] * B, np.int64) - nanc
         if bad is not None:
             v[bad] = 0.0
-        with np.errstate(invalid="ignore", divide="ignore"):
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # as the kernels
             mean = np.where(cnt > 0, v.sum(axis=(1, 3)) / np.maximum(cnt, 1), 0.0)
             d = v - mean[:, None, :, None]
             if bad is not None:
@@ -61,6 +61,8 @@ def numpy_moments(x: np.ndarray, higher: bool = False) -> Moments:
                        None if m3 is None else m3.ravel(), None if m4 is None else m4.ravel())
         key = ps.start
         rows[key] = [part] if key not in rows else rows[key] + [part]
+    if not rows:  # no value at all (A or B is 0): empty units, as the kernels leave them
+        return Moments.empty((P * U,), higher)
     merged = []
     for key in sorted(rows):
         out = rows[key][0]

@@ -27,7 +27,7 @@ def stats_record(s: Stats) -> dict:
            "nan_policy": s.nan_policy,
            "count": _ints(cols["count"]), "mean": _floats(cols["mean"]), "var": _floats(cols["var"]),
            "std": _floats(cols["std"]), "min": _floats(cols["min"]), "max": _floats(cols["max"]),
-           "nan_count": _ints(cols["nan_count"])}
+           "nan_count": _ints(cols["nan_count"]), "inf_count": _ints(cols["inf_count"])}
     if s.higher:
         rec["skew"] = _floats(cols["skew"])
         rec["kurtosis"] = _floats(cols["kurtosis"])
@@ -40,7 +40,7 @@ def to_json(stats: dict[str, Stats]) -> str:
     return json.dumps(doc) + "\n"
 
 
-CSV_COLUMNS = ["name", "unit", "count", "mean", "var", "std", "min", "max", "nan_count"]
+CSV_COLUMNS = ["name", "unit", "count", "mean", "var", "std", "min", "max", "nan_count", "inf_count"]
 
 
 def write_csv(stats: dict[str, Stats], fh) -> None:
@@ -53,7 +53,7 @@ def write_csv(stats: dict[str, Stats], fh) -> None:
         for i in range(int(np.prod(s.unit_shape))):
             row = [s.name, i, int(cols["count"][i])]
             row += [repr(float(cols[k][i])) for k in ("mean", "var", "std", "min", "max")]
-            row.append(int(cols["nan_count"][i]))
+            row += [int(cols["nan_count"][i]), int(cols["inf_count"][i])]
             if higher:
                 row += [repr(float(cols[k][i])) if k in cols else "" for k in ("skew", "kurtosis")]
             writer.writerow(row)

@@ -34,11 +34,12 @@ def unit_label(s: Stats, flat: int) -> str:
 
 
 def flags(s: Stats) -> np.ndarray:
-    """Per-unit flags: const (zero variance), nan, empty, mean (a mean far from the others)."""
+    """Per-unit flags: const (zero variance), nan, inf, empty, mean (a mean far from the others)."""
     mean = np.asarray(s.mean, dtype=float).ravel()
     var = np.asarray(s.moments.m2, dtype=float).ravel()
     count = np.asarray(s.count).ravel()
     nan = np.asarray(s.nan_count).ravel()
+    inf = np.asarray(s.inf_count).ravel()
     out = np.full(mean.shape, "", dtype=object)
     finite = np.isfinite(mean)
     extreme = np.zeros(mean.shape, bool)
@@ -55,6 +56,8 @@ def flags(s: Stats) -> np.ndarray:
             f.append("const")
         if nan[i]:
             f.append("nan")
+        if inf[i]:
+            f.append("inf")
         if extreme[i]:
             f.append("mean")
         out[i] = ",".join(f)
@@ -99,8 +102,9 @@ def summary_line(s: Stats, f: np.ndarray) -> str:
         if np.isfinite(std).any():
             parts.append(f"std {fmt_num(float(np.nanmin(std)))} .. {fmt_num(float(np.nanmax(std)))}")
         parts.append(f"min {fmt_num(float(np.nanmin(cols['min'])))}, max {fmt_num(float(np.nanmax(cols['max'])))}")
-    counts = {name: sum(1 for x in f if name in x.split(",")) for name in ("const", "nan", "mean", "empty")}
-    labels = {"const": "zero variance", "nan": "with NaN", "mean": "extreme mean", "empty": "empty"}
+    counts = {name: sum(1 for x in f if name in x.split(",")) for name in ("const", "nan", "inf", "mean", "empty")}
+    labels = {"const": "zero variance", "nan": "with NaN", "inf": "with inf", "mean": "extreme mean",
+              "empty": "empty"}
     flagged = [f"{c} {labels[k]}" for k, c in counts.items() if c]
     parts.append("flags: " + (", ".join(flagged) if flagged else "none"))
     return " · ".join(parts)

@@ -29,7 +29,8 @@ plus one entry in ``FORMATS``:
   when no ``sniff`` says yes, the ``mismatch`` message; ``label`` names the
   format in the "unknown model file format" hint;
 - framework imports (torch, onnx, h5py) happen inside the functions, never at
-  module level (``bnstat --help`` imports this package's registry).
+  module level: importing the registry must stay cheap for every command that
+  reads a model, and the core package never needs a framework installed.
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ from bnstat.errors import InputError, OutputError
 from bnstat.io import magic
 from bnstat.io.atomic import atomic_path
 from bnstat.io.base import read_head
-from bnstat.io.models import hdf5, npz, safetensors
+from bnstat.io.models import hdf5, keras3, npz, safetensors, torch_pt
 from bnstat.io.models.base import ModelFile, ModelFormat, ModelIndex
 
 __all__ = ["ModelIndex", "ModelFile", "ModelFormat", "FORMATS", "model_format", "index_model",
            "read_model", "write_model", "output_format"]
 
-FORMATS: tuple[ModelFormat, ...] = (npz.FORMAT, hdf5.FORMAT, safetensors.FORMAT)
+FORMATS: tuple[ModelFormat, ...] = (torch_pt.FORMAT, keras3.WEIGHTS_FORMAT, keras3.FORMAT,
+                                    npz.FORMAT, hdf5.FORMAT, safetensors.FORMAT)
 
 
 def _by_name(name: str) -> ModelFormat | None:

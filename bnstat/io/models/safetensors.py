@@ -128,8 +128,8 @@ def write(tmp: str, arrays: dict, template: ModelIndex | None) -> None:
                         "data_offsets": [offset, offset + len(raw)]}
         blobs.append(raw)
         offset += len(raw)
-    if template is not None and template.metadata is not None:
-        header = {"__metadata__": template.metadata, **header}
+    if template is not None and template.metadata is not None and template.format == "safetensors":
+        header = {"__metadata__": template.metadata, **header}  # (other formats' metadata is theirs)
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the reference writer does
     with open(tmp, "wb") as fh:

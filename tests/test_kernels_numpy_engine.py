@@ -1,4 +1,5 @@
-"""The numpy engine (small inputs) against the float64 reference, and the choice of engine.
+"""bnstat.kernels.numpy_engine (small inputs) against the float64 reference, and the choice of
+engine (stream.pick_engine).
 
 The rest of the suite runs the Numba kernels (conftest sets BNSTAT_ENGINE=numba);
 bnstat computes inputs under ``stream.SMALL_INPUT`` bytes with numpy, because
@@ -15,11 +16,13 @@ import sys
 
 import numpy as np
 import pytest
+from kernel_cases import cases, memory_layouts
 from reference import assert_matches, ref_moments
 
 import bnstat
 from bnstat import stream
 from bnstat.kernels import numpy_engine
+from bnstat.stats import Stats
 
 LAYOUTS = [("NC", (40, 6), "batch", None), ("NCHW", (5, 4, 6, 7), "batch", None),
            ("NHWC", (5, 6, 7, 4), "batch", None), ("NCL", (6, 4, 9), "instance", None),
@@ -50,6 +53,47 @@ def test_numpy_engine_blocks_merge_exactly(monkeypatch, rng):
         monkeypatch.setattr(numpy_engine, "NUMPY_BLOCK", block)
         assert_matches(only(bnstat.moments(x, layout="NCHW", norm="instance", engine="numpy")),
                        want, x)
+
+
+@pytest.mark.parametrize("case", list(cases(np.random.default_rng(13))), ids=lambda c: c.id)
+def test_numpy_moments_matches_the_reference(case):
+    """numpy_moments called directly over the kernels' edge cases, the input left as it was."""
+    x = case.x
+    before = x.copy()
+    P, _, U, _ = x.shape
+    m = numpy_engine.numpy_moments(x, higher=True).map(lambda a: a.reshape(P, U))
+    np.testing.assert_array_equal(x, before)
+    got = Stats(name="x", moments=m, shape=x.shape, dtype=x.dtype.name, layout="PACB", reduce="AB",
+                unit_axes=["P", "C"])
+    with np.errstate(invalid="ignore", over="ignore"):
+        ref = ref_moments(x, layout="PACB", reduce="AB")
+    higher = x.dtype.kind != "f" or not any(k in case.id for k in ("extremes", "inf"))
+    assert_matches(got, ref, x, higher=higher)
+
+
+def test_numpy_moments_takes_every_memory_layout(rng):
+    x = rng.standard_normal((3, 7, 4, 5))
+    for name, view in memory_layouts(x):
+        want = ref_moments(np.ascontiguousarray(view), layout="PACB", reduce="AB")
+        got = numpy_engine.numpy_moments(view).map(lambda a: a.reshape(3, 4))
+        np.testing.assert_array_equal(got.count, want.count, err_msg=name)
+        for key in ("mean", "m2", "min", "max"):
+            np.testing.assert_allclose(getattr(got, key), getattr(want, key), rtol=1e-12,
+                                       atol=1e-14, err_msg=f"{name} {key}")
+
+
+@pytest.mark.parametrize("shape,block,want", [
+    # all of P, rows of A: ragged last block
+    ((2, 10, 3, 1), 18, [(slice(0, 2), slice(0, 3)), (slice(0, 2), slice(3, 6)),
+                         (slice(0, 2), slice(6, 9)), (slice(0, 2), slice(9, 12))]),
+    # one row of A is more than a block: P split, a row at a time
+    ((4, 2, 3, 2), 12, [(slice(0, 2), slice(0, 1)), (slice(0, 2), slice(1, 2)),
+                        (slice(2, 4), slice(0, 1)), (slice(2, 4), slice(1, 2))]),
+    ((1, 3, 5, 1), 10**6, [(slice(0, 1), slice(0, 10**6 // 5))]),
+])
+def test_blocks_are_exact_slices(shape, block, want, monkeypatch):
+    monkeypatch.setattr(numpy_engine, "NUMPY_BLOCK", block)
+    assert list(numpy_engine.blocks(shape)) == want
 
 
 def test_numpy_engine_nan_and_inf_like_the_kernels(rng):
@@ -126,3 +170,25 @@ def test_bad_engine_variable_is_a_usage_error(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert "BNSTAT_ENGINE=gpu" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---- moved from the acceptance audit --------------------------------------------------
+
+
+@pytest.mark.parametrize("layout,shape", [("NCHW", (50, 4, 16, 16)), ("NHWC", (50, 16, 16, 4)),
+                                          ("NLC", (200, 512, 4))])
+@pytest.mark.parametrize("rows", [None, 7])
+def test_numerics_of_the_statistics_issue_on_the_numpy_engine_by_layout(layout, shape, rows):
+    """The rest of the suite runs acceptance 3 on the Numba kernels (and on NC alone for the
+    numpy engine); inputs under 32 MiB, the sample data included, use the numpy engine."""
+    rng = np.random.default_rng(6)
+    x = (1e4 + 1e-2 * rng.standard_normal(shape)).astype(np.float32)
+    chunk = rows and rows * x.nbytes // x.shape[0]
+    (got,) = bnstat.moments(x, layout=layout, chunk_size=chunk, engine="numpy").values()
+    ref = ref_moments(x, layout)
+    assert np.all(got.var > 0)
+    np.testing.assert_allclose(got.var, ref.var, rtol=1e-6)
+    c = np.full(shape, 271.46, np.float32)
+    (got,) = bnstat.moments(c, layout=layout, chunk_size=chunk, engine="numpy", ddof=1).values()
+    assert got.var.tolist() == [0.0] * got.var.size
+    assert got.mean.tolist() == [float(np.float32(271.46))] * got.mean.size

@@ -6,10 +6,11 @@ output; warnings stay on standard error (bnstat.cli prints them).
 
 from __future__ import annotations
 
+import json
 import math
 
-from bnstat.folding import CONVENTION_LABEL, FoldResult
-from bnstat.render import emit_rich
+from bnstat.folding import CHECK_SCOPE, CONVENTION_LABEL, FoldResult
+from bnstat.render.console import emit_rich
 
 
 def _err(v: float | None) -> str:
@@ -35,6 +36,22 @@ def _eps_line(result: FoldResult) -> str:
     return "eps: " + ("; ".join(parts) if parts else "-") + " (change with --eps)"
 
 
+def _evidence(p):
+    from rich.text import Text
+
+    text = Text(", ".join(p.evidence))
+    if not p.certain:
+        text.append(" ASSUMED: " + p.assumption, style="bold yellow")
+    return text
+
+
+def print_json(result: FoldResult, *, file=None) -> None:
+    """The plan and what was done as JSON on standard output (fold --format json)."""
+    import sys
+
+    (file or sys.stdout).write(json.dumps(result.report_dict(), indent=1, allow_nan=False) + "\n")
+
+
 def plan_table(result: FoldResult):
     from rich.table import Table
     from rich.text import Text
@@ -47,10 +64,10 @@ def plan_table(result: FoldResult):
                   caption_justify="left")
     grouped = any(p.reading.groups != 1 for p in result.pairs)
     heads = ("conv", "bn", "kind", "layout", "channels") + (("groups",) if grouped else ()) + (
-        "eps", "by")
+        "eps", "by", "evidence")
     for head in heads:
         table.add_column(head, justify="right" if head in ("channels", "groups", "eps") else "left",
-                         overflow="fold")
+                         overflow="fold", no_wrap=head not in ("conv", "bn", "evidence"))
     if checked:
         table.add_column("max abs err", justify="right")
         table.add_column("max rel err", justify="right")
@@ -59,7 +76,7 @@ def plan_table(result: FoldResult):
     for p in result.pairs:
         row = [p.conv.display, p.bn.display, p.reading.label, p.reading.layout,
                str(p.reading.channels)] + ([str(p.reading.groups)] if grouped else []) + [
-               f"{p.eps:g}", p.by]
+               f"{p.eps:g}", p.by, _evidence(p)]
         if checked:
             status = Text("ok", style="green") if p.ok else Text(
                 f"FAIL > {p.tolerance:.1e}", style="bold red")
@@ -89,6 +106,8 @@ def print_plan(result: FoldResult, *, file=None) -> None:
 
 
 def _print_plan(result: FoldResult, console) -> None:
+    if result.checked:
+        console.print(f"--check verifies {CHECK_SCOPE}")
     if result.pairs:
         console.print(plan_table(result))
     else:
@@ -106,8 +125,17 @@ def _print_plan(result: FoldResult, console) -> None:
         lines.append(f"wrote {result.output} ({result.output_format}; {what})")
     if result.plan_output:
         lines.append(f"wrote the plan to {result.plan_output}")
+    mc = result.model_check
+    if mc is not None and "refused" in mc:
+        lines.append(f"whole-model check (the file's graph) not run: {mc['refused']}")
+    elif mc is not None:
+        lines.append(f"whole-model check (the file's graph, random inputs {tuple(mc['input_shape'])}): "
+                     f"max rel output error {_err(mc['max_rel_error'])} "
+                     f"({'ok' if mc['ok'] else 'FAIL'}, tolerance {mc['tolerance']:.0e})")
     if result.failed:
         lines.append(f"check failed for {len(result.failed)} pair(s): nothing written")
+    elif mc is not None and not mc.get("ok", True):
+        lines.append("whole-model check failed: nothing written")
     elif result.dry_run:
         lines.append("dry run: no model written" + (f" (-o {result.requested_output} ignored)"
                                                     if result.requested_output else ""))

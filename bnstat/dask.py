@@ -1,0 +1,367 @@
+"""bnstat on Dask: ``--scheduler`` for files, and the moments of dask arrays.
+
+Two ways in, one arithmetic (the kernels and the exact merges of bnstat.stats):
+
+- ``compute_stats_distributed(address, sources, ...)``, behind ``--scheduler``:
+  every named array is cut into tasks, slabs of whole chunks along axis 0 of
+  about ``--chunk-size`` bytes (HDF5 slabs aligned to the dataset's chunk
+  rows). A task is described by (path, array, rows): the worker opens the file
+  itself (h5py objects do not pickle) and returns the slab's moments, a few
+  arrays of the unit shape. The client merges the partials in a fixed
+  pairwise tree over the task index, so the result depends only on the
+  tasks, never on which worker ran which task or in what order they finished:
+  it is bit-identical for any number of workers and across runs (at the same
+  ``--chunk-size`` and ``--threads``). The task size therefore does not
+  depend on the number of workers. A lost worker's tasks are run again by
+  Dask (futures are recomputed); a task that fails on bad data fails the run
+  with bnstat's message.
+- ``moments(x, ...)`` for a ``dask.array.Array`` or an ``xarray.DataArray``:
+  one fused pass per block (count, mean, m2, min, max, NaN count together),
+  the partials of blocks along reduced axes merged in a fixed tree, those
+  along kept axes concatenated; computed by whatever scheduler is active.
+
+dask and distributed are imported here only, inside the functions: the core
+never imports them (the ``dask`` extra).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from bnstat.errors import BnstatError, UsageProblem
+
+__all__ = ["moments", "compute_stats_distributed", "connect", "tree_merge"]
+
+EXTRA = "Install the dask extra: pip install 'bnstat[dask]'"
+CONNECT_TIMEOUT = 5  # seconds before an unreachable scheduler is an error
+
+
+def _require(what: str):
+    try:
+        import dask  # noqa: F401
+        if what == "distributed":
+            import distributed  # noqa: F401
+    except ImportError as exc:
+        raise BnstatError(f"{what} is not installed: bnstat needs it for this", EXTRA) from exc
+
+
+def tree_merge(parts: list):
+    """Merge ``parts`` (objects with ``merge``) pairwise, in index order, as a fixed tree."""
+    while len(parts) > 1:
+        parts = [parts[i].merge(parts[i + 1]) if i + 1 < len(parts) else parts[i]
+                 for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+# ---- clusters ------------------------------------------------------------------
+
+def parse_address(address: str) -> tuple[str, int | None]:
+    """('local', workers or None) or ('remote', None). Raises UsageProblem."""
+    if address == "local":
+        return "local", None
+    if address.startswith("local:"):
+        text = address[len("local:"):]
+        if not text.isdigit() or int(text) < 1:
+            raise UsageProblem(f"--scheduler/scheduler={address!r}: local:N needs N >= 1 workers")
+        return "local", int(text)
+    if "://" in address:
+        return "remote", None
+    raise UsageProblem(f"--scheduler/scheduler={address!r}: give tcp://HOST:PORT, local or local:N")
+
+
+@contextmanager
+def connect(address: str):
+    """A distributed Client for ``address``, closed (and a local cluster stopped) on exit.
+
+    Raises BnstatError when distributed is missing or the scheduler cannot be reached.
+    """
+    kind, workers = parse_address(address)
+    _require("distributed")
+    from distributed import Client, LocalCluster
+
+    cluster = None
+    try:
+        if kind == "local":
+            cluster = LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1,
+                                   processes=True, dashboard_address=":0",
+                                   silence_logs=logging.ERROR, scheduler_port=0)
+            client = Client(cluster, timeout=CONNECT_TIMEOUT * 6)
+        else:
+            client = Client(address, timeout=CONNECT_TIMEOUT)
+    except (OSError, TimeoutError) as exc:
+        if cluster is not None:
+            cluster.close()
+        raise BnstatError(f"--scheduler {address}: cannot reach the Dask scheduler ({exc})",
+                          "Start one with: dask scheduler (and dask worker ADDRESS), or use local.") from exc
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+# ---- tasks ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Task:
+    """One slab of one array: what a worker needs to open and read it."""
+
+    index: int
+    group: int  # index of the named array (ArrayGroup) it belongs to
+    path: str  # absolute, for workers in another directory
+    shown: str  # the path as the user gave it, for messages
+    name: str
+    rows: tuple[int, int] | None  # None: the whole array (not splittable)
+    shape: tuple[int, ...]  # of the slab, as stored
+    nbytes: int
+
+
+def plan_tasks(groups, plans, chunk_size: int) -> list[Task]:
+    """Tasks of every source of every group, in group, source and row order."""
+    from bnstat.io.slabs import splittable
+    from bnstat.stream import plan_rows
+
+    tasks: list[Task] = []
+    for gi, (group, gplans) in enumerate(zip(groups, plans)):
+        for src, plan in zip(group.sources, gplans):
+            whole_groups = plan.groups is not None and plan.channel_axis == 0
+            axis0_ok = plan.letters[0] == "N" or (plan.n_axis is None and 0 in plan.reduce)
+            if splittable(src) and axis0_ok and not whole_groups:
+                spans = [(s.start, s.stop) for s in plan_rows(src.shape[0], src.row_bytes, chunk_size,
+                                                               multiple_of=src.row_align)]
+            else:
+                spans = [None]
+            for span in spans:
+                n = src.shape[0] if span is None else span[1] - span[0]
+                shape = (n,) + tuple(src.shape[1:])
+                tasks.append(Task(len(tasks), gi, os.path.abspath(src.path), src.path, src.name,
+                                  span, shape, int(np.prod(shape)) * src.dtype.itemsize))
+    return tasks
+
+
+def run_task(task: Task, plan, *, higher: bool, threads: int, engine: str, check_crc: bool,
+             chunk_size: int):
+    """In a worker: the Moments of one task's slab. Raises BnstatError naming the file."""
+    from bnstat.io import MemorySource, open_path
+    from bnstat.io.slabs import exact_pattern, read_rows, select
+    from bnstat.stream import set_threads, source_moments
+
+    try:
+        src = select(open_path(task.path, [exact_pattern(task.name)], check_crc=check_crc), task.name)
+        if task.rows is not None:
+            src = MemorySource(read_rows(src, *task.rows), task.name)
+        if engine == "numba":
+            set_threads(threads)
+        return source_moments(src, plan, chunk_size=chunk_size, higher=higher, threads=threads,
+                              engine=engine)
+    except BnstatError as exc:
+        if task.path != task.shown:
+            exc.message = exc.message.replace(task.path, task.shown)
+            exc.args = (exc.message,)
+        raise
+
+
+def _warm(dtypes: list[str]) -> bool:
+    """In a worker: load (or compile) the kernels for ``dtypes`` once."""
+    from bnstat.stream import chunk_moments
+    from bnstat.layout import make_plan
+
+    for dt in dtypes:
+        x = np.zeros((2, 2, 2), dtype=dt)
+        chunk_moments(x, make_plan(x.shape, layout="NCL"), threads=1, engine="numba")
+    return True
+
+
+def compute_stats_distributed(address: str, sources, *, layout=None, channel_axis=None,
+                              norm="batch", groups=None, reduce=None, ddof=0, higher=False,
+                              nan_policy="omit", chunk_size=None, threads=None, per_file=False,
+                              progress=None, engine=None, check_crc=True) -> dict:
+    """``bnstat.stream.compute_stats`` run on a Dask cluster (see the module docstring).
+
+    ``threads``: kernel threads per task (default 1; the workers are the parallelism).
+    Raises BnstatError (a task's own error, or the scheduler's).
+    """
+    from bnstat.stats import Stats
+    from bnstat.stream import DEFAULT_CHUNK_SIZE, finish_group, pick_engine, plan_groups
+
+    chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
+    array_groups, plans = plan_groups(sources, layout=layout, channel_axis=channel_axis, norm=norm,
+                                      groups=groups, reduce=reduce, per_file=per_file)
+    engine = pick_engine(sum(s.nbytes for s in sources), engine)
+    threads = max(1, threads or 1)
+    tasks = plan_tasks(array_groups, plans, chunk_size)
+    source_plan = {(g, s.path, s.name): p for g, (grp, ps) in enumerate(zip(array_groups, plans))
+                   for s, p in zip(grp.sources, ps)}
+    with connect(address) as client:
+        if engine == "numba":
+            client.run(_warm, sorted({np.dtype(s.dtype).newbyteorder("=").str for s in sources}))
+        futures = [client.submit(run_task, t, source_plan[(t.group, t.shown, t.name)],
+                                 higher=higher, threads=threads, engine=engine, check_crc=check_crc,
+                                 chunk_size=chunk_size, pure=False, key=f"bnstat-task-{t.index}")
+                   for t in tasks]
+        results = _gather(client, futures, tasks, progress)
+    out = {}
+    for gi, (group, gplans) in enumerate(zip(array_groups, plans)):
+        parts = []
+        for t in tasks:
+            if t.group != gi:
+                continue
+            plan = source_plan[(gi, t.shown, t.name)]
+            parts.append(Stats(name=group.name, moments=results[t.index], shape=t.shape,
+                               dtype=np.dtype(group.sources[0].dtype).name, layout=plan.letters,
+                               reduce=plan.reduce_letters, unit_axes=plan.unit_axes, ddof=ddof,
+                               sources=[t.shown], norm=plan.norm, groups=plan.groups,
+                               assumed_layout=plan.assumed, nan_policy=nan_policy))
+        out[group.name] = finish_group(tree_merge(parts), nan_policy)
+    return out
+
+
+def _gather(client, futures, tasks, progress) -> dict:
+    """Results by task index; the first failed task's error is raised, the rest cancelled."""
+    from distributed import as_completed
+
+    results = {}
+    by_key = {f.key: t for f, t in zip(futures, tasks)}
+    try:
+        for fut in as_completed(futures):
+            task = by_key[fut.key]
+            results[task.index] = fut.result()  # re-raises the task's exception
+            if progress is not None:
+                progress(task.nbytes)
+    except BaseException:
+        client.cancel(futures)
+        raise
+    return results
+
+
+# ---- dask arrays -------------------------------------------------------------------
+
+_DIM_LETTERS = {"batch": "N", "sample": "N", "samples": "N", "n": "N",
+                "channel": "C", "channels": "C", "c": "C", "feature": "C", "features": "C",
+                "height": "H", "h": "H", "y": "H", "width": "W", "w": "W", "x": "W",
+                "depth": "D", "d": "D", "z": "D", "time": "T", "t": "T", "length": "L",
+                "l": "L", "seq": "L", "token": "L", "tokens": "L"}
+
+
+def layout_from_dims(dims) -> str | None:
+    """Layout letters from an xarray DataArray's dimension names, where they all fit."""
+    letters = [_DIM_LETTERS.get(str(d).lower()) for d in dims]
+    if None in letters or len(set(letters)) != len(letters) or letters.count("C") != 1:
+        return None
+    return "".join(letters)
+
+
+def _block_moments(block, plan, higher: bool):
+    from bnstat.io import MemorySource
+    from bnstat.stream import pick_engine, source_moments
+
+    block = np.asarray(block)
+    engine = pick_engine(block.nbytes)
+    return source_moments(MemorySource(block, "block"), plan, chunk_size=max(1, block.nbytes),
+                          higher=higher, threads=1, engine=engine)
+
+
+def _concat(axis: int, *parts):
+    from bnstat.stats import concatenate
+
+    return concatenate(list(parts), axis=axis)
+
+
+def _merge(a, b):
+    return a.merge(b)
+
+
+def _delayed_tree(parts: list, merge):
+    while len(parts) > 1:
+        parts = [merge(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i]
+                 for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def moments(x, *, layout=None, channel_axis=None, norm="batch", groups=None, reduce=None,
+            ddof=0, higher=False, nan="omit", name=None):
+    """Exact per-unit statistics of a dask array (or xarray DataArray): one ``Stats``.
+
+    Options as for ``bnstat.moments``. An xarray DataArray's dimension names give
+    the layout where they all fit (N/batch, C/channel, H/height, W/width, ...).
+    A numpy-backed input is computed by ``bnstat.moments``. Raises BnstatError
+    (UsageProblem when the layout does not fit).
+    """
+    _require("dask")
+    import dask
+    import dask.array as da
+
+    if hasattr(x, "dims") and hasattr(x, "data"):  # xarray.DataArray
+        if layout is None and channel_axis is None:
+            layout = layout_from_dims(x.dims)
+        name = name or (str(x.name) if x.name is not None else None)
+        x = x.data
+    name = name or "array"
+    if not isinstance(x, da.Array):
+        import bnstat
+
+        stats = bnstat.moments(np.asarray(x), layout=layout, channel_axis=channel_axis, norm=norm,
+                               groups=groups, reduce=reduce, ddof=ddof, higher=higher, nan=nan)
+        stats = next(iter(stats.values()))
+        stats.name = name
+        return stats
+    from bnstat.io.base import check_dtype, check_shape
+    from bnstat.layout import make_plan
+    from bnstat.stats import Stats
+    from bnstat.stream import finish_group
+
+    check_dtype(np.dtype(x.dtype), name)
+    check_shape(x.shape, name)
+    plan = make_plan(tuple(x.shape), layout=layout, channel_axis=channel_axis, norm=norm,
+                     groups=groups, reduce=reduce, name=name)
+    if plan.groups is not None:  # a block must hold whole groups of channels
+        x = x.rechunk({plan.channel_axis: -1})
+    merged = _graph(x, plan, higher)
+    (moments_,) = dask.compute(merged)
+    stats = Stats(name=name, moments=moments_, shape=tuple(x.shape), dtype=np.dtype(x.dtype).name,
+                  layout=plan.letters, reduce=plan.reduce_letters, unit_axes=plan.unit_axes,
+                  ddof=ddof, sources=[name], norm=plan.norm, groups=plan.groups,
+                  assumed_layout=plan.assumed, nan_policy=nan)
+    if plan.assumed:
+        from bnstat.errors import warn
+
+        warn(f"{name}: no layout given: assuming the PyTorch layout {plan.letters} (channel axis 1)")
+    return finish_group(stats, nan)
+
+
+def _graph(x, plan, higher: bool):
+    """The delayed Moments of ``x``: block partials, merged along reduced axes, joined along kept."""
+    import itertools
+
+    import dask
+
+    blocks = x.to_delayed()
+    part = dask.delayed(_block_moments, pure=True)
+    merge = dask.delayed(_merge, pure=True)
+    concat = dask.delayed(_concat, pure=True)
+    keep = plan.keep
+    red = plan.reduce
+    grid = {}
+    for kidx in itertools.product(*(range(x.numblocks[a]) for a in keep)):
+        parts = []
+        for ridx in itertools.product(*(range(x.numblocks[a]) for a in red)):
+            index = [0] * x.ndim
+            for a, i in zip(keep, kidx):
+                index[a] = i
+            for a, i in zip(red, ridx):
+                index[a] = i
+            parts.append(part(blocks[tuple(index)], plan, higher))
+        grid[kidx] = _delayed_tree(parts, merge)
+    # join along the kept axes, last first: unit axis k is the k-th kept axis
+    for k in reversed(range(len(keep))):
+        joined = {}
+        for kidx in sorted(grid):
+            joined.setdefault(kidx[:k], []).append(grid[kidx])
+        grid = {key: (vals[0] if len(vals) == 1 else concat(k, *vals)) for key, vals in joined.items()}
+    return grid[()]

@@ -1,0 +1,178 @@
+"""The passes of ``bnstat hist``: moments, exact ranges, fixed-edge counts, quantiles, amax.
+
+Pass 1 is the moments pass of ``stream.compute_stats`` (with ``LO:HI`` it also
+counts; with quantiles it also counts the top bits of every key). ``auto``
+and ``abs`` count in a second pass over the exact per-unit range. Quantiles
+take the counting passes of ``bnstat.quantiles`` (README "Exact quantiles").
+Per-unit arrays here are flat over the array's ``unit_shape`` (C order); a
+source's chunk covers units ``lo:hi`` in its own scan order, mapped to the
+array's units by ``unit_index``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from bnstat.errors import UsageProblem
+from bnstat.histogram import DEFAULT_BINS, Histogram, check_bins, make_edges, outer_edges
+from bnstat.stats import Moments, Stats
+
+TASKS_PER_THREAD = 4
+
+
+def group_units(sources, plans) -> tuple[tuple[int, ...], int | None]:
+    """The unit shape of an array made of ``sources`` (split along N), and where N is in it."""
+    shape = list(plans[0].unit_shape(sources[0].shape))
+    axes = plans[0].unit_axes
+    n_axis = axes.index("N") if "N" in axes else None
+    if n_axis is not None:
+        shape[n_axis] = sum(p.unit_shape(s.shape)[n_axis] for s, p in zip(sources, plans))
+    return tuple(shape), n_axis
+
+
+def unit_index(sources, plans, i: int) -> np.ndarray:
+    """For source i of an array: its scan-order units -> flat units of the array's units."""
+    unit_shape, n_axis = group_units(sources, plans)
+    src, plan = sources[i], plans[i]
+    splan = plan.transposed() if src.fortran else plan
+    sshape = splan.unit_shape(src.read_shape)
+    final = np.arange(math.prod(sshape)).reshape(sshape)
+    if src.fortran:
+        final = final.transpose()
+    whole = np.arange(math.prod(unit_shape)).reshape(unit_shape)
+    if n_axis is not None:  # N kept: the sources follow each other along N
+        start = sum(p.unit_shape(s.shape)[n_axis] for s, p in zip(sources[:i], plans[:i]))
+        whole = whole.take(range(start, start + final.shape[n_axis]), axis=n_axis)
+    gidx = np.empty(final.size, np.int64)
+    gidx[final.ravel()] = whole.ravel()
+    return gidx
+
+
+def _split(P: int, A: int, U: int, threads: int, split_a: bool) -> tuple[int, int]:
+    target = TASKS_PER_THREAD * threads if threads > 1 else 1
+    su = max(1, min(U, -(-target // P)))
+    sa = max(1, min(A, -(-target // (P * su)))) if split_a else 1
+    return sa, su
+
+
+@dataclass
+class UnitState:
+    """The per-unit accumulators of one array (flat over its units)."""
+
+    n_units: int
+    bins: int
+    absval: bool = False
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
+    edges: np.ndarray | None = None
+    counts: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)  # underflow, overflow, zero_count
+
+    def set_edges(self, lo, hi) -> None:
+        self.lo, self.hi = lo.ravel().astype(np.float64), hi.ravel().astype(np.float64)
+        self.edges = make_edges(self.lo, self.hi, self.bins)
+        with np.errstate(divide="ignore", over="ignore"):
+            inv = self.bins / (self.hi - self.lo)
+        self.inv = np.where(np.isfinite(inv), inv, 0.0)
+        self.counts = np.zeros((self.n_units, self.bins), np.int64)
+        self.extra = {k: np.zeros(self.n_units, np.int64) for k in ("underflow", "overflow", "zero_count")}
+
+    def count(self, x: np.ndarray, g: np.ndarray, threads: int) -> None:
+        """Add the counts of a chunk's view ``x`` whose units are the flat units ``g``."""
+        from bnstat.kernels import hist as kernels_hist
+
+        P, A, U, B = x.shape
+        sa, su = _split(P, A, U, threads, split_a=True)
+        nb = self.bins
+        contiguous = g.size and g[0] + g.size - 1 == g[-1] and np.array_equal(g, np.arange(g[0], g[0] + g.size))
+        if contiguous:
+            sl = slice(int(g[0]), int(g[0]) + g.size)
+            lo, hi, inv, edges = (self.lo[sl].reshape(P, U), self.hi[sl].reshape(P, U),
+                                  self.inv[sl].reshape(P, U), self.edges[sl].reshape(P, U, nb + 1))
+        else:
+            lo, hi, inv = (self.lo[g].reshape(P, U), self.hi[g].reshape(P, U), self.inv[g].reshape(P, U))
+            edges = self.edges[g].reshape(P, U, nb + 1)
+        direct = contiguous and sa == 1
+        counts = self.counts[sl].reshape(1, P, U, nb) if direct else np.zeros((sa, P, U, nb), np.int64)
+        small = {k: np.zeros((sa, P, U), np.int64) for k in ("under", "over", "nan", "inf", "zero")}
+        kernels_hist.hist4(x, sa, su, self.absval, lo, hi, inv, edges, counts, small["under"], small["over"],
+                           small["nan"], small["inf"], small["zero"])
+        if not direct:
+            np.add.at(self.counts, g, counts.sum(axis=0).reshape(-1, nb))
+        for key, name in (("under", "underflow"), ("over", "overflow"), ("zero", "zero_count")):
+            np.add.at(self.extra[name], g, small[key].sum(axis=0).ravel())
+
+
+def finite_range(stats: Stats, sources, plans, gidx, chunk_size: int, threads: int):
+    """Per-unit finite min and max (flat): the moments' own, except in units holding
+    +-inf, whose finite range takes one more pass over those units alone."""
+    from bnstat.stream import source_moments
+
+    mn = stats.moments.min.ravel().astype(np.float64)
+    mx = stats.moments.max.ravel().astype(np.float64)
+    bad = stats.moments.inf_count.ravel() > 0
+    if not bad.any():
+        return mn, mx
+    mn = np.where(bad, np.inf, mn)
+    mx = np.where(bad, -np.inf, mx)
+
+    def visitor(g):
+        def visit(x, lo, hi):
+            units = g[lo:hi]
+            U = x.shape[2]
+            for j in np.flatnonzero(bad[units]):
+                p, u = divmod(int(j), U)
+                v = x[p, :, u, :].astype(np.float64)
+                v = v[np.isfinite(v)]
+                if v.size:
+                    k = units[j]
+                    mn[k] = min(mn[k], v.min())
+                    mx[k] = max(mx[k], v.max())
+        return visit
+
+    for i, (src, plan) in enumerate(zip(sources, plans)):
+        source_moments(src, plan, chunk_size=chunk_size, threads=threads, visit=visitor(gidx[i]),
+                       moments=False)
+    return mn, mx
+
+
+def per_tensor_view(x: np.ndarray) -> np.ndarray:
+    """The whole chunk as the values of one unit."""
+    return x.reshape(1, x.size, 1, 1)
+
+
+def tensor_stats(stats: Stats) -> Stats:
+    """The moments of all units of ``stats`` as one unit (``--per-tensor``)."""
+    m = stats.moments.map(lambda a: a.reshape(-1))
+    total = m.map(lambda a: a[:1])
+    for i in range(1, m.count.size):
+        total = total.merge(m.map(lambda a, i=i: a[i:i + 1]))
+    return replace(stats, moments=total, unit_axes=["tensor"],
+                   reduce=stats.layout if stats.groups is None else stats.reduce)
+
+
+def check_passes(sources, rng, quantiles) -> None:
+    """Refuse several passes over a stream that can be read once (stdin). Raises UsageProblem."""
+    once = [s for s in sources if not getattr(s, "repeatable", True)]
+    if once and (not isinstance(rng, tuple) or quantiles):
+        raise UsageProblem(f"{once[0].where}: standard input can be read once, but --range auto/abs "
+                           "and --quantiles read the data more than once",
+                           "Save it to a file first, or give --range LO:HI without --quantiles.")
+
+
+def default_bins(bins) -> int:
+    return check_bins(DEFAULT_BINS if bins is None else bins)
+
+
+def build(stats: Stats, state: UnitState, rng, per_tensor: bool, num_bits: int, unsigned: bool) -> Histogram:
+    shape = stats.unit_shape
+    nb = state.bins
+    return Histogram(stats, state.edges.reshape(shape + (nb + 1,)), state.counts.reshape(shape + (nb,)),
+                     *(state.extra[k].reshape(shape) for k in ("underflow", "overflow", "zero_count")),
+                     range=rng, num_bits=num_bits, unsigned=unsigned, per_tensor=per_tensor)
+
+
+__all__ = ["UnitState", "unit_index", "finite_range", "tensor_stats", "build", "Moments"]

@@ -1,0 +1,381 @@
+"""Numba kernels of ``bnstat hist``: fixed-edge counts and counting passes over keys.
+
+Plain loops writing into output arrays, nothing of bnstat imported but the
+numba flags (one place, ``kernels._jit``). Inputs are the (P, A, U, B) kernel
+views of ``layout.kernel_view``; units are (p, u). A task is a range of A
+and a range of U of one p, walked row by row (a, then u, then b) so that
+memory is read in order for every layout; task (ia, p, u-range) writes its
+own slot ``out[ia, p, u]``, so threads never share a counter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from bnstat.kernels._jit import JIT, PARALLEL_JIT, entry
+
+SIGN = np.uint64(1 << 63)
+
+
+def _ukey(x, p, a, u, b):  # pragma: no cover - Python stand-in; numba uses the overload
+    raise NotImplementedError
+
+
+@overload(_ukey, jit_options=JIT)
+def _ukey_ol(x, p, a, u, b):
+    """The order-preserving unsigned key of x[p, a, u, b] (see ``histogram.to_ukeys``).
+
+    Floats: the bits read as a signed integer, negative values with their
+    magnitude bits flipped (the moments kernels' key, kernels.py), then the
+    sign bit flipped, so unsigned order is the float order (-inf < -0.0 <
+    +0.0 < +inf). Signed integers: the value with the sign bit flipped;
+    unsigned integers: the value.
+    """
+    dt = x.dtype
+    if dt == types.float32:
+        def impl32(x, p, a, u, b):
+            i = np.int64(x[p, a, u, b:b + 1].view(np.int32)[0])
+            k = i ^ ((i >> 31) & 0x7FFFFFFF)
+            return np.uint64(k) ^ SIGN
+        return impl32
+    if dt == types.float64:
+        def impl64(x, p, a, u, b):
+            i = x[p, a, u, b:b + 1].view(np.int64)[0]
+            k = i ^ ((i >> 63) & 0x7FFFFFFFFFFFFFFF)
+            return np.uint64(k) ^ SIGN
+        return impl64
+    if isinstance(dt, types.Integer) and dt.signed:
+        return lambda x, p, a, u, b: np.uint64(np.int64(x[p, a, u, b])) ^ SIGN
+    return lambda x, p, a, u, b: np.uint64(x[p, a, u, b])
+
+
+@njit(**JIT)
+def _task_range(t, P, A, U, sa, su):
+    per_p = sa * su
+    p = t // per_p
+    r = t - p * per_p
+    ia = r // su
+    iu = r - ia * su
+    return p, ia, (A * ia) // sa, (A * (ia + 1)) // sa, (U * iu) // su, (U * (iu + 1)) // su
+
+
+@njit(**JIT)
+def _hist_task(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, edges, counts, under, over, nanc, infc,
+               zeroc, buf):
+    """Rows a0:a1 of units u0:u1 of view p into slot ia: a first loop of guesses (it
+    vectorizes), then the exact bins and the values counted apart."""
+    B = x.shape[3]
+    nb = counts.shape[3]
+    for a in range(a0, a1):
+        for u in range(u0, u1):
+            row = x[p, a, u]
+            lo_ = lo[p, u]
+            hi_ = hi[p, u]
+            iv = inv[p, u]
+            e = edges[p, u]
+            c = counts[ia, p, u]
+            zeros = 0
+            for b in range(B):
+                v = np.float64(row[b])
+                if absval:
+                    v = abs(v)
+                zeros += v == 0.0
+                buf[b] = min(max(np.int64((v - lo_) * iv), 0), nb - 1)
+            zeroc[ia, p, u] += zeros
+            for b in range(B):
+                v = np.float64(row[b])
+                if absval:
+                    v = abs(v)
+                if v - v != 0.0:  # NaN or +-inf
+                    if v != v:
+                        nanc[ia, p, u] += 1
+                    else:
+                        infc[ia, p, u] += 1
+                elif v < lo_:
+                    under[ia, p, u] += 1
+                elif v > hi_:
+                    over[ia, p, u] += 1
+                else:
+                    i = buf[b]
+                    if iv == 0.0:  # the reciprocal overflowed (subnormal width): numpy's guess
+                        f = (v - lo_) / (hi_ - lo_) * nb
+                        i = nb - 1 if f >= nb else (np.int64(f) if f >= 0.0 else 0)  # NaN: 0
+                    if v < e[i]:
+                        i -= 1
+                    elif i != nb - 1 and v >= e[i + 1]:
+                        i += 1
+                    c[i] += 1
+
+
+@njit(**PARALLEL_JIT)
+def _hist4(x, sa, su, absval, lo, hi, inv, edges, counts, under, over, nanc, infc, zeroc):
+    """Counts of every unit of a (P, A, U, B) view in fixed bins, as np.histogram.
+
+    ``lo``/``hi``/``inv`` (P, U): the outer edges and bins / (hi - lo) (0 where it
+    overflows); ``edges`` (P, U, bins + 1) float64; ``counts`` (sa, P, U, bins) and
+    ``under``/``over``/``nanc``/``infc``/``zeroc`` (sa, P, U) int64, added to.
+    A value v (float64; |v| when ``absval``) that is NaN or +-inf is counted
+    apart, below lo or above hi in under/over, else in bin i with
+    edges[i] <= v < edges[i+1], the last bin closed. The first guess of i is
+    numpy's (v - lo) * bins / (hi - lo) (here with the reciprocal), corrected
+    by one bin against the edges exactly as np.histogram does, so the counts
+    are those of np.histogram with the same edges.
+    """
+    P, A, U, B = x.shape
+    for t in prange(P * sa * su):
+        p, ia, a0, a1, u0, u1 = _task_range(t, P, A, U, sa, su)
+        buf = np.empty(B, np.int64)
+        _hist_task(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, edges, counts, under, over, nanc, infc,
+                   zeroc, buf)
+
+
+def _row_keys(row, out):  # pragma: no cover - Python stand-in; numba uses the overload
+    raise NotImplementedError
+
+
+@overload(_row_keys, jit_options=JIT)
+def _row_keys_ol(row, out):
+    """The unsigned keys (see ``_ukey``) of a C-contiguous row into ``out``; NaN keys
+    are left to the caller to skip."""
+    dt = row.dtype
+    if dt == types.float32:
+        def impl32(row, out):
+            bits = row.view(np.int32)
+            for b in range(bits.shape[0]):
+                i = np.int64(bits[b])
+                out[b] = np.uint64(i ^ ((i >> 31) & 0x7FFFFFFF)) ^ SIGN
+        return impl32
+    if dt == types.float64:
+        def impl64(row, out):
+            bits = row.view(np.int64)
+            for b in range(bits.shape[0]):
+                i = bits[b]
+                out[b] = np.uint64(i ^ ((i >> 63) & 0x7FFFFFFFFFFFFFFF)) ^ SIGN
+        return impl64
+    if isinstance(dt, types.Integer) and dt.signed:
+        def impl_signed(row, out):
+            for b in range(row.shape[0]):
+                out[b] = np.uint64(np.int64(row[b])) ^ SIGN
+        return impl_signed
+
+    def impl_unsigned(row, out):
+        for b in range(row.shape[0]):
+            out[b] = np.uint64(row[b])
+    return impl_unsigned
+
+
+@njit(**JIT)
+def _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, counts, keys, kbuf):
+    A = x3.shape[1]
+    for a in range(A):
+        _row_keys(x3[p, a, u0 * B:u1 * B], kbuf)
+        for u in range(u0, u1):
+            ns = nslot[p, u]
+            if ns == 0:
+                continue
+            for b in range(B):
+                v = x3[p, a, u * B + b]
+                if v != v:
+                    continue
+                k = kbuf[(u - u0) * B + b]
+                for s in range(ns):
+                    if slo[p, u, s] <= k <= shi[p, u, s]:
+                        if scollect[p, u, s]:
+                            keys[pos[p, u, s]] = k
+                            pos[p, u, s] += 1
+                        else:
+                            counts[sbase[p, u, s] + ((k - slo[p, u, s]) >> sshift[p, u, s])] += 1
+
+
+@njit(**PARALLEL_JIT)
+def _select4(x, su, nslot, slo, shi, sshift, sbase, scollect, pos, counts, keys):
+    """One counting pass of the exact quantiles over a (P, A, U, B) view.
+
+    Unit (p, u) has ``nslot[p, u]`` slots s, each a range of keys
+    ``slo[p, u, s]..shi[p, u, s]`` (inclusive). A non-NaN value whose key is
+    in a counting slot adds 1 to ``counts[sbase + (key - lo) >> sshift]``; in
+    a collecting slot (``scollect``) its key is stored at
+    ``keys[pos[p, u, s]]`` and the position advances. Tasks hold whole units
+    (never a split of A), so positions are never shared.
+    """
+    P, A, U, B = x.shape
+    x3 = x.reshape((P, A, U * B))
+    for t in prange(P * su):
+        p, ia, a0, a1, u0, u1 = _task_range(t, P, A, U, 1, su)
+        kbuf = np.empty((u1 - u0) * B, np.uint64)
+        _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, counts, keys, kbuf)
+
+
+# ---- calibration (amax) -----------------------------------------------------------
+#
+# Transcriptions of pytorch-quantization's HistogramCalibrator in float64 (README
+# "Calibration ranges"). Sums are numpy's pairwise summation (``_pairwise``) so
+# that the criterion of every candidate is what numpy computes on the same arrays.
+
+@njit(**JIT)
+def _leaf(a, n0, n):
+    """numpy's pairwise_sum for n <= 128: 8 accumulators, then the rest in order."""
+    if n < 8:
+        res = 0.0
+        for i in range(n0, n0 + n):
+            res += a[i]
+        return res
+    r = np.empty(8)
+    for k in range(8):
+        r[k] = a[n0 + k]
+    i = 8
+    while i < n - (n % 8):
+        for k in range(8):
+            r[k] += a[n0 + i + k]
+        i += 8
+    res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+    while i < n:
+        res += a[n0 + i]
+        i += 1
+    return res
+
+
+@njit(**JIT)
+def _pairwise(a, n0, n):
+    """np.add.reduce of a[n0:n0 + n]: numpy's pairwise_sum (blocks of 128 split in halves
+    rounded to 8), walked with an explicit stack (a recursive function does not load from
+    numba's cache)."""
+    if n <= 128:
+        return _leaf(a, n0, n)
+    fn0 = np.empty(70, np.int64)
+    fn = np.empty(70, np.int64)
+    ph = np.zeros(70, np.int64)
+    left = np.zeros(70)
+    sp = 0
+    fn0[0] = n0
+    fn[0] = n
+    result = 0.0
+    while sp >= 0:
+        m0 = fn0[sp]
+        m = fn[sp]
+        done = False
+        v = 0.0
+        if m <= 128:
+            v = _leaf(a, m0, m)
+            done = True
+        else:
+            n2 = m // 2
+            n2 -= n2 % 8
+            if ph[sp] == 0:
+                ph[sp] = 1
+                sp += 1
+                fn0[sp], fn[sp], ph[sp] = m0, n2, 0
+            elif ph[sp] == 1:
+                ph[sp] = 2
+                sp += 1
+                fn0[sp], fn[sp], ph[sp] = m0 + n2, m - n2, 0
+            else:
+                v = left[sp] + left[sp + 1]
+                done = True
+        if done:
+            sp -= 1
+            if sp < 0:
+                result = v
+            elif ph[sp] == 1:
+                left[sp] = v
+            else:
+                left[sp + 1] = v
+    return result
+
+
+@njit(**JIT)
+def entropy_divergences(counts, start, stride, nbins, digit, digit_off, out):
+    """KL divergence of every candidate clip i (start..len, step stride) of one |x| histogram.
+
+    ``digit[digit_off[k]:digit_off[k] + i]`` is np.digitize(range(i), linspace(0, i, nbins + 1)) - 1
+    for the k-th candidate (the same for every unit).
+    """
+    bins = counts.astype(np.float64)
+    ibins = counts.copy()
+    ibins[0] = ibins[1]
+    bins[0] = bins[1]
+    n = bins.shape[0]
+    ndc = np.zeros(nbins)
+    nval = np.zeros(nbins)
+    newd = np.zeros(n)
+    pk = np.zeros(n)
+    vec = np.zeros(n)
+    k = 0
+    for i in range(start, n + 1, stride):
+        ndc[:] = 0.0
+        nval[:] = 0.0
+        d0 = digit_off[k]
+        for j in range(i):
+            if ibins[j] != 0:
+                ndc[digit[d0 + j]] += bins[j]
+                nval[digit[d0 + j]] += 1.0
+        for b in range(nbins):
+            if nval[b] > 0:
+                ndc[b] = ndc[b] / nval[b]
+        for j in range(i):
+            newd[j] = ndc[digit[d0 + j]] if ibins[j] != 0 else 0.0
+        tail = 0
+        for j in range(i, n):
+            tail += ibins[j]
+        ref_total = 0
+        for j in range(i):
+            ref_total += ibins[j]
+        ref_total += tail
+        qsum = _pairwise(newd, 0, i)
+        for j in range(i):
+            r = ibins[j] + (tail if j == i - 1 else 0)
+            p = 1.0 * r / ref_total
+            q = newd[j] / qsum
+            if p > 0 and q > 0:
+                vec[j] = p * math.log(p / q)
+            elif p == 0 and q >= 0:
+                vec[j] = 0.0
+            else:
+                vec[j] = np.inf
+        out[k] = _pairwise(vec, 0, i)
+        k += 1
+
+
+@njit(**JIT)
+def mse_errors(counts, centers, start, stride, max_bound, min_bound, out):
+    """Mean of (fake-quantized center - center)^2 * count for every candidate amax = centers[i]."""
+    n = centers.shape[0]
+    err = np.zeros(n)
+    k = 0
+    for i in range(start, n, stride):
+        amax = centers[i]
+        scale = max_bound / amax
+        tiny = amax <= 1.0 / (1 << 24)
+        if tiny:
+            scale = 0.0
+        for j in range(n):
+            qv = min(max(np.rint(centers[j] * scale), min_bound), max_bound)
+            qv = qv / (1.0 if tiny else scale)
+            d = qv - centers[j]
+            err[j] = d * d * counts[j]
+        out[k] = _pairwise(err, 0, n) / n
+        k += 1
+
+
+@njit(**PARALLEL_JIT)
+def _entropy_all(counts, start, stride, nbins, digit, digit_off, out):
+    """``entropy_divergences`` of every row of ``counts`` (units, bins) into ``out`` (units, k)."""
+    for u in prange(counts.shape[0]):
+        entropy_divergences(counts[u], start, stride, nbins, digit, digit_off, out[u])
+
+
+@njit(**PARALLEL_JIT)
+def _mse_all(counts, centers, start, stride, max_bound, min_bound, out):
+    """``mse_errors`` of every row of ``counts``/``centers`` (units, bins) into ``out`` (units, k)."""
+    for u in prange(counts.shape[0]):
+        mse_errors(counts[u], centers[u], start, stride, max_bound, min_bound, out[u])
+
+
+hist4 = entry(_hist4)
+select4 = entry(_select4)
+entropy_all = entry(_entropy_all)
+mse_all = entry(_mse_all)

@@ -1,0 +1,228 @@
+"""Exact per-unit quantiles out of core: counting passes over ordered keys.
+
+np.quantile(values, q, method="linear") needs, per unit of n values, the
+order statistics at ranks floor((n-1)q) and the next one, then numpy's
+``_lerp``. Each value maps to an unsigned key with the order of the values
+(``to_values`` inverts it). Per unit and wanted rank a *slot* is a range of
+keys known to hold that rank: a pass over the data either counts the
+slot's keys in up to 2**D buckets of equal width (then the slot narrows to
+the bucket holding the rank) or, once the slot holds few enough keys, collects
+them (then a sort of that small buffer gives the key). The first pass is
+the moments pass, which counts the top D1 bits of every key of every unit.
+
+Bounds (README "Exact quantiles"): counters and collected keys take at most
+``COUNTER_BYTES`` (64 MiB; at least 256 buckets per slot), beside the chunk;
+a pass divides a slot's key range by at least 2**8, so a unit is resolved
+after at most 1 + ceil((w - D1) / D) + 1 passes for w-bit keys (w = 8, 16,
+32 or 64; float16 data is widened to float32 keys). Typical float32 data:
+2 passes (the moments pass, one collecting pass).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+COUNTER_BYTES = 64 * 1024**2
+MIN_BITS, MAX_BITS = 8, 16
+SIGN = 1 << 63
+
+
+def key_width(dtype: np.dtype) -> int:
+    """Bits of the keys of a kernel input dtype (float16 is read as float32)."""
+    dtype = np.dtype(dtype)
+    return 32 if dtype == np.float16 else dtype.itemsize * 8
+
+
+def key_span(dtype: np.dtype) -> tuple[int, int]:
+    """The (lowest, highest) unsigned key a value of ``dtype`` can have."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "u":
+        return 0, (1 << (dtype.itemsize * 8)) - 1
+    half = 1 << (key_width(dtype) - 1)
+    return SIGN - half, SIGN + half - 1
+
+
+def to_values(keys: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float64 values of unsigned keys of ``dtype`` (the inverse of kernels_hist._ukey)."""
+    dtype = np.dtype(dtype)
+    keys = np.asarray(keys, dtype=np.uint64)
+    if dtype.kind == "u":
+        return keys.astype(np.float64)
+    signed = (keys ^ np.uint64(SIGN)).view(np.int64)
+    if dtype.kind in "iu":
+        return signed.astype(np.float64)
+    if key_width(dtype) == 32:
+        i = signed.astype(np.int32)
+        bits = i ^ ((i >> 31) & np.int32(0x7FFFFFFF))
+        return bits.view(np.float32).astype(np.float64)
+    bits = signed ^ ((signed >> 63) & np.int64(0x7FFFFFFFFFFFFFFF))
+    return bits.view(np.float64)
+
+
+def ranks(n: np.ndarray, q: np.ndarray):
+    """numpy's (previous, next) sorted indices and gamma for counts ``n`` (units,) and ``q``.
+
+    _get_indexes and _get_gamma of numpy's _quantile, method "linear": virtual
+    index (n - 1) * q; at or past the last index both neighbours are the last
+    value (index -1, kept as n - 1 here) and gamma is computed from -1, as numpy does.
+    """
+    n = np.asarray(n, dtype=np.int64)
+    virtual = (n[:, None] - 1).astype(np.float64) * q[None, :]
+    prev = np.floor(virtual)
+    above = virtual >= (n[:, None] - 1)
+    prev[above] = -1
+    prev_i = prev.astype(np.intp)
+    gamma = virtual - prev_i
+    nxt_i = prev_i + 1
+    nxt_i[above] = -1
+    last = np.broadcast_to(n[:, None] - 1, prev_i.shape)
+    return np.where(prev_i < 0, last, prev_i), np.where(nxt_i < 0, last, nxt_i), gamma
+
+
+def lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """numpy's _lerp, operation for operation (so the result is bit-identical)."""
+    diff = b - a
+    out = np.add(a, diff * t)
+    np.subtract(b, diff * (1 - t), out=out, where=t >= 0.5)
+    return out
+
+
+def bits_for(n_slots: int) -> int:
+    """Bucket bits per slot for ``n_slots`` slots within COUNTER_BYTES."""
+    per = COUNTER_BYTES // (8 * max(1, n_slots))
+    return max(MIN_BITS, min(MAX_BITS, per.bit_length() - 1))
+
+
+class Selector:
+    """The exact quantile search of one array's units (see the module docstring).
+
+    ``n_units`` units of keys of ``dtype``; ``first_pass()`` gives the tables of the
+    pass that runs with the moments (every unit counts its top bits); after each pass
+    ``advance(counts, keys)`` narrows the slots; ``done`` when every rank is known.
+    """
+
+    def __init__(self, n_units: int, dtype, q):
+        self.n_units = n_units
+        self.dtype = np.dtype(dtype)
+        self.q = np.asarray(q, dtype=np.float64)
+        self.width = key_width(self.dtype)
+        lo, hi = key_span(self.dtype)
+        d1 = min(self.width, bits_for(n_units))
+        # per unit: a list of slots [lo, hi, shift, collect, [(rank, target index)...], count]
+        self.slots = [[[lo, hi, self.width - d1, False, None, None]] for _ in range(n_units)]
+        self.found: dict[tuple[int, int], int] = {}  # (unit, rank) -> key
+        self.passes = 0
+        self.wanted = None
+
+    def tables(self):
+        """Flat tables of the next pass: nslot (U,), slo/shi/shift/base/collect/pos (U, S),
+        and the sizes of the counts and keys buffers."""
+        S = max(1, max(len(s) for s in self.slots))
+        U = self.n_units
+        nslot = np.zeros(U, np.int64)
+        slo = np.zeros((U, S), np.uint64)
+        shi = np.zeros((U, S), np.uint64)
+        shift = np.zeros((U, S), np.uint64)
+        base = np.zeros((U, S), np.int64)
+        collect = np.zeros((U, S), np.bool_)
+        pos = np.zeros((U, S), np.int64)
+        n_counts = n_keys = 0
+        for u, slots in enumerate(self.slots):
+            nslot[u] = len(slots)
+            for j, (lo, hi, sh, coll, _, cnt) in enumerate(slots):
+                slo[u, j], shi[u, j], shift[u, j], collect[u, j] = lo, hi, sh, coll
+                if coll:
+                    pos[u, j] = n_keys
+                    n_keys += cnt
+                else:
+                    base[u, j] = n_counts
+                    n_counts += ((hi - lo) >> sh) + 1
+        self._layout = (base.copy(), pos.copy())
+        return dict(nslot=nslot, slo=slo, shi=shi, sshift=shift, sbase=base, scollect=collect, pos=pos,
+                    n_counts=n_counts, n_keys=n_keys)
+
+    def set_counts(self, n: np.ndarray) -> None:
+        """The non-NaN count of every unit (known after the first pass): the wanted ranks."""
+        prev, nxt, self.gamma = ranks(n, self.q)
+        self.n = np.asarray(n, np.int64)
+        self.prev, self.next = prev, nxt
+        for u, slots in enumerate(self.slots):
+            want = sorted(set(prev[u].tolist()) | set(nxt[u].tolist())) if self.n[u] > 0 else []
+            slots[0][4] = [(r, r) for r in want]
+            if not want:
+                self.slots[u] = []
+
+    @property
+    def done(self) -> bool:
+        return all(not s for s in self.slots)
+
+    def advance(self, counts: np.ndarray, keys: np.ndarray) -> None:
+        """Narrow every slot by the pass's ``counts`` and collected ``keys``."""
+        base, pos = self._layout
+        self.passes += 1
+        n_slots = sum(len(s) for s in self.slots)
+        bits = bits_for(n_slots * 2)
+        limit = COUNTER_BYTES // (8 * max(1, 2 * n_slots))
+        for u, slots in enumerate(self.slots):
+            new = []
+            for j, (lo, hi, sh, coll, targets, cnt) in enumerate(slots):
+                if coll:
+                    got = np.sort(keys[pos[u, j]:pos[u, j] + cnt])
+                    for rank, r in targets:
+                        self.found[(u, rank)] = int(got[r])
+                    continue
+                nb = ((hi - lo) >> sh) + 1
+                c = counts[base[u, j]:base[u, j] + nb]
+                cum = np.cumsum(c)
+                by_bucket: dict[int, list] = {}
+                for rank, r in targets:
+                    b = int(np.searchsorted(cum, r, side="right"))
+                    below = int(cum[b - 1]) if b else 0
+                    by_bucket.setdefault(b, []).append((rank, r - below))
+                for b, tg in by_bucket.items():
+                    blo = lo + (b << sh)
+                    bhi = min(hi, blo + (1 << sh) - 1)
+                    m = int(c[b])
+                    if blo == bhi:
+                        for rank, _ in tg:
+                            self.found[(u, rank)] = blo
+                    elif m <= limit:
+                        new.append([blo, bhi, 0, True, tg, m])
+                    else:
+                        span = (bhi - blo).bit_length()
+                        new.append([blo, bhi, max(0, span - bits), False, tg, m])
+            self.slots[u] = new
+
+    def values(self) -> np.ndarray:
+        """(units, len(q)) float64: np.quantile's result per unit (NaN for an empty unit)."""
+        U, nq = self.prev.shape
+        kp = np.zeros((U, nq), np.uint64)
+        kn = np.zeros((U, nq), np.uint64)
+        for u in range(U):
+            if self.n[u] == 0:
+                continue
+            for i in range(nq):
+                kp[u, i] = self.found[(u, int(self.prev[u, i]))]
+                kn[u, i] = self.found[(u, int(self.next[u, i]))]
+        with np.errstate(invalid="ignore"):
+            out = lerp(to_values(kp, self.dtype), to_values(kn, self.dtype), self.gamma)
+        out[self.n == 0] = np.nan
+        return out
+
+
+def check_quantiles(qs) -> list[float]:
+    """Parse and check q values (each in [0, 1]). Raises ValueError."""
+    if isinstance(qs, str):
+        parts = [p for p in qs.replace(" ", "").split(",") if p]
+        try:
+            qs = [float(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"{qs!r}: give numbers between 0 and 1 separated by commas, "
+                             "e.g. 0.001,0.5,0.999") from None
+    qs = [float(q) for q in np.atleast_1d(qs)]
+    bad = [q for q in qs if not 0.0 <= q <= 1.0 or math.isnan(q)]
+    if bad or not qs:
+        raise ValueError(f"{bad[0] if bad else qs!r}: quantiles must be between 0 and 1 (0.5 is the median)")
+    return qs
