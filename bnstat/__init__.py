@@ -27,7 +27,8 @@ from bnstat._version import __version__
 if TYPE_CHECKING:
     from bnstat.stats import Stats
 
-__all__ = ["__version__", "moments", "hist", "normalize", "fold", "load_stats", "save_stats"]
+__all__ = ["__version__", "moments", "hist", "normalize", "fold", "load_stats", "save_stats",
+           "running", "recalibrate", "diff", "Accumulator"]
 
 
 def moments(source, *, layout: str | None = None, channel_axis: int | None = None,
@@ -161,3 +162,53 @@ def hist(source, *, layout=None, channel_axis=None, norm="batch", groups=None, r
         return compute_hist(open_any(source, dataset, check_crc=check_crc), **{**kwargs, **changes})
 
     return compute_hist(open_any(source, dataset, check_crc=check_crc), **kwargs, rerun=run)
+
+
+# ---- training vs inference (README.md, "Training and inference statistics") ----------
+
+def running(source, *, batch_size, framework="pytorch", momentum=None, cumulative=False, epochs=1,
+            drop_last=False, from_model=None, bn=None, layout=None, channel_axis=None, dataset=None,
+            chunk_size=None, threads=None, engine=None, progress=None, check_crc=True):
+    """Running mean/var a framework's BN would hold after ``epochs`` passes over ``source``
+    in batches of ``batch_size``: ``{name: RunningResult}``; see ``bnstat.running_stats.running``."""
+    from bnstat.running_stats import running as _running
+
+    return _running(source, batch_size=batch_size, framework=framework, momentum=momentum,
+                    cumulative=cumulative, epochs=epochs, drop_last=drop_last, from_model=from_model,
+                    bn=bn, layout=layout, channel_axis=channel_axis, dataset=dataset,
+                    chunk_size=chunk_size, threads=threads, engine=engine, progress=progress,
+                    check_crc=check_crc)
+
+
+def recalibrate(model, source=None, *, stats=None, output=None, map=(), map_file=None,
+                estimator="population", batch_size=None, drop_last=False, layout=None,
+                channel_axis=None, dataset=None, chunk_size=None, threads=None, engine=None,
+                force=False, check_crc=True):
+    """Precise BN: ``model``'s BN running statistics from activations (``source``) or a
+    stats file (``stats``), written to ``output``; see ``bnstat.recalibration.recalibrate``."""
+    from bnstat.recalibration import recalibrate as _recalibrate
+
+    return _recalibrate(model, source, stats=stats, output=output, map=map, map_file=map_file,
+                        estimator=estimator, batch_size=batch_size, drop_last=drop_last,
+                        layout=layout, channel_axis=channel_axis, dataset=dataset,
+                        chunk_size=chunk_size, threads=threads, engine=engine, force=force,
+                        check_crc=check_crc)
+
+
+def diff(a, b, *, map=(), fail_over=(), layout=None, channel_axis=None, norm="batch", groups=None,
+         reduce=None, dataset=None, chunk_size=None, threads=None, engine=None, check_crc=True):
+    """Per-unit drift between two stats / activation / model files: a ``DiffResult``;
+    see ``bnstat.drift.diff``."""
+    from bnstat.drift import diff as _diff
+
+    return _diff(a, b, map=map, fail_over=fail_over, layout=layout, channel_axis=channel_axis,
+                 norm=norm, groups=groups, reduce=reduce, dataset=dataset, chunk_size=chunk_size,
+                 threads=threads, engine=engine, check_crc=check_crc)
+
+
+def __getattr__(name):
+    if name == "Accumulator":  # imported on first use, like the functions above
+        from bnstat.accumulate import Accumulator
+
+        return Accumulator
+    raise AttributeError(f"module 'bnstat' has no attribute {name!r}")

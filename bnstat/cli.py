@@ -55,6 +55,9 @@ COMMANDS = {
     "fold": Entry("bnstat.commands.fold", "Fold BatchNorm layers into the conv / linear layers that feed them."),
     "hist": Entry("bnstat.commands.hist", "Exact per-unit histograms, quantiles and calibration ranges (amax)."),
     "plot": Entry("bnstat.commands.plot", "Plot a stats or histogram file (PNG, SVG, PDF; the plot extra)."),
+    "running": Entry("bnstat.commands.running", "The running mean/var a framework's BN would hold after training on the data."),
+    "recalibrate": Entry("bnstat.commands.recalibrate", "Precise BN: a model's BN running statistics set from activations."),
+    "diff": Entry("bnstat.commands.diff", "Per-unit drift between two stats, activation or model files."),
 }
 
 

@@ -102,8 +102,9 @@ def _hist_task(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, edges, counts, und
                 else:
                     i = buf[b]
                     if iv == 0.0:  # the reciprocal overflowed (subnormal width): numpy's guess
-                        f = (v - lo_) / (hi_ - lo_) * nb
-                        i = nb - 1 if f >= nb else (np.int64(f) if f >= 0.0 else 0)  # NaN: 0
+                        w = hi_ - lo_  # 0 for c +- 0.5 past 2**53: every guess 0 (numpy's is NaN)
+                        f = (v - lo_) / w * nb if w > 0.0 else 0.0
+                        i = nb - 1 if f >= nb else (np.int64(f) if f >= 0.0 else 0)
                     if v < e[i]:
                         i -= 1
                     elif i != nb - 1 and v >= e[i + 1]:
