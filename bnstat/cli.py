@@ -16,10 +16,24 @@ import sys
 import warnings
 from typing import NamedTuple
 
-import click
 
-from bnstat import options
-from bnstat._version import __version__
+def _early_exit(signum, frame):
+    os._exit(130 if signum == signal.SIGINT else 143)
+
+
+# A signal before main() installs its handlers (while click and the package are
+# imported) exits at once: nothing is written yet, and Python's default would
+# print a KeyboardInterrupt traceback. Only in the console script (python -m
+# bnstat does the same in __main__); a program importing bnstat keeps its own.
+CONSOLE = os.path.basename(sys.argv[0] if sys.argv else "") == "bnstat"  # __main__ sets it too
+if CONSOLE and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, _early_exit)
+    signal.signal(signal.SIGTERM, _early_exit)
+
+import click  # noqa: E402
+
+from bnstat import options  # noqa: E402
+from bnstat._version import __version__  # noqa: E402
 
 
 
@@ -83,8 +97,52 @@ def cli():
 def _on_signal(signum, frame):
     from bnstat import errors
 
+    if errors.pending_signal is not None:
+        return  # cleanup of the first signal is running: a second Ctrl-C must not break it
     errors.pending_signal = signum  # kept in case the exception below is swallowed
     raise KeyboardInterrupt() if signum == signal.SIGINT else errors.Terminated()
+
+
+class _ClosedStream:
+    """sys.stdout when bnstat was started with it closed (`>&-`): every write fails."""
+
+    def write(self, data):
+        import errno
+
+        raise OSError(errno.EBADF, "standard output is closed")
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
+
+    def fileno(self):
+        return 1
+
+    @property
+    def buffer(self):
+        return self
+
+
+def _closed_stdio() -> None:
+    """Occupy a closed fd 0/1/2 with /dev/null, so that no file bnstat opens gets it.
+
+    A closed stdout becomes a stream whose writes fail ("standard output is
+    closed", exit 1); a closed stderr swallows the messages; a closed stdin reads empty.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            try:
+                os.dup2(os.open(os.devnull, os.O_RDWR), fd)
+            except OSError:
+                pass
+            if fd == 1:
+                sys.stdout = _ClosedStream()
+            elif fd == 2 and sys.stderr is None:
+                sys.stderr = open(fd, "w", closefd=False)  # noqa: SIM115 - the process's stderr
 
 
 def _unraisable(hook):
@@ -202,6 +260,8 @@ def _run(args: list[str], state: options.RunState) -> int:
         _print_error("out of memory; try a smaller --chunk-size")
         return 1
     except Exception as exc:  # an unexpected failure: still no traceback by default
+        if errors.pending_signal is not None:  # a signal, wrapped by a library (numba's compiler)
+            return 130 if errors.pending_signal == signal.SIGINT else 143
         if state.debug:
             raise
         # the first line only: errors are one or two lines (SPEC 4); numba's are dozens
@@ -216,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     from bnstat.errors import BnstatWarning
     from bnstat.kernels import _jit
 
+    _closed_stdio()
     _jit.setup(cli=True)  # the command line tool: numba's start-up shortcut (imports nothing)
     _buffer_stdout()
     args = list(sys.argv[1:] if argv is None else argv)
@@ -238,4 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.flush()
     except (OSError, ValueError):  # bytes that cannot be delivered (full disk, closed pipe):
         _silence_stdout()          # leave without the interpreter's "Exception ignored"
+    if CONSOLE:  # the process ends: a late Ctrl-C must not kill the interpreter's finalization
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(code)

@@ -213,7 +213,10 @@ def read_meta(path: str) -> dict:
     """The ``__bnstat__`` metadata of a stats file. Raises InputError."""
     import zipfile
 
+    from bnstat.stats import _check_stats_zip
+
     try:
+        _check_stats_zip(path)  # not a zip (a .npy, empty), metadata over its bound
         z = np.load(path, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):
             raise InputError(f"{path}: not a bnstat stats file (a single array)",
@@ -229,6 +232,9 @@ def read_meta(path: str) -> dict:
         raise InputError(f"{path}: no such file") from exc
     except IsADirectoryError as exc:
         raise InputError(f"{path}: is a directory, not a stats file") from exc
+    except RecursionError as exc:  # JSON nested thousands deep
+        raise InputError(f"{path}: not a readable bnstat stats file (its metadata is nested too "
+                         "deep)") from exc
     except (zipfile.BadZipFile, ValueError, KeyError, OSError, json.JSONDecodeError, TypeError) as exc:
         raise InputError(f"{path}: not a readable bnstat stats file ({exc})") from exc
 

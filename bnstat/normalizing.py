@@ -44,7 +44,18 @@ def model_bn_params(arrays: dict[str, np.ndarray], name: str, where: str, eps: f
     from bnstat.folding.layers import bn_params
 
     p = bn_params(arrays, name, eps, where=where)
+    _check_bn_shapes(where, p.layer, {k: np.asarray(v) for k, v in (
+        ("mean", p.mean), ("variance", p.var), ("gamma", p.gamma), ("beta", p.beta)) if v is not None})
     return UnitParams.from_moments(p.mean, p.var, p.eps, p.gamma, p.beta), p.layer, p.eps
+
+
+def _check_bn_shapes(where: str, layer: str, parts: dict[str, np.ndarray]) -> None:
+    """Refuse BN parameters that are not 1-D arrays of one length (scalars, (C, 1)...)."""
+    shapes = {key: v.shape for key, v in parts.items()}
+    if any(len(sh) != 1 for sh in shapes.values()) or len(set(shapes.values())) != 1:
+        listing = ", ".join(f"{k} {sh}" for k, sh in shapes.items())
+        raise DataError(f"{where}: BatchNorm {layer}: its parameters must be 1-D arrays of one "
+                        f"length (C); they are {listing}")
 
 
 # ---- the normalization -----------------------------------------------------------------
@@ -132,11 +143,11 @@ def _output_kind(sources: list[ArraySource], output, in_memory: bool, force: boo
     if output is None and not in_memory:
         raise UsageProblem("normalize needs -o OUTPUT (output=)")
     if output is not None:
+        check_output(output, force=force, inputs=paths)
         want = _ext_kind(output)
         if want is not None and want != kind:
             raise UsageProblem(f"-o/output= {output}: the output is written in the input's format "
                                f"({kind}); give a .{'h5' if kind == 'hdf5' else kind} name")
-        check_output(output, force=force, inputs=paths)
         if output == "-" and len(sources) != 1:
             raise UsageProblem(f"standard output carries one array; {len(sources)} selected "
                                "(choose one with -d/dataset=)")
@@ -416,6 +427,8 @@ def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None,
     sources = open_any(source, dataset, check_crc=check_crc)
     in_memory = all(s.kind == "memory" for s in sources)
     paths = [] if in_memory else sorted({s.path for s in sources})
+    # the secondary inputs are never written over either (README "Nothing lost")
+    paths += [os.fspath(p) for p in (stats, model) if isinstance(p, str | os.PathLike)]
     kind = _output_kind(sources, output, in_memory, force, paths)
     saved = _saved_stats(stats)
     model_bn = _model_params(model, bn, eps) if model is not None else None

@@ -26,6 +26,24 @@ NORMS = ("batch", "layer", "instance", "group")
 FORMATS = ("table", "json", "csv", "npz")
 NAN_POLICIES = ("omit", "propagate", "raise")
 
+def _threads_callback(ctx, param, value):
+    """--threads above the cores this process may use: capped there, with a warning."""
+    if value is None:
+        return None
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    if value > cores:
+        from bnstat.errors import warn
+
+        warn(f"--threads {value}: this machine gives bnstat {cores} cores; using {cores}")
+        return cores
+    return value
+
+
 def _checked(check):
     """A click callback applying ``check`` (which raises ValueError) to a given value."""
     def callback(ctx, param, value):
@@ -87,7 +105,7 @@ quiet_option = click.option(
     "-q", "--quiet", is_flag=True, callback=_quiet_callback,
     help="No warnings and no progress bar.")
 threads_option = click.option(
-    "--threads", type=click.IntRange(min=1), default=None, metavar="N",
+    "--threads", type=click.IntRange(min=1), default=None, metavar="N", callback=_threads_callback,
     help="Number of compute threads (default: all cores).")
 chunk_size_option = click.option(
     "--chunk-size", type=str, default=None, callback=_checked(parse_size), metavar="SIZE",
@@ -213,6 +231,10 @@ def format_for(fmt: str | None, output: str | None) -> str:
         return fmt
     if output and output != "-":
         ext = output.rsplit(".", 1)[-1].lower() if "." in output else ""
+        from bnstat.io.atomic import is_special
+
+        if not ext and is_special(output):  # -o /dev/null, a FIFO: as standard output
+            return "table"
         if ext in ("json", "csv", "npz"):
             return ext
         if ext in ("txt", "text"):

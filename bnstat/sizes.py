@@ -28,7 +28,12 @@ def parse_size(text: str) -> int:
     value = float(match.group(1)) * _UNITS[match.group(2).lower()]
     if value < 1:
         raise ValueError(f"{text!r} is smaller than one byte")
+    if not value < MAX_SIZE:  # 200 digits (or inf): no machine has that much memory
+        raise ValueError(f"{text!r} is larger than any memory (at most 1 PiB)")
     return int(value)
+
+
+MAX_SIZE = float(1 << 50)
 
 
 def size_bytes(value, default: int, name: str = "--chunk-size/chunk_size=") -> int:

@@ -10,6 +10,7 @@ layout, reduced axes, ddof. Stats files (SPEC 4) are written and read here.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from dataclasses import dataclass, field, replace
 
@@ -364,6 +365,7 @@ def load_stats(path: str) -> dict[str, Stats]:
     import zipfile
 
     try:
+        _check_stats_zip(path)
         with np.load(path, allow_pickle=False) as z:
             files = set(z.files)
             if STATS_KEY not in files:
@@ -373,6 +375,7 @@ def load_stats(path: str) -> dict[str, Stats]:
             out = {}
             for m in meta["arrays"]:
                 name = m["name"]
+                _check_member_sizes(path, z.zip, name, tuple(m["unit_shape"]))
                 get = lambda k, name=name: np.asarray(z[f"{name}/{k}"])  # noqa: E731
                 higher = f"{name}/m3" in files
                 shape = tuple(m["unit_shape"])
@@ -404,5 +407,44 @@ def load_stats(path: str) -> dict[str, Stats]:
         raise InputError(f"{path}: is a directory, not a stats file") from exc
     except PermissionError as exc:
         raise InputError(f"{path}: permission denied") from exc
-    except (zipfile.BadZipFile, ValueError, KeyError, OSError, json.JSONDecodeError, TypeError) as exc:
-        raise InputError(f"{path}: not a readable bnstat stats file ({exc})") from exc
+    except (zipfile.BadZipFile, ValueError, KeyError, OSError, json.JSONDecodeError, TypeError,
+            EOFError, OverflowError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise InputError(f"{path}: not a readable bnstat stats file ({first})") from exc
+    except RecursionError as exc:  # JSON nested thousands deep
+        raise InputError(f"{path}: not a readable bnstat stats file (its metadata is nested too "
+                         "deep)") from exc
+
+
+# A stats file is small: its metadata and one float64 per unit and moment.
+# Members are checked against that before np.load inflates them, so that a
+# member declaring a gigabyte (a deflate bomb) is refused, never allocated.
+_META_LIMIT = 64 << 20
+_HEADER_ROOM = 1 << 20
+
+
+def _check_stats_zip(path: str) -> None:
+    import zipfile
+
+    from bnstat.io import magic
+
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if not magic.is_zip(head):
+        what = "a .npy array" if head.startswith(b"\x93NUMPY") else (
+            "an empty file" if not head else "not a zip file")
+        raise InputError(f"{path}: not a bnstat stats file ({what})",
+                         "A stats file is the .npz written by: bnstat moments DATA -o stats.npz")
+    with zipfile.ZipFile(path) as zf:
+        info = next((i for i in zf.infolist() if i.filename == STATS_KEY + ".npy"), None)
+        if info is not None and info.file_size > _META_LIMIT:
+            raise InputError(f"{path}: not a readable bnstat stats file ({STATS_KEY} declares "
+                             f"{info.file_size} bytes, more than any stats file's metadata)")
+
+
+def _check_member_sizes(path: str, zf, name: str, unit_shape: tuple) -> None:
+    need = math.prod(unit_shape) * 8 + _HEADER_ROOM
+    for info in zf.infolist():
+        if info.filename.rsplit("/", 1)[0] == name and info.file_size > need:
+            raise InputError(f"{path}:{info.filename[:-4]}: declares {info.file_size} bytes, more "
+                             f"than statistics of unit shape {unit_shape} need")

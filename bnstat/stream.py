@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -48,9 +48,26 @@ def slab_rows(n: int, row_bytes: int, chunk_size: int, *, multiple_of: int = 1,
     return min(rows, max(1, n))
 
 
-def slabs(n: int, rows: int) -> list[slice]:
-    """``range(n)`` cut into slices of ``rows`` rows, the last one ragged."""
-    return [slice(r0, min(n, r0 + rows)) for r0 in range(0, n, max(1, rows))]
+class _Slabs(Sequence):
+    """Lazy: a header may claim 10**7 rows, whose slices must not be made up front."""
+
+    def __init__(self, n: int, rows: int):
+        self.n, self.rows = n, max(1, rows)
+        self._starts = range(0, n, self.rows)
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        r0 = self._starts[i]
+        return slice(r0, min(self.n, r0 + self.rows))
+
+
+def slabs(n: int, rows: int) -> Sequence[slice]:
+    """``range(n)`` cut into slices of ``rows`` rows, the last one ragged (a lazy sequence)."""
+    return _Slabs(n, rows)
 
 
 def plan_rows(n: int, row_bytes: int, chunk_size: int, *, multiple_of: int = 1,
@@ -75,8 +92,30 @@ def source_rows(source: ArraySource, chunk_size: int, *, multiple_of: int = 1) -
     if multiple_of > 1:
         both = math.lcm(align, multiple_of)
         align = both if both * source.row_bytes <= chunk_size // buffers else multiple_of
-    return slab_rows(source.read_shape[0], source.row_bytes, chunk_size, multiple_of=align,
+    rows = slab_rows(source.read_shape[0], source.row_bytes, chunk_size, multiple_of=align,
                      buffers=buffers)
+    need = rows * source.row_bytes * buffers
+    if need > chunk_size and need > available_memory():  # refused before it is allocated
+        raise DataError(
+            f"{source.where}: one slab of {rows} row(s) is {need:,} bytes, more than --chunk-size "
+            f"({chunk_size:,}) and than the memory available ({available_memory():,})",
+            "A row is the smallest piece bnstat reads; reshape the array so that axis 0 is longer.")
+    return rows
+
+
+def available_memory() -> int:
+    """MemAvailable of /proc/meminfo (else the physical memory), in bytes."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
 
 
 def pick_engine(nbytes: int, engine: str | None = None) -> str:
@@ -209,6 +248,12 @@ def source_moments(source: ArraySource, plan: Plan, *, chunk_size: int, higher: 
     group_rows = 1
     if splan.groups is not None and splan.channel_axis == 0:
         group_rows = shape[0] // splan.groups  # a chunk must hold whole groups
+    # 6 float64 accumulators per unit (8 with --higher), and as many for a chunk's partials
+    state_bytes = n_units * 8 * (8 if higher else 6) * 2
+    if state_bytes > max(chunk_size, available_memory()):
+        raise DataError(f"{source.where}: {n_units:,} units (layout {splan.letters}) need "
+                        f"{state_bytes:,} bytes of statistics, more than the memory available",
+                        "Check the layout: is C the axis you meant?")
     rows = source_rows(source, chunk_size, multiple_of=group_rows)
     first_kept = 0 not in splan.reduce or group_rows > 1
     per_row = n_units * group_rows // shape[0] if first_kept else 0

@@ -25,13 +25,16 @@ def emit(stats: dict, fmt: str, output: str | None, *, force: bool = False, inpu
     from bnstat.io.atomic import atomic_open
     from bnstat.stats import save_stats
 
+    from bnstat.io.atomic import is_special
+
     target = output or "-"
     if fmt == "npz":
-        if target == "-":
-            buf = io.BytesIO()  # np.savez needs to seek; a stats file is small
+        if target == "-" or is_special(target):
+            # np.savez seeks back (and /dev/null's offset stays 0); a stats file is small
+            buf = io.BytesIO()
             save_stats(stats, buf)
-            sys.stdout.buffer.write(buf.getvalue())
-            sys.stdout.buffer.flush()
+            with atomic_open(target, "wb", force=force, inputs=inputs) as fh:
+                fh.write(buf.getvalue())
             return
         with atomic_open(target, "wb", force=force, inputs=inputs) as fh:
             save_stats(stats, fh)

@@ -56,7 +56,7 @@ def command(input_path, stats_file, model, bn_name, eps, per_batch, layout, chan
         raise click.UsageError("--model and --bn go together")
     from bnstat.io.atomic import check_output
 
-    check_output(output, force=force, inputs=[input_path])
+    check_output(output, force=force, inputs=[input_path, *filter(None, (stats_file, model))])
     total = sum(s.nbytes for s in open_sources([input_path], datasets)) if input_path != "-" else 0
     passes = 2 if (stats_file is None and model is None and per_batch is None) else 1
     with progress(total * passes, "normalize", enabled=not quiet and total > 0) as advance:

@@ -173,8 +173,8 @@ def load_plan(plan, label: str | None = None) -> tuple[list[Explicit], float | N
             raise InputError(f"{label}: no such plan file") from exc
         except OSError as exc:
             raise InputError(f"{label}: cannot read the plan: {exc.strerror}") from exc
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"{label}: not a JSON plan ({exc})",
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise InputError(f"{label}: not a JSON plan ({str(exc)[:200]})",
                              "Write one with: bnstat fold MODEL --dry-run --plan FILE") from exc
     else:
         doc = plan

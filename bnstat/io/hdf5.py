@@ -6,13 +6,13 @@ Datasets are read in slabs along axis 0 aligned to the dataset's chunks, with
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import numpy as np
 
 from bnstat.errors import InputError
 from bnstat.io.base import ArraySource, check_dtype
-from bnstat.stream import slabs
 
 
 def _h5py():
@@ -54,8 +54,17 @@ def walk(path: str, h5file, groups: list | None = None) -> Iterator[tuple[str, o
     receives every group visited, the root first.
     """
     h5py = _h5py()
+    seen: set = set()  # groups walked: a link back (soft, hard, external to itself) is a cycle
 
     def visit(group, prefix):
+        try:
+            info = h5py.h5o.get_info(group.id)
+            ident = (info.fileno, info.addr)
+        except (OSError, ValueError, AttributeError):
+            ident = None
+        if ident in seen:
+            return
+        seen.add(ident)
         if groups is not None:
             groups.append(group)
         for key in group:
@@ -80,6 +89,38 @@ def walk(path: str, h5file, groups: list | None = None) -> Iterator[tuple[str, o
     yield from visit(h5file, "")
 
 
+# registered HDF5 filter ids (https://github.com/HDFGroup/hdf5_plugins) whose
+# name a file may leave out
+_FILTER_NAMES = {307: "bzip2", 32000: "LZF", 32001: "Blosc", 32004: "LZ4", 32008: "Bitshuffle",
+                 32013: "ZFP", 32015: "Zstandard", 32017: "SZ", 32026: "Blosc2"}
+
+
+def check_filters(dataset, where: str) -> None:
+    """Refuse, before reading, a dataset whose filter HDF5 does not have (a missing plugin).
+
+    hdf5plugin, when installed, is imported first: it registers Blosc, LZ4,
+    Zstd, Bitshuffle... HDF5's own message names a plugin folder, not the filter.
+    """
+    h5py = _h5py()
+    plist = dataset.id.get_create_plist()
+    missing = []
+    for i in range(plist.get_nfilters()):
+        code, _flags, _values, name = plist.get_filter(i)
+        if not h5py.h5z.filter_avail(code):
+            missing.append((code, name.decode("latin1", "replace") if isinstance(name, bytes) else name))
+    if missing:
+        try:
+            import hdf5plugin  # noqa: F401 - registers the filters it ships
+        except ImportError:
+            pass
+        missing = [(c, n) for c, n in missing if not h5py.h5z.filter_avail(c)]
+    if missing:
+        names = ", ".join(f"{n or _FILTER_NAMES.get(c, 'unnamed')} (id {c})" for c, n in missing)
+        raise InputError(f"{where}: compressed with a filter HDF5 does not have here: {names}",
+                         "Install hdf5plugin (pip install hdf5plugin), or the filter's plugin "
+                         "in HDF5_PLUGIN_PATH.")
+
+
 class Hdf5Source(ArraySource):
     kind = "hdf5"
 
@@ -94,6 +135,7 @@ class Hdf5Source(ArraySource):
         # two slab buffers: reading (or inflating) the next slab overlaps computing on this one
         self.double_buffered = True
         check_dtype(self.dtype, self.where)
+        check_filters(dataset, self.where)
 
     def iter_chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """Slabs of ``rows`` rows (aligned to the dataset's chunks by the caller).
@@ -133,7 +175,7 @@ def _iter_overlapped(ds, rows, bufs):
     from concurrent.futures import ThreadPoolExecutor
 
     n = ds.shape[0]
-    starts = [sl.start for sl in slabs(n, rows)]
+    starts = range(0, n, max(1, rows))  # the starts of stream.slabs(n, rows), lazily
     with ThreadPoolExecutor(1, thread_name_prefix="bnstat-h5read") as pool:
         pending = pool.submit(_read_slab, ds, bufs[0], 0, min(n, rows))
         for i, r0 in enumerate(starts):
@@ -235,7 +277,7 @@ def _iter_deflate(ds, rows, bufs, pipeline):
                    for rest in itertools.product(*grids)]
         return [pool.submit(decode, r0, off, out) for off in offsets]
 
-    starts = [sl.start for sl in slabs(n, rows)]
+    starts = range(0, n, max(1, rows))  # the starts of stream.slabs(n, rows), lazily
     with ThreadPoolExecutor(zlibx.workers(), thread_name_prefix="bnstat-inflate") as pool:
         pending = submit(pool, 0)
         try:
@@ -256,6 +298,18 @@ def _iter_deflate(ds, rows, bufs, pipeline):
             wait(pending)  # nothing writes into a buffer after the caller is gone
 
 
+@contextlib.contextmanager
+def _corrupt(path: str):
+    """What HDF5 raises on a damaged file while it is walked, as an InputError."""
+    try:
+        yield
+    except RecursionError as exc:
+        raise InputError(f"{path}: groups nested too deep to walk") from exc
+    except (OSError, RuntimeError, KeyError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise InputError(f"{path}: corrupt HDF5 file ({first})") from exc
+
+
 def open_hdf5(path: str, selected) -> list[ArraySource]:
     """The numeric datasets of ``path`` of 2+ dimensions that ``selected(name)`` accepts.
 
@@ -264,7 +318,7 @@ def open_hdf5(path: str, selected) -> list[ArraySource]:
     and scalar datasets are skipped (README, inputs) but broken links are errors.
     """
     sources = []
-    with open_h5(path) as f:
+    with open_h5(path) as f, _corrupt(path):
         for name, ds, problem in walk(path, f):
             explicit = selected(name)
             if explicit is False:

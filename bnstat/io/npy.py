@@ -9,11 +9,13 @@ mapped into the process).
 from __future__ import annotations
 
 import io
+import math
 import mmap
 import os
 import platform
 import stat
 import sys
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -53,11 +55,32 @@ def read_npy_header(fh, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
 
                 read_header = _format_impl._read_array_header
             shape, fortran, dtype = read_header(fh, version, max_header_size=1 << 20)
-    except (ValueError, SyntaxError, TypeError, OSError, EOFError) as exc:
-        raise InputError(f"{where}: corrupt .npy header ({exc})") from exc
+    except (ValueError, SyntaxError, TypeError, OSError, EOFError, KeyError, MemoryError,
+            RecursionError, tokenize.TokenError) as exc:
+        # numpy's messages run to three lines (the header-size limit): the first one
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise InputError(f"{where}: corrupt .npy header ({first})") from exc
     if dtype.hasobject:
         raise InputError(f"{where}: dtype {dtype} holds Python objects; bnstat reads numeric arrays only")
-    return tuple(int(s) for s in shape), bool(fortran), dtype
+    shape = tuple(int(s) for s in shape)
+    check_declared_shape(shape, dtype, where)
+    return shape, bool(fortran), dtype
+
+
+MAX_DIMS = 32
+
+
+def check_declared_shape(shape: tuple[int, ...], dtype: np.dtype, where: str) -> None:
+    """Refuse a shape no array can have: negative, over 32 dimensions, over 2**63 bytes."""
+    if any(s < 0 for s in shape):
+        raise InputError(f"{where}: corrupt .npy header: shape {shape} has a negative dimension",
+                         "numpy cannot load it either; restore the file from its source.")
+    if len(shape) > MAX_DIMS:
+        raise InputError(f"{where}: a {len(shape)}-D array; bnstat reads up to {MAX_DIMS} dimensions",
+                         "Reshape it first.")
+    if math.prod(shape) * max(dtype.itemsize, 1) >= 1 << 63:
+        raise InputError(f"{where}: corrupt .npy header: shape {shape} of {dtype} declares more "
+                         "bytes than any file can hold")
 
 
 def readinto_full(fh, view: memoryview) -> int:
@@ -125,10 +148,21 @@ class NpyStreamSource(ArraySource):
             with self.opener() as head:
                 self._running_crc = zlib.crc32(head.read(self.data_offset))
         mapped = _mappable(fh, self.dtype.itemsize)
-        if mapped is not None:
-            yield from self._iter_mapped(fh, mapped, rows)
-        else:
-            yield from self._iter_read(fh, rows)
+        self._watch = _watch(fh, self.where, mapped is not None)
+        if self._watch is not None and not self._watch.leased:
+            mapped = None  # no lease to stop a writer: a map could SIGBUS (bnstat/io/guard.py)
+        try:
+            if mapped is not None:
+                yield from self._iter_mapped(fh, mapped, rows)
+            else:
+                yield from self._iter_read(fh, rows)
+        finally:
+            if self._watch is not None:
+                self._watch.release()
+
+    def _check_changed(self) -> None:
+        if getattr(self, "_watch", None) is not None:
+            self._watch.check()
 
     def _update_crc(self, raw) -> None:
         if self._running_crc is not None:
@@ -141,9 +175,10 @@ class NpyStreamSource(ArraySource):
         crc = self._running_crc
         end = self.data_offset + self.nbytes
         if self.data_size > end:
-            with self.opener() as fh:
+            with self.opener() as fh:  # bytes after the array: in blocks, never all at once
                 fh.seek(end)
-                crc = zlib.crc32(fh.read(), crc)
+                while block := fh.read(1 << 20):
+                    crc = zlib.crc32(block, crc)
         if crc != self.crc:
             raise InputError(f"{self.where}: corrupt zip member (bad CRC-32: the data was damaged)",
                              "numpy's np.load refuses it too; restore the file from its source.")
@@ -186,6 +221,7 @@ class NpyStreamSource(ArraySource):
                 mm.madvise(mmap.MADV_SEQUENTIAL)
                 mm.madvise(mmap.MADV_WILLNEED, *span(0))
             for sl in slabs(n, rows):
+                self._check_changed()  # a writer waits on the lease: stop before it truncates
                 r0, r = sl.start, sl.stop - sl.start
                 if advise and r0 + rows < n:
                     mm.madvise(mmap.MADV_WILLNEED, *span(r0 + rows))
@@ -198,6 +234,7 @@ class NpyStreamSource(ArraySource):
                 self._update_crc(whole[start:start + r * row_bytes])
                 if r0 + r == n:
                     self._check_crc()  # before the last chunk is used: a bad member yields no result
+                    self._check_changed()
                 chunk = whole[start:start + r * row_bytes].view(self.dtype).reshape((r,) + shape[1:])
                 if not chunk.dtype.isnative:
                     chunk = chunk.astype(chunk.dtype.newbyteorder("="))  # a copy, bounded by the chunk
@@ -221,20 +258,39 @@ class NpyStreamSource(ArraySource):
             for sl in slabs(shape[0], rows):
                 r0, r = sl.start, sl.stop - sl.start
                 nb = r * row_bytes
+                self._check_changed()
                 got = readinto_full(fh, memoryview(buf)[:nb])
                 if got < nb:
+                    self._check_changed()  # truncated by another program, or on disk
                     raise InputError(
                         f"{self.where}: truncated: the data ends after {r0 * row_bytes + got} of "
                         f"{self.nbytes} bytes (shape {self.shape}, {self.dtype})")
                 self._update_crc(buf[:nb])
                 if r0 + r == shape[0]:
                     self._check_crc()
+                    self._check_changed()
                 chunk = buf[:nb].view(self.dtype).reshape((r,) + shape[1:])
                 yield r0, native(chunk)
         except zlib.error as exc:
             raise InputError(f"{self.where}: corrupt compressed data ({exc})") from exc
         finally:
             fh.close()
+
+
+def _watch(fh, where: str, lease: bool):
+    """A guard.Watch on the regular file under ``fh`` (None for a pipe or a compressed member)."""
+    from bnstat.io.guard import Watch
+
+    raw = fh.fh if isinstance(fh, _Window) else fh
+    if not isinstance(raw, io.BufferedReader):
+        return None
+    try:
+        fd = raw.fileno()
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+    except (OSError, ValueError):
+        return None
+    return Watch(fd, where, lease=lease)
 
 
 def _mappable(fh, itemsize: int) -> int | None:

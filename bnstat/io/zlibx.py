@@ -39,7 +39,8 @@ threads = 0  # threads for CRC pieces and inflate pools; 0: every core (set by -
 def set_threads(n: int | None) -> int:
     """Use ``n`` helper threads (None or 0: every core); returns ``workers()``."""
     global threads
-    threads = max(0, n or 0)
+    threads = 0
+    threads = min(max(0, n or 0), workers())  # more threads than cores only cost memory
     return workers()
 
 

@@ -57,7 +57,7 @@ def _keras_config(f) -> dict | None:
         return None
     try:
         doc = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None  # a broken config is ignored: names and shapes still pair
     return doc if isinstance(doc, dict) else None
 
@@ -121,38 +121,43 @@ def _read(path: str, values: bool):
 
 
 def write(tmp: str, arrays: dict, template: ModelIndex | None) -> None:
-    import h5py
+    # through atomic.hdf5_file: a full disk is an OSError, never a crash in HDF5
+    from bnstat.io.atomic import hdf5_file
 
     if template is None or template.format != "hdf5" or template.path is None:
-        with h5py.File(tmp, "w") as f:
+        with hdf5_file(tmp) as (f, _check):
             for name, a in arrays.items():
                 f.create_dataset(name, data=np.asarray(a))
         return
     shutil.copyfile(template.path, tmp)
+    with hdf5_file(tmp, mode="r+") as (f, _check):
+        _edit(f, arrays, template)
+
+
+def _edit(f, arrays: dict, template: ModelIndex) -> None:
     old = template.entries
     dropped = [n for n in old if n not in arrays]
     names = list(arrays)
     added = [(n, names[i - 1] if i else None) for i, n in enumerate(names) if n not in old]
-    with h5py.File(tmp, "r+") as f:
-        for name, a in arrays.items():
-            if name in old:
-                ds = f[name]
-                a = np.asarray(a)
-                if ds.shape == a.shape and ds.dtype == a.dtype:
-                    if not _same(template, name, a):
-                        ds[()] = a
-                else:  # a changed shape or dtype: recreate it, keeping attributes
-                    attrs = dict(ds.attrs)
-                    del f[name]
-                    new = f.create_dataset(name, data=a)
-                    for k, v in attrs.items():
-                        new.attrs[k] = v
-        for name in dropped:
-            del f[name]
-        emptied = _remove_emptied_groups(f, dropped)
-        for name, _anchor in added:
-            f.create_dataset(name, data=np.asarray(arrays[name]))
-        _fix_keras_attrs(f, dropped, added, emptied)
+    for name, a in arrays.items():
+        if name in old:
+            ds = f[name]
+            a = np.asarray(a)
+            if ds.shape == a.shape and ds.dtype == a.dtype:
+                if not _same(template, name, a):
+                    ds[()] = a
+            else:  # a changed shape or dtype: recreate it, keeping attributes
+                attrs = dict(ds.attrs)
+                del f[name]
+                new = f.create_dataset(name, data=a)
+                for k, v in attrs.items():
+                    new.attrs[k] = v
+    for name in dropped:
+        del f[name]
+    emptied = _remove_emptied_groups(f, dropped)
+    for name, _anchor in added:
+        f.create_dataset(name, data=np.asarray(arrays[name]))
+    _fix_keras_attrs(f, dropped, added, emptied)
 
 
 def _same(template: ModelIndex, name: str, a: np.ndarray) -> bool:

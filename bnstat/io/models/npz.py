@@ -48,9 +48,12 @@ def read(path: str) -> ModelFile:
 def write(tmp: str, arrays: dict, template: ModelIndex | None) -> None:
     # zipfile + write_array rather than np.savez: any key is allowed (np.savez
     # takes them as keyword arguments, so a layer named "file" would clash)
+    from bnstat.io.atomic import StreamOnly, is_special
+
     compressed = bool(template and template.compressed)
     method = zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED
-    with zipfile.ZipFile(tmp, "w", compression=method, allowZip64=True) as zf:
+    with open(tmp, "wb") as fh, zipfile.ZipFile(StreamOnly(fh) if is_special(tmp) else fh, "w",
+                                                compression=method, allowZip64=True) as zf:
         for name, a in arrays.items():
             with zf.open(name + ".npy", "w", force_zip64=True) as fh:
                 np.lib.format.write_array(fh, np.asanyarray(a), allow_pickle=False)

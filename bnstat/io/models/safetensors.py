@@ -39,8 +39,8 @@ def _st_header(path: str, fh, size: int) -> tuple[dict, int]:
         raise InputError(f"{path}: corrupt .safetensors file (header length {n} of a {size}-byte file)")
     try:
         header = json.loads(fh.read(n).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: corrupt .safetensors header ({exc})") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InputError(f"{path}: corrupt .safetensors header ({str(exc)[:200]})") from exc
     if not isinstance(header, dict):
         raise InputError(f"{path}: corrupt .safetensors header (not a JSON object)")
     return header, 8 + n
