@@ -13,24 +13,20 @@ def _bins(ctx, param, value):
     return value
 
 
-def _range(ctx, param, value):
+def _parse_range(value):
     from bnstat.histogram import parse_range
 
-    try:
-        return parse_range(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return parse_range(value)
 
 
-def _quantiles(ctx, param, value):
-    if value is None:
-        return None
+def _check_quantiles(value):
     from bnstat.quantiles import check_quantiles
 
-    try:
-        return check_quantiles(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+    return check_quantiles(value)
+
+
+_range = options._checked(_parse_range)
+_quantiles = options._checked(_check_quantiles)
 
 
 def _amax(ctx, param, value):

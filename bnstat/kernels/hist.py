@@ -17,6 +17,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from bnstat.kernels._jit import JIT, PARALLEL_JIT, entry
+from bnstat.kernels.moments import _task_bounds
 
 SIGN = np.uint64(1 << 63)
 
@@ -51,16 +52,6 @@ def _ukey_ol(x, p, a, u, b):
     if isinstance(dt, types.Integer) and dt.signed:
         return lambda x, p, a, u, b: np.uint64(np.int64(x[p, a, u, b])) ^ SIGN
     return lambda x, p, a, u, b: np.uint64(x[p, a, u, b])
-
-
-@njit(**JIT)
-def _task_range(t, P, A, U, sa, su):
-    per_p = sa * su
-    p = t // per_p
-    r = t - p * per_p
-    ia = r // su
-    iu = r - ia * su
-    return p, ia, (A * ia) // sa, (A * (ia + 1)) // sa, (U * iu) // su, (U * (iu + 1)) // su
 
 
 @njit(**JIT)
@@ -128,7 +119,7 @@ def _hist4(x, sa, su, absval, lo, hi, inv, edges, counts, under, over, nanc, inf
     """
     P, A, U, B = x.shape
     for t in prange(P * sa * su):
-        p, ia, a0, a1, u0, u1 = _task_range(t, P, A, U, sa, su)
+        p, ia, a0, a1, u0, u1 = _task_bounds(t, A, U, sa, su)
         buf = np.empty(B, np.int64)
         _hist_task(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, edges, counts, under, over, nanc, infc,
                    zeroc, buf)
@@ -206,7 +197,7 @@ def _select4(x, su, nslot, slo, shi, sshift, sbase, scollect, pos, counts, keys)
     P, A, U, B = x.shape
     x3 = x.reshape((P, A, U * B))
     for t in prange(P * su):
-        p, ia, a0, a1, u0, u1 = _task_range(t, P, A, U, 1, su)
+        p, ia, a0, a1, u0, u1 = _task_bounds(t, A, U, 1, su)
         kbuf = np.empty((u1 - u0) * B, np.uint64)
         _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, counts, keys, kbuf)
 
