@@ -34,7 +34,7 @@ def command(stats_files, fmt, output, force, quiet):
 
     if kind_of_files(stats_files) == "histogram":  # histogram files (bnstat hist): counts added
         from bnstat.histogram import load_hist, merge_hists
-        from bnstat.render_hist import emit as emit_hist
+        from bnstat.render.hist import emit as emit_hist
 
         merged = merge_files(stats_files, load=load_hist, merge=merge_hists)
         emit_hist(merged, fmt, output, force=force, inputs=stats_files)

@@ -57,7 +57,7 @@ def command(inputs, batch_size, framework, momentum, cumulative, epochs, drop_la
       bnstat running acts.npy -b 64 --from-model model.npz --bn features.1 -o run.npz
       bnstat running shards/*.h5 -d acts --layout NCHW -b 64 --scheduler local:2
     """
-    from bnstat import train_render as tr
+    from bnstat.render import training as tr
     from bnstat.commands._output import check_target
     from bnstat.render import progress
     from bnstat.running_stats import running
