@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from test_dask import truncated_shards
 
 distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
 
@@ -142,16 +143,8 @@ def test_cli_local_cluster_matches_local_run(tmp_path, rng):
 
 @pytest.mark.slow
 def test_truncated_shard_fails_the_run_with_its_name(cluster, tmp_path, rng):
-    import h5py
-
-    x = rng.standard_normal((40, 4, 6)).astype(np.float32)
-    for i in range(3):
-        with h5py.File(tmp_path / f"s{i}.h5", "w") as f:
-            f.create_dataset("acts", data=x, chunks=(4, 4, 6))
-    bad = tmp_path / "s1.h5"
-    bad.write_bytes(bad.read_bytes()[:-2000])  # chunk data cut off: opening works, reading fails
     out = tmp_path / "out.json"
-    code, _, err = _cli("running", *(tmp_path / f"s{i}.h5" for i in range(3)), "--layout", "NCL",
+    code, _, err = _cli("running", *truncated_shards(tmp_path, rng), "--layout", "NCL",
                         "-b", "8", "--scheduler", cluster.scheduler_address, "-o", out)
     assert code == 1, err
     assert err.startswith("bnstat: error: ") and "s1.h5" in err and "Traceback" not in err
