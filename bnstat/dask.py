@@ -15,6 +15,8 @@ Two ways in, one arithmetic (the kernels and the exact merges of bnstat.stats):
   depend on the number of workers. A lost worker's tasks are run again by
   Dask (futures are recomputed); a task that fails on bad data fails the run
   with bnstat's message.
+- ``bnstat running --scheduler``: the per-batch moments, tasks of whole batches
+  (bnstat.dask_batches), run through ``run_tasks`` like the above.
 - ``moments(x, ...)`` for a ``dask.array.Array`` or an ``xarray.DataArray``:
   one fused pass per block (count, mean, m2, min, max, NaN count together),
   the partials of blocks along reduced axes merged in a fixed tree, those
