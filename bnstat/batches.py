@@ -77,12 +77,13 @@ def _stacked_plan(plan: Plan) -> Plan:
 class _Collector:
     """Batches of B samples from chunks arriving in order (any boundaries)."""
 
-    def __init__(self, plan: Plan, batch_size: int, threads: int, engine: str):
+    def __init__(self, plan: Plan, batch_size: int, threads: int, engine: str, start: int = 0):
         self.plan, self.B, self.threads, self.engine = plan, batch_size, threads, engine
         self.stacked = _stacked_plan(plan)
         self.parts: list[Moments] = []  # each (k, C)
         self.pending: Moments | None = None
-        self.pending_rows = 0
+        # start: rows of the first batch read before this stream (by another Dask task)
+        self.pending_rows = self.start = start
         self.sizes: list[int] = []
 
     def _moments(self, x: np.ndarray, plan: Plan) -> Moments:
@@ -92,16 +93,19 @@ class _Collector:
         self.parts.append(m.map(lambda a: a.reshape(1, -1)))
         self.sizes.append(rows)
 
+    def _take(self, m: Moments, rows: int) -> None:
+        """A piece of ``rows`` rows continuing the pending batch (or starting one)."""
+        self.pending = m if self.pending is None else self.pending.merge(m)
+        self.pending_rows += rows
+        if self.pending_rows == self.B:
+            self._emit(self.pending, self.B - self.start)
+            self.pending, self.pending_rows, self.start = None, 0, 0
+
     def add(self, chunk: np.ndarray) -> None:
         B, r, pos = self.B, chunk.shape[0], 0
-        if self.pending is not None:
-            t = min(B - self.pending_rows, r)
-            self.pending = self.pending.merge(self._moments(chunk[:t], self.plan))
-            self.pending_rows += t
-            pos = t
-            if self.pending_rows == B:
-                self._emit(self.pending, B)
-                self.pending, self.pending_rows = None, 0
+        if self.pending_rows:
+            pos = min(B - self.pending_rows, r)
+            self._take(self._moments(chunk[:pos], self.plan), pos)
         full = (r - pos) // B
         if full:
             x = chunk[pos:pos + full * B].reshape(full, B, *chunk.shape[1:])
@@ -110,12 +114,26 @@ class _Collector:
             self.sizes += [B] * full
             pos += full * B
         if pos < r:
-            self.pending = self._moments(chunk[pos:], self.plan)
-            self.pending_rows = r - pos
+            self._take(self._moments(chunk[pos:], self.plan), r - pos)
+
+    def add_batches(self, bm: BatchMoments) -> None:
+        """The per-batch moments of a later stretch of rows (a Dask task's): its first
+        batch continues the pending one, its last, if short, is pending in turn."""
+        first, last = 0, bm.batches
+        if self.pending is not None:
+            self._take(bm.moments.map(lambda a: a[0]), int(bm.sizes[0]))
+            first = 1
+        if last > first and bm.sizes[-1] < self.B:
+            last -= 1
+        if last > first:
+            self.parts.append(bm.moments.map(lambda a: a[first:last]))
+            self.sizes += [int(n) for n in bm.sizes[first:last]]
+        if last < bm.batches:
+            self._take(bm.moments.map(lambda a: a[last]), int(bm.sizes[last]))
 
     def finish(self) -> BatchMoments:
         if self.pending is not None:
-            self._emit(self.pending, self.pending_rows)
+            self._emit(self.pending, self.pending_rows - self.start)
             self.pending = None
         fields = {k: np.concatenate([getattr(p, k) for p in self.parts]) for k in FIELDS}
         return BatchMoments(Moments(**fields), np.array(self.sizes, np.int64))
@@ -130,19 +148,34 @@ def batch_rows(src: ArraySource, batch_size: int, chunk_size: int) -> int:
     return source_rows(src, chunk_size, multiple_of=batch_size if fits else 1)
 
 
+def check_c_order(src: ArraySource) -> None:
+    """Raises UsageProblem for a Fortran-ordered source (batches are runs of rows)."""
+    if src.fortran:
+        raise UsageProblem(f"{src.where}: a Fortran-ordered array cannot be read in batches "
+                           "along N", "Save it in C order (np.ascontiguousarray).")
+
+
+def collector(plan: Plan, batch_size: int, *, threads: int = 1, engine: str = "numba",
+              start: int = 0) -> _Collector:
+    """Batches of ``batch_size`` rows from chunks (``add``) or from the per-batch moments
+    of consecutive stretches of rows (``add_batches``), in order; ``finish()`` gives the
+    BatchMoments. ``start``: rows of the first batch that came before."""
+    return _Collector(plan, batch_size, threads, engine, start)
+
+
 def batch_moments(sources: list[ArraySource], plan: Plan, batch_size: int, *, chunk_size: int,
                   threads: int = 1, engine: str = "numba",
-                  progress: Callable[[int], None] | None = None) -> BatchMoments:
+                  progress: Callable[[int], None] | None = None, start: int = 0) -> BatchMoments:
     """Per-batch moments of the sources of one array, in order, in one pass.
 
-    Every source must be C-ordered with N first (``batch_plan``); raises
-    UsageProblem for a Fortran-ordered one.
+    ``start``: rows of the first batch read before (a Dask task's slab; its first
+    batch then holds only the rows that complete it). Every source must be
+    C-ordered with N first (``batch_plan``); raises UsageProblem for a
+    Fortran-ordered one.
     """
-    collect = _Collector(plan, batch_size, threads, engine)
+    collect = _Collector(plan, batch_size, threads, engine, start)
     for src in sources:
-        if src.fortran:
-            raise UsageProblem(f"{src.where}: a Fortran-ordered array cannot be read in batches "
-                               "along N", "Save it in C order (np.ascontiguousarray).")
+        check_c_order(src)
         # as in stream.source_moments: a reader with its own thread gets a core
         spare = engine == "numba" and threads > 1 and src.double_buffered
         if spare:

@@ -15,6 +15,8 @@ Two ways in, one arithmetic (the kernels and the exact merges of bnstat.stats):
   depend on the number of workers. A lost worker's tasks are run again by
   Dask (futures are recomputed); a task that fails on bad data fails the run
   with bnstat's message.
+- ``bnstat running --scheduler``: the per-batch moments, tasks of whole batches
+  (bnstat.dask_batches), run through ``run_tasks`` like the above.
 - ``moments(x, ...)`` for a ``dask.array.Array`` or an ``xarray.DataArray``:
   one fused pass per block (count, mean, m2, min, max, NaN count together),
   the partials of blocks along reduced axes merged in a fixed tree, those
@@ -35,7 +37,7 @@ import numpy as np
 
 from bnstat.errors import BnstatError, UsageProblem
 
-__all__ = ["moments", "compute_stats_distributed", "connect", "tree_merge"]
+__all__ = ["moments", "compute_stats_distributed", "connect", "run_tasks", "tree_merge"]
 
 EXTRA = "Install the dask extra: pip install 'bnstat[dask]'"
 CONNECT_TIMEOUT = 5  # seconds before an unreachable scheduler is an error
@@ -148,18 +150,30 @@ def plan_tasks(groups, plans, chunk_size: int) -> list[Task]:
 def run_task(task: Task, plan, *, higher: bool, threads: int, engine: str, check_crc: bool,
              chunk_size: int):
     """In a worker: the Moments of one task's slab. Raises BnstatError naming the file."""
-    from bnstat.io import MemorySource, open_path
-    from bnstat.io.slabs import exact_pattern, read_rows, select
     from bnstat.stream import set_threads, source_moments
 
-    try:
-        src = select(open_path(task.path, [exact_pattern(task.name)], check_crc=check_crc), task.name)
-        if task.rows is not None:
-            src = MemorySource(read_rows(src, *task.rows), task.name)
+    with task_errors(task):
+        src = open_task(task, check_crc)
         if engine == "numba":
             set_threads(threads)
         return source_moments(src, plan, chunk_size=chunk_size, higher=higher, threads=threads,
                               engine=engine)
+
+
+def open_task(task: Task, check_crc: bool):
+    """In a worker: the source of one task (its slab in memory, or the whole array)."""
+    from bnstat.io import MemorySource, open_path
+    from bnstat.io.slabs import exact_pattern, read_rows, select
+
+    src = select(open_path(task.path, [exact_pattern(task.name)], check_crc=check_crc), task.name)
+    return src if task.rows is None else MemorySource(read_rows(src, *task.rows), task.name)
+
+
+@contextmanager
+def task_errors(task: Task):
+    """A task's BnstatError names the file as the user gave it."""
+    try:
+        yield
     except BnstatError as exc:
         if task.path != task.shown:
             exc.message = exc.message.replace(task.path, task.shown)
@@ -198,14 +212,10 @@ def compute_stats_distributed(address: str, sources, *, layout=None, channel_axi
     tasks = plan_tasks(array_groups, plans, chunk_size)
     source_plan = {(g, s.path, s.name): p for g, (grp, ps) in enumerate(zip(array_groups, plans))
                    for s, p in zip(grp.sources, ps)}
-    with connect(address) as client:
-        if engine == "numba":
-            client.run(_warm, sorted({np.dtype(s.dtype).newbyteorder("=").str for s in sources}))
-        futures = [client.submit(run_task, t, source_plan[(t.group, t.shown, t.name)],
-                                 higher=higher, threads=threads, engine=engine, check_crc=check_crc,
-                                 chunk_size=chunk_size, pure=False, key=f"bnstat-task-{t.index}")
-                   for t in tasks]
-        results = _gather(client, futures, tasks, progress)
+    kwargs = dict(higher=higher, threads=threads, engine=engine, check_crc=check_crc,
+                  chunk_size=chunk_size)
+    results = run_tasks(address, tasks, run_task, lambda t: (source_plan[(t.group, t.shown, t.name)],),
+                        kwargs, sources=sources, warm=engine == "numba", progress=progress)
     out = {}
     for gi, (group, gplans) in enumerate(zip(array_groups, plans)):
         parts = []
@@ -220,6 +230,19 @@ def compute_stats_distributed(address: str, sources, *, layout=None, channel_axi
                                assumed_layout=plan.assumed, nan_policy=nan_policy))
         out[group.name] = finish_group(tree_merge(parts), nan_policy)
     return out
+
+
+def run_tasks(address: str, tasks: list[Task], fn, args, kwargs: dict, *, sources, warm: bool,
+              progress) -> dict:
+    """``fn(task, *args(task), **kwargs)`` of every task on the cluster at ``address``
+    (the workers warmed first for the dtypes of ``sources`` when ``warm``), results by
+    task index. Raises the first failed task's error."""
+    with connect(address) as client:
+        if warm:
+            client.run(_warm, sorted({np.dtype(s.dtype).newbyteorder("=").str for s in sources}))
+        futures = [client.submit(fn, t, *args(t), pure=False, key=f"bnstat-task-{t.index}", **kwargs)
+                   for t in tasks]
+        return _gather(client, futures, tasks, progress)
 
 
 def _gather(client, futures, tasks, progress) -> dict:

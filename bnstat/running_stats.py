@@ -155,8 +155,11 @@ def check_options(framework: str, momentum, cumulative: bool, epochs: int, batch
 
 def collect_batches(source, batch_size: int, *, drop_last=False, layout=None, channel_axis=None,
                     dataset=None, chunk_size=None, threads=None, engine=None, progress=None,
-                    check_crc=True):
+                    check_crc=True, scheduler=None):
     """[(name, plan, group sources, BatchMoments of all batches, batches used)] per array.
+
+    ``scheduler``: a Dask address (``--scheduler``): the batches are computed there
+    (``bnstat.dask_batches``; ``threads`` is then the kernel threads per task).
 
     Raises UsageProblem when B exceeds the samples (N) of an array.
     """
@@ -185,12 +188,21 @@ def collect_batches(source, batch_size: int, *, drop_last=False, layout=None, ch
 
         warn(f"no --layout given: assuming the PyTorch layout (channel axis 1) for {', '.join(assumed)}")
     engine = pick_engine(sum(s.nbytes for s in sources), engine)
-    zlibx.set_threads(threads)
-    n_threads = set_threads(threads) if engine == "numba" else 1
+    if scheduler is None:
+        zlibx.set_threads(threads)
+        n_threads = set_threads(threads) if engine == "numba" else 1
+    chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
+    if scheduler is not None:
+        from bnstat.dask_batches import batch_moments_distributed
+
+        bms = batch_moments_distributed(scheduler, groups, plans, batch_size, chunk_size=chunk_size,
+                                        threads=threads, engine=engine, progress=progress,
+                                        check_crc=check_crc)
+    else:
+        bms = [batch_moments(g.sources, plan, batch_size, chunk_size=chunk_size, threads=n_threads,
+                             engine=engine, progress=progress) for g, plan in zip(groups, plans)]
     out = []
-    for g, plan in zip(groups, plans):
-        bm = batch_moments(g.sources, plan, batch_size, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
-                           threads=n_threads, engine=engine, progress=progress)
+    for g, plan, bm in zip(groups, plans, bms):
         nan = np.flatnonzero(bm.moments.nan_count.sum(axis=1))
         if nan.size:
             raise DataError(f"{g.name}: NaN values in batch {int(nan[0])}; the framework's running "
@@ -214,13 +226,14 @@ def population_stats(name: str, plan, sources, bm: BatchMoments) -> Stats:
 def running(source, *, batch_size, framework="pytorch", momentum=None, cumulative=False, epochs=1,
             drop_last=False, from_model=None, bn=None, layout=None, channel_axis=None, dataset=None,
             chunk_size=None, threads=None, engine=None, progress=None,
-            check_crc=True) -> dict[str, RunningResult]:
+            check_crc=True, scheduler=None) -> dict[str, RunningResult]:
     """Running mean/var of a BN trained on ``source`` in batches of ``batch_size`` along N.
 
     ``source``: a path, a list of paths (one data set, batches spanning files), a numpy
     array or a dict of arrays. ``momentum`` None: the framework's default (or, with
     ``cumulative=True``, PyTorch's momentum=None). ``from_model`` + ``bn``: start from that
-    BN's running statistics (and num_batches_tracked). Returns ``{name: RunningResult}``.
+    BN's running statistics (and num_batches_tracked). ``scheduler``: run the pass on a Dask
+    cluster (``tcp://HOST:PORT``, ``local``, ``local:N``). Returns ``{name: RunningResult}``.
     Raises UsageProblem (options, B > N, layout) and DataError (NaN, a batch of one value
     under an unbiased convention, a BN of another channel count).
     """
@@ -232,7 +245,7 @@ def running(source, *, batch_size, framework="pytorch", momentum=None, cumulativ
     for name, plan, srcs, bm, used in collect_batches(
             source, int(batch_size), drop_last=drop_last, layout=layout, channel_axis=channel_axis,
             dataset=dataset, chunk_size=chunk_size, threads=threads, engine=engine,
-            progress=progress, check_crc=check_crc):
+            progress=progress, check_crc=check_crc, scheduler=scheduler):
         stats = population_stats(name, plan, srcs, bm)
         seen = bm.take(used)
         variances = batch_variance(seen, conv.unbiased, name, framework)

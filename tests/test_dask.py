@@ -137,8 +137,9 @@ def test_a_killed_worker_changes_nothing(tmp_path, rng):
         _close(got[name], want[name], name)
 
 
-@pytest.mark.slow
-def test_truncated_shard_fails_the_run_with_its_name(cluster, tmp_path, rng):
+def truncated_shards(tmp_path, rng) -> list:
+    """Three HDF5 shards of "acts" (40, 4, 6), the second cut short: it opens, its chunk
+    data cannot be read."""
     import h5py
 
     x = rng.standard_normal((40, 4, 6)).astype(np.float32)
@@ -147,9 +148,14 @@ def test_truncated_shard_fails_the_run_with_its_name(cluster, tmp_path, rng):
             f.create_dataset("acts", data=x, chunks=(4, 4, 6))
     bad = tmp_path / "s1.h5"
     data = bad.read_bytes()
-    bad.write_bytes(data[: len(data) - 2000])  # chunk data cut off: opening works, reading fails
+    bad.write_bytes(data[: len(data) - 2000])
+    return [tmp_path / f"s{i}.h5" for i in range(3)]
+
+
+@pytest.mark.slow
+def test_truncated_shard_fails_the_run_with_its_name(cluster, tmp_path, rng):
     out = tmp_path / "out.json"
-    code, stdout, err = _cli("moments", *(tmp_path / f"s{i}.h5" for i in range(3)), "--layout",
+    code, stdout, err = _cli("moments", *truncated_shards(tmp_path, rng), "--layout",
                              "NCL", "--scheduler", cluster.scheduler_address, "-o", out)
     assert code == 1, err
     assert "s1.h5" in err and "Traceback" not in err

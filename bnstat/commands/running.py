@@ -31,13 +31,14 @@ FRAMEWORK_CHOICES = ("pytorch", "keras", "tf-fused", "mxnet")
 @options.dataset_option
 @options.skip_crc_option
 @options.format_option
+@options.scheduler_option
 @click.option("--top", type=click.IntRange(min=1), default=None, metavar="N",
               help="Show N channels per array (default: all up to 32, else the 20 largest mean gaps).")
 @click.option("--all", "show_all", is_flag=True, help="Show every channel.")
 @options.common_options
 @options.compute_options
 def command(inputs, batch_size, framework, momentum, cumulative, epochs, drop_last, from_model,
-            bn_name, layout, channel_axis, norm, groups, reduce, datasets, skip_crc, fmt, top,
+            bn_name, layout, channel_axis, norm, groups, reduce, datasets, skip_crc, fmt, scheduler, top,
             show_all, output, force, quiet, threads, chunk_size):
     """Per channel, the running mean and variance FRAMEWORK's BatchNorm would hold
     after E epochs of batches of B samples, beside the exact population mean and
@@ -54,6 +55,7 @@ def command(inputs, batch_size, framework, momentum, cumulative, epochs, drop_la
       bnstat running acts.npy -b 64 --framework keras --epochs 3
       bnstat running acts.npy -b 64 --cumulative --format csv
       bnstat running acts.npy -b 64 --from-model model.npz --bn features.1 -o run.npz
+      bnstat running shards/*.h5 -d acts --layout NCHW -b 64 --scheduler local:2
     """
     from bnstat.render import training as tr
     from bnstat.commands._output import check_target
@@ -76,7 +78,7 @@ def command(inputs, batch_size, framework, momentum, cumulative, epochs, drop_la
                           cumulative=cumulative, epochs=epochs, drop_last=drop_last,
                           from_model=from_model, bn=bn_name, layout=layout, channel_axis=channel_axis,
                           dataset=datasets, chunk_size=chunk_size, threads=threads, progress=advance,
-                          check_crc=not skip_crc)
+                          check_crc=not skip_crc, scheduler=scheduler)
     tr.write_report(fmt, output, force=force, inputs=list(inputs) + ([from_model] if from_model else []),
                     to_json=lambda: tr.running_json(results),
                     to_csv=lambda fh: tr.running_csv(results, fh),
