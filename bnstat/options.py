@@ -97,9 +97,11 @@ debug_option = click.option(
     "--debug", is_flag=True, expose_value=False, is_eager=True, callback=_debug_callback,
     help="Show the Python traceback of an error.")
 
-output_option = click.option(
-    "-o", "--output", type=str, default=None, metavar="PATH",
-    help="Write the result to PATH ('-' is standard output).")
+def _output_option(help_text: str):
+    return click.option("-o", "--output", type=str, default=None, metavar="PATH", help=help_text)
+
+
+output_option = _output_option("Write the result to PATH ('-' is standard output).")
 force_option = click.option("--force", is_flag=True, help="Replace an existing output file.")
 quiet_option = click.option(
     "-q", "--quiet", is_flag=True, callback=_quiet_callback,
@@ -119,11 +121,17 @@ scheduler_option = click.option(
          "(a local cluster of N worker processes). Needs the dask extra.")
 
 
-def common_options(func):
-    """-o, --force, --quiet, --debug (every command)."""
-    for deco in reversed((output_option, force_option, quiet_option, debug_option)):
+def common_options(func, output=None):
+    """-o, --force, --quiet, --debug (every command); ``output``: another -o option."""
+    for deco in reversed((output or output_option, force_option, quiet_option, debug_option)):
         func = deco(func)
     return func
+
+
+def model_output_options(func):
+    """common_options for a command whose -o is a model file (fold): no standard output."""
+    return common_options(func, output=_output_option(
+        "Write the folded model to PATH (a file: standard output carries the plan)."))
 
 
 def compute_options(func):
