@@ -30,3 +30,34 @@ def test_fold_o_dash_is_refused(tmp_path):
     src = tmp_path / "m.npz"
     np.savez(src, **{"c.weight": rng.normal(size=(4, 3, 1, 1)).astype(np.float32)})
     assert_fails(run_inproc("fold", src, "-o", "-"), 2, r"-o -: fold writes a model file")
+
+
+@pytest.fixture
+def acts(tmp_path):
+    """a.npy (8, 4) and b.npy (8, 5): 4 and 5 channels, random normal."""
+    rng = np.random.default_rng(3)
+    np.save(tmp_path / "a.npy", rng.normal(size=(8, 4)).astype(np.float32))
+    np.save(tmp_path / "b.npy", rng.normal(size=(8, 5)).astype(np.float32))
+    return tmp_path
+
+
+@pytest.mark.parametrize("command", ["moments", "hist"])
+def test_one_more_unit_is_singular(acts, command):
+    rc, out, err = run_inproc(command, acts / "a.npy", "--top", "3")
+    assert rc == 0, err
+    _clean(err)
+    assert "1 more unit not shown" in out and "1 more units" not in out
+    rc, out, err = run_inproc(command, acts / "b.npy", "--top", "3")
+    assert rc == 0, err
+    assert "2 more units not shown" in out
+
+
+def test_diff_says_unit_in_the_singular(acts):
+    rc, out, err = run_inproc("moments", acts / "a.npy", "-o", acts / "sa.npz")
+    assert rc == 0, err
+    (acts / "other").mkdir()
+    np.save(acts / "other" / "a.npy", np.load(acts / "a.npy") + 1)
+    rc, out, err = run_inproc("diff", acts / "sa.npz", acts / "other" / "a.npy", "--top", "3")
+    assert rc == 0, err
+    _clean(err)
+    assert "1 more unit not shown" in out and "1 more units" not in out
