@@ -234,11 +234,17 @@ def table_options(func):
 
 
 def format_for(fmt: str | None, output: str | None) -> str:
-    """The output format: --format, else the extension of -o, else table."""
+    """The output format: --format, else the extension of -o, else table.
+
+    A --format that contradicts the extension (``-o st.json --format csv``) is a usage error.
+    """
+    ext = output.rsplit(".", 1)[-1].lower() if output and "." in output else ""
     if fmt:
+        if ext in ("json", "csv", "npz") and ext != fmt:
+            raise click.UsageError(f"-o {output} --format {fmt}: the extension .{ext} says {ext}; "
+                                   f"drop --format, or name the file .{'txt' if fmt == 'table' else fmt}")
         return fmt
     if output and output != "-":
-        ext = output.rsplit(".", 1)[-1].lower() if "." in output else ""
         from bnstat.io.atomic import is_special
 
         if not ext and is_special(output):  # -o /dev/null, a FIFO: as standard output

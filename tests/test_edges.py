@@ -61,3 +61,27 @@ def test_diff_says_unit_in_the_singular(acts):
     assert rc == 0, err
     _clean(err)
     assert "1 more unit not shown" in out and "1 more units" not in out
+
+
+@pytest.mark.parametrize("command", ["moments", "show"])
+@pytest.mark.parametrize("name,fmt", [("st.json", "csv"), ("st.csv", "json"), ("st.npz", "table"),
+                                      ("st.json", "npz")])
+def test_format_contradicting_the_extension_is_a_usage_error(acts, command, name, fmt):
+    src = acts / "a.npy"
+    if command == "show":
+        assert run_inproc("moments", src, "-o", acts / "in.npz")[0] == 0
+        src = acts / "in.npz"
+    assert_fails(run_inproc(command, src, "-o", acts / name, "--format", fmt), 2,
+                 rf"-o \S*{name} --format {fmt}: the extension \.{name[3:]} says {name[3:]}")
+    assert not (acts / name).exists()
+
+
+def test_format_agreeing_with_the_extension_or_none(acts):
+    rc, out, err = run_inproc("moments", acts / "a.npy", "-o", acts / "st.json", "--format", "json")
+    assert rc == 0, err
+    import json
+
+    assert json.loads((acts / "st.json").read_text())["arrays"][0]["name"] == "a"
+    rc, out, err = run_inproc("moments", acts / "a.npy", "-o", acts / "st.txt", "--format", "csv")
+    assert rc == 0, err  # .txt names no machine format: --format decides
+    assert (acts / "st.txt").read_text().startswith("name,unit,")
