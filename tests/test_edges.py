@@ -85,3 +85,35 @@ def test_format_agreeing_with_the_extension_or_none(acts):
     rc, out, err = run_inproc("moments", acts / "a.npy", "-o", acts / "st.txt", "--format", "csv")
     assert rc == 0, err  # .txt names no machine format: --format decides
     assert (acts / "st.txt").read_text().startswith("name,unit,")
+
+
+@pytest.fixture
+def layers(tmp_path):
+    rng = np.random.default_rng(5)
+    np.savez(tmp_path / "l.npz", conv1=rng.normal(size=(4, 3, 2, 2)), fc=rng.normal(size=(4, 6)))
+    return tmp_path / "l.npz"
+
+
+@pytest.mark.parametrize("command", ["moments", "hist", "info"])
+def test_a_pattern_matching_nothing_warns_naming_it(layers, command):
+    rc, out, err = run_inproc(command, layers, "-d", "conv*", "-d", "fcc")
+    assert rc == 0, err
+    _clean(err)
+    assert "warning: -d/dataset= fcc: matches no array of" in err and str(layers) in err
+    assert "conv*" not in err  # the pattern that matched is not named
+    assert "conv1" in out
+
+
+def test_patterns_that_all_match_do_not_warn_and_none_matching_fails(layers):
+    rc, out, err = run_inproc("moments", layers, "-d", "conv*", "-d", "fc")
+    assert rc == 0 and "matches no array" not in err, err
+    assert_fails(run_inproc("moments", layers, "-d", "x", "-d", "y"), 1, r"no array matches -d/dataset= x -d y")
+
+
+def test_the_api_warns_too(layers):
+    import bnstat
+    from bnstat.errors import BnstatWarning
+
+    with pytest.warns(BnstatWarning, match=r"-d/dataset= nothing: matches no array"):
+        result = bnstat.moments(str(layers), dataset=["fc", "nothing"], layout="NC")
+    assert list(result) == ["fc"]

@@ -101,7 +101,18 @@ def open_sources(paths, patterns=(), *, check: bool = True, check_crc: bool = Tr
             raise InputError(f"{where}: no array matches -d/dataset= {' -d '.join(patterns)}",
                              "List the arrays with: bnstat info " + " ".join(paths))
         raise InputError(f"{where}: no numeric array of 2 or more dimensions found")
+    _warn_unmatched(paths, patterns, sources)
     return sources
+
+
+def _warn_unmatched(paths, patterns, sources) -> None:
+    """Warn of each -d pattern that matches no array of ``paths`` when others do (a typo)."""
+    for pattern in dict.fromkeys(patterns):
+        if not any(fnmatch.fnmatchcase(s.name, pattern) for s in sources):
+            from bnstat.errors import warn
+
+            warn(f"-d/dataset= {pattern}: matches no array of {', '.join(paths)} "
+                 "(the other patterns do); list the arrays with: bnstat info " + " ".join(paths))
 
 
 _SOURCE_KINDS = "a path, a list of paths, a numpy array, a dict of arrays or an object with __array__"
