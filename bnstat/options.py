@@ -219,6 +219,11 @@ format_option = click.option(
     help="Output format (default: table; with -o FILE, from its extension).")
 
 
+allow_duplicates_option = click.option(
+    "--allow-duplicates", is_flag=True,
+    help="Accept the same input twice (its counts then double); refused by default.")
+
+
 def table_options(func):
     decos = (
         click.option("--sort", type=click.Choice(["unit", "mean", "var", "std", "min", "max",

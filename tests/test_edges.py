@@ -3,6 +3,8 @@ its warning, error or grammar (README.md "Output formats", "Exit codes")."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from conftest import run_inproc
@@ -117,3 +119,62 @@ def test_the_api_warns_too(layers):
     with pytest.warns(BnstatWarning, match=r"-d/dataset= nothing: matches no array"):
         result = bnstat.moments(str(layers), dataset=["fc", "nothing"], layout="NC")
     assert list(result) == ["fc"]
+
+
+def test_moments_refuses_the_same_file_twice(acts):
+    a = acts / "a.npy"
+    assert_fails(run_inproc("moments", a, a), 1,
+                 r"a\.npy and \S*a\.npy: the same file twice; its counts would double(.|\n)*--allow-duplicates")
+    (acts / "link.npy").symlink_to(a)  # same device and inode under another name
+    assert_fails(run_inproc("moments", a, acts / "link.npy", "--format", "json"), 1, r"link\.npy: the same file twice")
+    import json
+
+    rc, out, err = run_inproc("moments", a, a, "--allow-duplicates", "--format", "json")
+    assert rc == 0, err
+    rec = json.loads(out)["arrays"][0]
+    x = np.load(a).astype(np.float64)
+    assert rec["count"] == [16] * 4  # counted twice, as asked
+    np.testing.assert_allclose(rec["mean"], x.mean(axis=0), rtol=1e-12)
+    rc, out, err = run_inproc("moments", a, acts / "b.npy", "--per-file", "--format", "json")
+    assert rc == 0, err  # two different files: no question asked
+
+
+def test_merge_refuses_one_file_twice_and_files_of_the_same_sources(acts):
+    a = acts / "a.npy"
+    for out in ("s1.npz", "s2.npz"):
+        assert run_inproc("moments", a, "-o", acts / out, "-q")[0] == 0
+    s1, s2 = acts / "s1.npz", acts / "s2.npz"
+    assert_fails(run_inproc("merge", s1, s1, "--format", "json"), 1, r"s1\.npz and \S*s1\.npz: the same file twice")
+    assert_fails(run_inproc("merge", s1, s2, "-o", acts / "m.npz"), 1,
+                 r"s1\.npz and \S*s2\.npz: a comes from the same sources \(\S*a\.npy\) in both; merged, "
+                 r"its counts would double(.|\n)*--allow-duplicates")
+    assert not (acts / "m.npz").exists()
+    import json
+
+    rc, out, err = run_inproc("merge", s1, s2, "--format", "json", "--allow-duplicates")
+    assert rc == 0, err
+    assert json.loads(out)["arrays"][0]["count"] == [16] * 4
+
+
+def test_merge_of_higher_and_plain_warns_that_skew_and_kurtosis_are_dropped(acts):
+    import json
+
+    a = acts / "a.npy"
+    (acts / "p2").mkdir()
+    np.save(acts / "p2" / "a.npy", np.load(a) * 2 + 1)
+    assert run_inproc("moments", a, "--higher", "-o", acts / "h.npz", "-q")[0] == 0
+    assert run_inproc("moments", acts / "p2" / "a.npy", "-o", acts / "p.npz", "-q")[0] == 0
+    rc, out, err = run_inproc("merge", acts / "h.npz", acts / "p.npz", "--format", "json")
+    assert rc == 0, err
+    _clean(err)
+    assert re.search(r"warning: a: \S*p\.npz computed without --higher; the merged statistics drop "
+                     r"skew and kurtosis", err), err
+    rec = json.loads(out)["arrays"][0]
+    assert "skew" not in rec and "kurtosis" not in rec
+    both = np.concatenate([np.load(a), np.load(acts / "p2" / "a.npy")]).astype(np.float64)
+    np.testing.assert_allclose(rec["var"], both.var(axis=0), rtol=1e-12)
+    assert run_inproc("moments", acts / "p2" / "a.npy", "--higher", "-o", acts / "p.npz", "-q",
+                      "--force")[0] == 0
+    rc, out, err = run_inproc("merge", acts / "h.npz", acts / "p.npz", "--format", "json")
+    assert rc == 0 and "without --higher" not in err, err
+    assert "skew" in json.loads(out)["arrays"][0]

@@ -105,6 +105,33 @@ def open_sources(paths, patterns=(), *, check: bool = True, check_crc: bool = Tr
     return sources
 
 
+def same_file_twice(paths) -> tuple[str, str] | None:
+    """The first two of ``paths`` naming one file (same device and inode), else None."""
+    import os
+
+    seen = {}
+    for path in paths:
+        if path == "-":
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue  # the reader reports it
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            return seen[key], path
+        seen[key] = path
+    return None
+
+
+def refuse_same_file_twice(paths, allow: bool) -> None:
+    """InputError when a file is given twice (its counts would double), unless ``allow``."""
+    pair = None if allow else same_file_twice(paths)
+    if pair:
+        raise InputError(f"{pair[0]} and {pair[1]}: the same file twice; its counts would double",
+                         "Give each file once, or --allow-duplicates to count it twice.")
+
+
 def _warn_unmatched(paths, patterns, sources) -> None:
     """Warn of each -d pattern that matches no array of ``paths`` when others do (a typo)."""
     for pattern in dict.fromkeys(patterns):
