@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import csv
-import json
 
 import numpy as np
 
 from bnstat._version import __version__
 from bnstat.histogram import Histogram, fmt_range
 from bnstat.render.console import emit_rich
-from bnstat.render.records import _floats, _ints, stats_record
+from bnstat.render.records import _floats, _ints, dumps, stats_record
 from bnstat.render.tables import flags, fmt_num, not_shown, select_rows, unit_label
 
 BLOCKS = " ▁▂▃▄▅▆▇█"
@@ -58,7 +57,7 @@ def hist_record(h: Histogram) -> dict:
 
 
 def to_json(hists: dict[str, Histogram]) -> str:
-    return json.dumps({"bnstat": __version__, "arrays": [hist_record(h) for h in hists.values()]}) + "\n"
+    return dumps({"bnstat": __version__, "arrays": [hist_record(h) for h in hists.values()]})
 
 
 def write_csv(hists: dict[str, Histogram], fh) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 
 from bnstat._version import __version__
 from bnstat.render import emit_rich
+from bnstat.render.records import dumps
 from bnstat.render.tables import fmt_num, not_shown
 
 SMALL_TABLE = 32
@@ -25,7 +26,7 @@ def _floats(a) -> list:
 
 
 def _dump(doc: dict) -> str:
-    return json.dumps(doc) + "\n"
+    return dumps(doc)
 
 
 def _rows(n: int, key: np.ndarray | None, top: int | None, show_all: bool) -> tuple[np.ndarray, int]:

@@ -178,3 +178,68 @@ def test_merge_of_higher_and_plain_warns_that_skew_and_kurtosis_are_dropped(acts
     rc, out, err = run_inproc("merge", acts / "h.npz", acts / "p.npz", "--format", "json")
     assert rc == 0 and "without --higher" not in err, err
     assert "skew" in json.loads(out)["arrays"][0]
+
+
+# ---- standard JSON: never NaN / Infinity (README "Output formats") ---------------------------
+
+def _strict_json(text):
+    import json
+
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON token {c}"))
+
+
+@pytest.fixture
+def bad(tmp_path):
+    """x.npy (8, 4) float64: channel 1 holds +inf and -inf, channel 2 one NaN, channel 3 only NaN;
+    a model m.npz whose BN "norm" follows conv "conv"."""
+    from helpers import torch_bn
+
+    x = np.random.default_rng(8).normal(size=(8, 4))
+    x[0, 1], x[3, 1], x[2, 2] = np.inf, -np.inf, np.nan
+    x[:, 3] = np.nan
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", np.where(np.isnan(x), 0.0, x))  # inf only (running refuses NaN)
+    rng = np.random.default_rng(9)
+    np.savez(tmp_path / "m.npz", **{"conv.weight": rng.normal(size=(4, 3, 1, 1)).astype(np.float32),
+                                    **torch_bn(rng, "norm", 4)})
+    return tmp_path
+
+
+def test_moments_json_writes_null_for_non_finite_values_with_the_counts(bad):
+    rc, out, err = run_inproc("moments", bad / "x.npy", "--layout", "NC", "--format", "json", "-q",
+                              "--higher")
+    assert rc == 0, err
+    rec = _strict_json(out)["arrays"][0]
+    x = np.load(bad / "x.npy")
+    assert rec["nan_count"] == [0, 0, 1, 8] and rec["inf_count"] == [0, 2, 0, 0]
+    assert rec["mean"][0] == pytest.approx(x[:, 0].mean(), rel=1e-12)
+    assert rec["mean"][1] is None and rec["var"][1] is None  # inf - inf: NaN, written null
+    assert rec["mean"][2] == pytest.approx(np.nanmean(x[:, 2]), rel=1e-12)
+    assert rec["mean"][3] is None and rec["min"][3] is None and rec["count"][3] == 0
+    assert rec["max"][1] is None and rec["min"][1] is None  # +inf, -inf: null, inf_count says so
+
+
+@pytest.mark.parametrize("which", ["show", "merge", "hist", "running", "diff", "info", "recalibrate",
+                                   "fold"])
+def test_every_json_writer_is_standard_json(bad, which):
+    x = bad / "x.npy"
+    assert run_inproc("moments", x, "--layout", "NC", "--higher", "-q", "-o", bad / "s.npz")[0] == 0
+    (bad / "p2").mkdir()
+    np.save(bad / "p2" / "x.npy", np.load(x)[::-1] * 2)
+    assert run_inproc("moments", bad / "p2" / "x.npy", "--layout", "NC", "-q", "-o", bad / "s2.npz")[0] == 0
+    args = {"show": ["show", bad / "s.npz"],
+            "merge": ["merge", bad / "s.npz", bad / "s2.npz"],
+            "hist": ["hist", x, "--layout", "NC"],
+            "running": ["running", bad / "y.npy", "--layout", "NC", "-b", "4"],
+            "diff": ["diff", bad / "s.npz", bad / "s2.npz"],
+            "info": ["info", x],
+            "recalibrate": ["recalibrate", bad / "m.npz", bad / "y.npy", "--layout", "NC", "--map", "y=norm",
+                            "--dry-run"],
+            "fold": ["fold", bad / "m.npz", "--dry-run"]}[which]
+    rc, out, err = run_inproc(*args, "--format", "json", "-q")
+    assert rc in (0, 1), err  # diff may report a change
+    _clean(err)
+    doc = _strict_json(out)
+    assert doc
+    if which in ("show", "merge"):
+        assert None in doc["arrays"][0]["mean"]
