@@ -257,12 +257,11 @@ def layout_from_dims(dims) -> str | None:
     return "".join(letters)
 
 
-def _block_moments(block, plan, higher: bool):
+def _block_moments(block, plan, higher: bool, engine: str):
     from bnstat.io import MemorySource
-    from bnstat.stream import pick_engine, source_moments
+    from bnstat.stream import source_moments
 
     block = np.asarray(block)
-    engine = pick_engine(block.nbytes)
     return source_moments(MemorySource(block, "block"), plan, chunk_size=max(1, block.nbytes),
                           higher=higher, threads=1, engine=engine)
 
@@ -322,7 +321,10 @@ def moments(x, *, layout=None, channel_axis=None, norm="batch", groups=None, red
                      groups=groups, reduce=reduce, name=name)
     if plan.groups is not None:  # a block must hold whole groups of channels
         x = x.rechunk({plan.channel_axis: -1})
-    merged = _graph(x, plan, higher)
+    from bnstat.stream import pick_engine
+
+    # the engine by the whole array's size: its blocks (often under 32 MiB each) are many
+    merged = _graph(x, plan, higher, pick_engine(int(x.nbytes)))
     (moments_,) = dask.compute(merged)
     stats = Stats(name=name, moments=moments_, shape=tuple(x.shape), dtype=np.dtype(x.dtype).name,
                   layout=plan.letters, reduce=plan.reduce_letters, unit_axes=plan.unit_axes,
@@ -335,7 +337,7 @@ def moments(x, *, layout=None, channel_axis=None, norm="batch", groups=None, red
     return finish_group(stats, nan)
 
 
-def _graph(x, plan, higher: bool):
+def _graph(x, plan, higher: bool, engine: str):
     """The delayed Moments of ``x``: block partials, merged along reduced axes, joined along kept."""
     import itertools
 
@@ -356,7 +358,7 @@ def _graph(x, plan, higher: bool):
                 index[a] = i
             for a, i in zip(red, ridx):
                 index[a] = i
-            parts.append(part(blocks[tuple(index)], plan, higher))
+            parts.append(part(blocks[tuple(index)], plan, higher, engine))
         grid[kidx] = _delayed_tree(parts, merge)
     # join along the kept axes, last first: unit axis k is the k-th kept axis
     for k in reversed(range(len(keep))):

@@ -64,6 +64,16 @@ class _Slabs(Sequence):
         r0 = self._starts[i]
         return slice(r0, min(self.n, r0 + self.rows))
 
+    def __eq__(self, other) -> bool:  # equal to the list of the same slices
+        if isinstance(other, Sequence) and not isinstance(other, str):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+        return NotImplemented
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"slabs(n={self.n}, rows={self.rows})"
+
 
 def slabs(n: int, rows: int) -> Sequence[slice]:
     """``range(n)`` cut into slices of ``rows`` rows, the last one ragged (a lazy sequence)."""
@@ -71,7 +81,7 @@ def slabs(n: int, rows: int) -> Sequence[slice]:
 
 
 def plan_rows(n: int, row_bytes: int, chunk_size: int, *, multiple_of: int = 1,
-              buffers: int = 1) -> list[slice]:
+              buffers: int = 1) -> Sequence[slice]:
     """The one row planner: ``range(n)`` as slabs of about ``chunk_size`` bytes each.
 
     Every slab but the last holds a multiple of ``multiple_of`` rows (an HDF5

@@ -16,7 +16,9 @@ import pytest
 from test_faults import start, temp_files, wait_until_working
 
 SHAPE = (20_000, 1000)  # 80 MB of float32
-SLOW = ["--layout", "NC", "--chunk-size", "256KiB", "--threads", "1"]
+# 4 KiB chunks: one row each, some 3 s of reading on an idle machine, so the change lands
+# while the file is read (at 256 KiB an idle machine finished before it, exit 0)
+SLOW = ["--layout", "NC", "--chunk-size", "4KiB", "--threads", "1"]
 
 
 def make(folder, kind):

@@ -114,18 +114,19 @@ def test_bit_identical_for_any_worker_count_and_run(cluster, tmp_path, rng):
 
 @pytest.mark.slow
 def test_a_killed_worker_changes_nothing(tmp_path, rng):
-    from distributed import Client, LocalCluster
+    from distributed import LocalCluster
 
     _files(tmp_path, rng)
     paths = [tmp_path / "a.h5"]
     want = bnstat.moments(str(paths[0]), layout="NCHW")
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      scheduler_port=0, silence_logs=50) as c, Client(c) as client:
-        pids = list(client.run(os.getpid).values())
+                      scheduler_port=0, silence_logs=50) as c:
+        pids = [nanny.pid for nanny in c.workers.values()]  # the worker processes
+        assert len(pids) == 2 and all(pids)
         killed = []
 
         def progress(nbytes):
-            if not killed:
+            if not killed:  # the first task is done, the others are queued or running
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
 

@@ -46,7 +46,7 @@ def command(a, b, fail_over, maps, sort, top, show_all, fmt, layout, channel_axi
       bnstat diff model.npz model_pbn.npz --format json
       bnstat diff ref.npz today.npz --fail-over shift=3 --fail-over kl=0.5
     """
-    from bnstat import train_render as tr
+    from bnstat.render import training as tr
     from bnstat.commands._output import check_target
     from bnstat.drift import diff, parse_fail_over
     from bnstat.errors import UsageProblem

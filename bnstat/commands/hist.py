@@ -85,7 +85,7 @@ def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, 
     from bnstat.histrun import compute_hist
     from bnstat.io import open_sources
     from bnstat.render import progress
-    from bnstat.render_hist import emit
+    from bnstat.render.hist import emit
 
     spec = options.layout_spec(layout, channel_axis, norm, groups, reduce)
     if amax and range_ == "auto":

@@ -35,7 +35,7 @@ def command(stats_files, fmt, allow_duplicates, output, force, quiet):
 
     if kind_of_files(stats_files) == "histogram":  # histogram files (bnstat hist): counts added
         from bnstat.histogram import load_hist, merge_hists
-        from bnstat.render_hist import emit as emit_hist
+        from bnstat.render.hist import emit as emit_hist
 
         merged = merge_files(stats_files, load=load_hist, merge=merge_hists,
                              allow_duplicates=allow_duplicates)

@@ -52,7 +52,7 @@ def command(model, inputs, stats_file, maps, map_file, estimator, batch_size, dr
       bnstat recalibrate model.npz acts.npy --map acts=features.1 -o out.npz
       bnstat recalibrate model.npz acts.npy --estimator batch-mean -b 32 --dry-run
     """
-    from bnstat import train_render as tr
+    from bnstat.render import training as tr
     from bnstat.recalibration import recalibrate
 
     if norm not in (None, "batch") or groups is not None or reduce is not None:

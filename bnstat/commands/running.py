@@ -55,7 +55,7 @@ def command(inputs, batch_size, framework, momentum, cumulative, epochs, drop_la
       bnstat running acts.npy -b 64 --cumulative --format csv
       bnstat running acts.npy -b 64 --from-model model.npz --bn features.1 -o run.npz
     """
-    from bnstat import train_render as tr
+    from bnstat.render import training as tr
     from bnstat.commands._output import check_target
     from bnstat.render import progress
     from bnstat.running_stats import running

@@ -30,6 +30,6 @@ def command(stats_file, fmt, sort, top, show_all, output, force, quiet):
 
     if kind_of_files([stats_file]) == "histogram":  # a histogram file (bnstat hist)
         from bnstat.histogram import load_hist as load_stats
-        from bnstat.render_hist import emit
+        from bnstat.render.hist import emit
     stats = load_stats(stats_file)
     emit(stats, fmt, output, force=force, inputs=[stats_file], sort=sort, top=top, show_all=show_all)

@@ -2,7 +2,8 @@
 
 rich itself is imported inside the functions that draw (``bnstat --help``
 never imports it). Modules: ``console`` (the console and ``emit_rich``),
-``tables``, ``records`` (JSON, CSV), ``progressbar``.
+``tables``, ``records`` (JSON, CSV), ``progressbar``, ``fold`` (the fold plan),
+``hist`` (histogram reports), ``training`` (running, recalibrate, diff reports).
 """
 
 from bnstat.render.console import emit_rich
