@@ -97,9 +97,11 @@ debug_option = click.option(
     "--debug", is_flag=True, expose_value=False, is_eager=True, callback=_debug_callback,
     help="Show the Python traceback of an error.")
 
-output_option = click.option(
-    "-o", "--output", type=str, default=None, metavar="PATH",
-    help="Write the result to PATH ('-' is standard output).")
+def _output_option(help_text: str):
+    return click.option("-o", "--output", type=str, default=None, metavar="PATH", help=help_text)
+
+
+output_option = _output_option("Write the result to PATH ('-' is standard output).")
 force_option = click.option("--force", is_flag=True, help="Replace an existing output file.")
 quiet_option = click.option(
     "-q", "--quiet", is_flag=True, callback=_quiet_callback,
@@ -119,11 +121,17 @@ scheduler_option = click.option(
          "(a local cluster of N worker processes). Needs the dask extra.")
 
 
-def common_options(func):
-    """-o, --force, --quiet, --debug (every command)."""
-    for deco in reversed((output_option, force_option, quiet_option, debug_option)):
+def common_options(func, output=None):
+    """-o, --force, --quiet, --debug (every command); ``output``: another -o option."""
+    for deco in reversed((output or output_option, force_option, quiet_option, debug_option)):
         func = deco(func)
     return func
+
+
+def model_output_options(func):
+    """common_options for a command whose -o is a model file (fold): no standard output."""
+    return common_options(func, output=_output_option(
+        "Write the folded model to PATH (a file: standard output carries the plan)."))
 
 
 def compute_options(func):
@@ -211,6 +219,11 @@ format_option = click.option(
     help="Output format (default: table; with -o FILE, from its extension).")
 
 
+allow_duplicates_option = click.option(
+    "--allow-duplicates", is_flag=True,
+    help="Accept the same input twice (its counts then double); refused by default.")
+
+
 def table_options(func):
     decos = (
         click.option("--sort", type=click.Choice(["unit", "mean", "var", "std", "min", "max",
@@ -226,11 +239,17 @@ def table_options(func):
 
 
 def format_for(fmt: str | None, output: str | None) -> str:
-    """The output format: --format, else the extension of -o, else table."""
+    """The output format: --format, else the extension of -o, else table.
+
+    A --format that contradicts the extension (``-o st.json --format csv``) is a usage error.
+    """
+    ext = output.rsplit(".", 1)[-1].lower() if output and "." in output else ""
     if fmt:
+        if ext in ("json", "csv", "npz") and ext != fmt:
+            raise click.UsageError(f"-o {output} --format {fmt}: the extension .{ext} says {ext}; "
+                                   f"drop --format, or name the file .{'txt' if fmt == 'table' else fmt}")
         return fmt
     if output and output != "-":
-        ext = output.rsplit(".", 1)[-1].lower() if "." in output else ""
         from bnstat.io.atomic import is_special
 
         if not ext and is_special(output):  # -o /dev/null, a FIFO: as standard output

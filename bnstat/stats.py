@@ -294,18 +294,23 @@ def merge_all(stats: list[Stats]) -> Stats:
     return out
 
 
-def merge_files(paths, load=None, merge=None) -> dict[str, Stats]:
+def merge_files(paths, load=None, merge=None, *, allow_duplicates: bool = True) -> dict[str, Stats]:
     """The stats files ``paths`` (parts of one data set split along N) merged, array by array.
 
     Arrays are matched by name, in the order they first appear. ``load``/``merge``
     replace ``load_stats``/``merge_all`` (histogram files: bnstat.histogram). Raises
-    InputError (a file that is no stats file) and DataError (an array missing
-    from some files, or parts that are not of one data set).
+    InputError (a file that is no stats file, or one file twice) and DataError (an array
+    missing from some files, parts that are not of one data set, or two parts of the same
+    sources), unless ``allow_duplicates``. Warns when some parts lack --higher's moments.
     """
+    from bnstat.io import refuse_same_file_twice
+
     paths = [str(p) for p in paths]
+    refuse_same_file_twice(paths, allow_duplicates)
     load, merge_all_ = load or load_stats, merge or merge_all
     loaded = [(path, load(path)) for path in paths]
     names = list(dict.fromkeys(name for _, st in loaded for name in st))
+    _warn_mixed_higher(loaded, names)
     merged = {}
     for name in names:
         missing = [path for path, st in loaded if name not in st]
@@ -316,7 +321,39 @@ def merge_files(paths, load=None, merge=None) -> dict[str, Stats]:
             merged[name] = merge_all_([st[name] for _, st in loaded])
         except DataError as exc:
             raise DataError(f"{', '.join(paths)}: {exc.message}", exc.hint) from None
+    if not allow_duplicates:  # after the checks that the parts are of one data set
+        _refuse_same_sources(loaded, names)
     return merged
+
+
+def _refuse_same_sources(loaded, names) -> None:
+    """DataError when an array of two files comes from the same input files (counted twice)."""
+    for name in names:
+        seen = {}
+        for path, st in loaded:
+            sources = getattr(st.get(name), "sources", None)
+            if not sources or any(s == "-" or s.startswith("<") for s in sources):
+                continue  # standard input, batches: nothing tells two runs apart
+            first = seen.setdefault(tuple(sorted(sources)), path)
+            if first != path:
+                raise DataError(
+                    f"{first} and {path}: {name} comes from the same sources ({', '.join(sources)}) "
+                    "in both; merged, its counts would double",
+                    "Merge statistics of different parts, or give --allow-duplicates/"
+                    "allow_duplicates=True to count them twice.")
+
+
+def _warn_mixed_higher(loaded, names) -> None:
+    """Warn (once) when some files have --higher's m3/m4 and others not: skew, kurtosis dropped."""
+    mixed = [name for name in names
+             if len({getattr(st[name], "higher", None) for _, st in loaded if name in st}) > 1]
+    if mixed:
+        plain = [path for path, st in loaded
+                 if mixed[0] in st and not getattr(st[mixed[0]], "higher", True)]
+        warnings.warn(
+            f"{', '.join(mixed)}: {', '.join(plain)} computed without --higher; the merged "
+            "statistics drop skew and kurtosis (rerun those parts with --higher to keep them)",
+            BnstatWarning, stacklevel=3)
 
 
 def warn_degenerate(stats: Stats) -> None:

@@ -92,9 +92,11 @@ def npy_bytes(a: np.ndarray) -> bytes:
 
 
 def parse_json(text: str) -> dict:
-    """SPEC 4 JSON (NaN allowed), with the arrays keyed by name."""
-    doc = json.loads(text)
-    return doc
+    """SPEC 4 JSON: standard JSON, a non-finite value as null (README "Output formats")."""
+    def reject(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    return json.loads(text, parse_constant=reject)
 
 
 def by_name(doc: dict) -> dict:

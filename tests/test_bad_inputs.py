@@ -482,13 +482,17 @@ def test_inf_data(tmp_path):
     rc, out, err = run_inproc("moments", tmp_path / "i.npy", "--layout", "NCL", "--format", "json")
     assert rc == 0, err
     assert "Traceback" not in err
-    rec = json.loads(out)["arrays"][0]
-    assert rec["max"][2] == math.inf and rec["min"][3] == -math.inf
+    rec = json.loads(out)["arrays"][0]  # standard JSON: non-finite as null, inf_count says why
+    assert rec["max"][2] is None and rec["min"][3] is None and rec["inf_count"] == [0, 0, 1, 1]
     assert rec["nan_count"] == [0, 0, 0, 0] and rec["count"] == [30] * 4
-    assert math.isnan(rec["var"][2]) and math.isnan(rec["var"][3])  # inf - inf, as numpy
+    assert rec["var"][2] is None and rec["var"][3] is None  # inf - inf: NaN, as numpy
     assert rec["mean"][:2] == pytest.approx(a.astype(np.float64).mean(axis=(0, 2))[:2], rel=1e-12)
-    assert rec["mean"][2] == math.inf, f"mean of a unit holding +inf: {rec['mean'][2]} (numpy: inf)"
-    assert rec["mean"][3] == -math.inf, f"mean of a unit holding -inf: {rec['mean'][3]}"
+    assert rec["mean"][2] is None and rec["mean"][3] is None
+    rc, out, err = run_inproc("moments", tmp_path / "i.npy", "--layout", "NCL", "--format", "csv", "-q")
+    rows = [r.split(",") for r in out.splitlines()[1:]]
+    # the CSV keeps the signs, as numpy: the mean of a unit holding +inf is inf, -inf: -inf
+    assert [r[3] for r in rows[2:]] == ["inf", "-inf"] and [r[4] for r in rows[2:]] == ["nan", "nan"]
+    assert rows[2][7] == "inf" and rows[3][6] == "-inf"
     assert snapshot(tmp_path) == before
 
 
@@ -508,7 +512,7 @@ def test_nan_propagate(tmp_path):
                               "propagate", "--format", "json")
     assert rc == 0 and "Traceback" not in err
     rec = json.loads(out)["arrays"][0]
-    assert math.isnan(rec["mean"][2]) and rec["mean"][:2] == [1.0, 1.0]
+    assert rec["mean"][2] is None and rec["mean"][:2] == [1.0, 1.0]  # NaN: null
     assert "NaN" in err
 
 
@@ -520,9 +524,9 @@ def test_ddof1_single_value(tmp_path):
     assert "Traceback" not in err
     assert re.search(r"warning: one: 4 unit\(s\) have 1 value\(s\) or fewer; their variance with "
                      r"--ddof 1 is NaN", err), err
-    assert '"var": [NaN, NaN, NaN, NaN]' in out  # NaN, never inf
+    assert '"var": [null, null, null, null]' in out  # NaN (never inf), written null
     rec = json.loads(out)["arrays"][0]
-    assert all(math.isnan(v) for v in rec["var"] + rec["std"])
+    assert all(v is None for v in rec["var"] + rec["std"])
     assert rec["mean"] == [0.0, 1.0, 2.0, 3.0]
 
 

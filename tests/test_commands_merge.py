@@ -59,7 +59,8 @@ def test_merge_of_files_saved_with_different_ddof_warns(tmp_path):
     both = np.concatenate([a, b]).transpose(1, 0, 2).reshape(3, -1)
     rec = json.loads(out)["arrays"][0]
     np.testing.assert_allclose(rec["var"], both.var(axis=1, ddof=0), rtol=1e-12)
-    rc, out, err = run_inproc("merge", tmp_path / "a.npz", tmp_path / "a.npz", "--format", "json")
+    rc, out, err = run_inproc("merge", tmp_path / "a.npz", tmp_path / "a.npz", "--format", "json",
+                              "--allow-duplicates")
     assert rc == 0 and "ddof" not in err
 
 

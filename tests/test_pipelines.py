@@ -61,6 +61,9 @@ def colour_codes(data: bytes) -> set[bytes]:
 def acts(tmp_path):
     a = np.random.default_rng(10).random((16, 8, 4, 4)).astype(np.float32)
     np.save(tmp_path / "acts.npy", a)
+    for i, part in enumerate((a[:6], a[6:]), 1):  # two shards of it, one array name
+        (tmp_path / f"shard{i}").mkdir()
+        np.save(tmp_path / f"shard{i}" / "acts.npy", part)
     return a
 
 
@@ -129,7 +132,9 @@ def _exit_1(rc, out, err, d, a):
 
 def _merge(rc, out, err, d, a):
     assert rc == 0 and err == "", err
-    assert out.splitlines()[1].startswith("acts,0,512,")
+    row = out.splitlines()[1].split(",")
+    assert row[:3] == ["acts", "0", "256"]  # the shards' counts, once each
+    assert float(row[3]) == pytest.approx(a[:, 0].astype(np.float64).mean(), rel=1e-12)
 
 
 EXAMPLES = [
@@ -152,8 +157,8 @@ EXAMPLES = [
     ("bnstat moments acts.npy --layout NC; echo \"exit status $?\"", _exit_2),
     ("bnstat moments missing.npy --format json > /dev/null || echo 'no statistics, skipping' >&2",
      _exit_1),
-    ("bnstat moments acts.npy --layout NCHW -o part1.npz && "
-     "bnstat moments acts.npy --layout NCHW -o part2.npz && "
+    ("bnstat moments shard1/acts.npy --layout NCHW -o part1.npz && "
+     "bnstat moments shard2/acts.npy --layout NCHW -o part2.npz && "
      "bnstat merge part1.npz part2.npz --format csv", _merge),
 ]
 

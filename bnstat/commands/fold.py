@@ -40,7 +40,7 @@ def _pair_callback(ctx, param, value):
 @click.option("--config", "keras_config", default=None, metavar="FILE",
               help="The graph (config.json or a .keras) of a Keras 3 .weights.h5 MODEL.")
 @options.format_option
-@options.common_options
+@options.model_output_options
 def command(model, pairs, plan, dry_run, eps, bn_mode, check, strict, keras_config, fmt, output,
             force, quiet):
     """Fold every BatchNorm of MODEL into the conv, conv-transpose or linear

@@ -25,8 +25,6 @@ def command(inputs, datasets, fmt, keras_config, output, force, quiet):
       bnstat info model.npz
       bnstat info a.npy b.npz --format json
     """
-    import json
-
     from bnstat import render
     from bnstat.io import open_sources
     from bnstat.io.atomic import atomic_open, check_output
@@ -45,7 +43,9 @@ def command(inputs, datasets, fmt, keras_config, output, force, quiet):
         model_lines = onnx_lines + _model_lines([p for p in inputs if not is_onnx(p)])
     with atomic_open(output or "-", "w", force=force, inputs=inputs) as fh:
         if fmt == "json":
-            fh.write(json.dumps({"arrays": rows, "fold": model_lines}, indent=1) + "\n")
+            from bnstat.render.records import dumps
+
+            fh.write(dumps({"arrays": rows, "fold": model_lines}, indent=1))
         else:
             if rows:
                 render.print_info(rows, file=fh)

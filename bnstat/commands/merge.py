@@ -10,8 +10,9 @@ from bnstat import options
 @click.command("merge")
 @click.argument("stats_files", nargs=-1, required=True, metavar="STATS.npz...")
 @options.format_option
+@options.allow_duplicates_option
 @options.common_options
-def command(stats_files, fmt, output, force, quiet):
+def command(stats_files, fmt, allow_duplicates, output, force, quiet):
     """Merge stats files into one, exactly (as one run over all the data).
 
     The files hold statistics of parts of one data set split along N (for
@@ -36,7 +37,8 @@ def command(stats_files, fmt, output, force, quiet):
         from bnstat.histogram import load_hist, merge_hists
         from bnstat.render.hist import emit as emit_hist
 
-        merged = merge_files(stats_files, load=load_hist, merge=merge_hists)
+        merged = merge_files(stats_files, load=load_hist, merge=merge_hists,
+                             allow_duplicates=allow_duplicates)
         emit_hist(merged, fmt, output, force=force, inputs=stats_files)
         return
-    emit(merge_files(stats_files), fmt, output, force=force, inputs=stats_files)
+    emit(merge_files(stats_files, allow_duplicates=allow_duplicates), fmt, output, force=force, inputs=stats_files)

@@ -18,10 +18,12 @@ from bnstat import options
 @options.format_option
 @options.table_options
 @options.scheduler_option
+@options.allow_duplicates_option
 @options.common_options
 @options.compute_options
 def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, per_file,
-            skip_crc, nan_policy, higher, fmt, sort, top, show_all, scheduler, output, force, quiet,
+            skip_crc, nan_policy, higher, fmt, sort, top, show_all, scheduler, allow_duplicates, output,
+            force, quiet,
             threads, chunk_size):
     """Exact per-unit count, mean, var, std, min, max and NaN count.
 
@@ -40,13 +42,14 @@ def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, 
       bnstat moments shards/*.h5 --scheduler local:2 -o stats.npz
     """
     from bnstat.commands._output import check_target, emit
-    from bnstat.io import open_sources
+    from bnstat.io import open_sources, refuse_same_file_twice
     from bnstat.render import progress
     from bnstat.stream import compute_stats
 
     spec = options.layout_spec(layout, channel_axis, norm, groups, reduce)
     fmt = options.format_for(fmt, output)
     check_target(output, fmt, force, inputs)
+    refuse_same_file_twice(inputs, allow_duplicates)
     sources = open_sources(inputs, datasets, check_crc=not skip_crc)
     total = sum(s.nbytes for s in sources)
     kwargs = dict(ddof=ddof, higher=higher, nan_policy=nan_policy, chunk_size=chunk_size,

@@ -101,7 +101,45 @@ def open_sources(paths, patterns=(), *, check: bool = True, check_crc: bool = Tr
             raise InputError(f"{where}: no array matches -d/dataset= {' -d '.join(patterns)}",
                              "List the arrays with: bnstat info " + " ".join(paths))
         raise InputError(f"{where}: no numeric array of 2 or more dimensions found")
+    _warn_unmatched(paths, patterns, sources)
     return sources
+
+
+def same_file_twice(paths) -> tuple[str, str] | None:
+    """The first two of ``paths`` naming one file (same device and inode), else None."""
+    import os
+
+    seen = {}
+    for path in paths:
+        if path == "-":
+            continue
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue  # the reader reports it
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            return seen[key], path
+        seen[key] = path
+    return None
+
+
+def refuse_same_file_twice(paths, allow: bool) -> None:
+    """InputError when a file is given twice (its counts would double), unless ``allow``."""
+    pair = None if allow else same_file_twice(paths)
+    if pair:
+        raise InputError(f"{pair[0]} and {pair[1]}: the same file twice; its counts would double",
+                         "Give each file once, or --allow-duplicates to count it twice.")
+
+
+def _warn_unmatched(paths, patterns, sources) -> None:
+    """Warn of each -d pattern that matches no array of ``paths`` when others do (a typo)."""
+    for pattern in dict.fromkeys(patterns):
+        if not any(fnmatch.fnmatchcase(s.name, pattern) for s in sources):
+            from bnstat.errors import warn
+
+            warn(f"-d/dataset= {pattern}: matches no array of {', '.join(paths)} "
+                 "(the other patterns do); list the arrays with: bnstat info " + " ".join(paths))
 
 
 _SOURCE_KINDS = "a path, a list of paths, a numpy array, a dict of arrays or an object with __array__"

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import csv
-import json
 
 import numpy as np
 
 from bnstat._version import __version__
 from bnstat.histogram import Histogram, fmt_range
 from bnstat.render.console import emit_rich
-from bnstat.render.records import _floats, _ints, stats_record
-from bnstat.render.tables import flags, fmt_num, select_rows, unit_label
+from bnstat.render.records import _floats, _ints, dumps, stats_record
+from bnstat.render.tables import flags, fmt_num, not_shown, select_rows, unit_label
 
 BLOCKS = " ▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 32
@@ -58,7 +57,7 @@ def hist_record(h: Histogram) -> dict:
 
 
 def to_json(hists: dict[str, Histogram]) -> str:
-    return json.dumps({"bnstat": __version__, "arrays": [hist_record(h) for h in hists.values()]}) + "\n"
+    return dumps({"bnstat": __version__, "arrays": [hist_record(h) for h in hists.values()]})
 
 
 def write_csv(hists: dict[str, Histogram], fh) -> None:
@@ -100,7 +99,7 @@ def hist_table(h: Histogram, sort="unit", top=None, show_all=False):
     caption = (f"{int(np.prod(h.unit_shape)):,} units · {dead} dead (all zero) · "
                f"{int((np.asarray(s.inf_count) > 0).sum())} with inf · {int((np.asarray(s.nan_count) > 0).sum())} with NaN")
     if hidden:
-        caption += f"\n{hidden:,} more units not shown (--all shows every unit; --sort/--top choose)"
+        caption += f"\n{not_shown(hidden)} (--all shows every unit; --sort/--top choose)"
     table = Table(caption=caption, caption_justify="left", show_edge=False, pad_edge=False)
     table.add_column("/".join(a.lower() for a in s.unit_axes), justify="right", style="cyan")
     for head in ("count", "min", "max"):

@@ -4,11 +4,29 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import numpy as np
 
 from bnstat._version import __version__
 from bnstat.stats import Stats
+
+
+def _finite_or_none(obj):
+    """``obj`` with every NaN or infinite float replaced by None (JSON null)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def dumps(doc, **kwargs) -> str:
+    """Standard JSON (README "Output formats"): a non-finite float is null, never the
+    NaN/Infinity tokens jq and JavaScript reject; the record's nan_count/inf_count say why."""
+    return json.dumps(_finite_or_none(doc), allow_nan=False, **kwargs) + "\n"
 
 
 def _floats(a: np.ndarray) -> list:
@@ -35,9 +53,9 @@ def stats_record(s: Stats) -> dict:
 
 
 def to_json(stats: dict[str, Stats]) -> str:
-    """SPEC 4 JSON; floats round-trip (Python's repr), NaN as NaN."""
+    """SPEC 4 JSON; floats round-trip (Python's repr), NaN and +-inf as null."""
     doc = {"bnstat": __version__, "arrays": [stats_record(s) for s in stats.values()]}
-    return json.dumps(doc) + "\n"
+    return dumps(doc)
 
 
 CSV_COLUMNS = ["name", "unit", "count", "mean", "var", "std", "min", "max", "nan_count", "inf_count"]

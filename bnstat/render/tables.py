@@ -26,6 +26,11 @@ def fmt_num(v: float) -> str:
     return f"{v:,}"
 
 
+def not_shown(hidden: int, noun: str = "unit") -> str:
+    """"1 more unit not shown", "2 more units not shown": the note under a cut table."""
+    return f"{hidden:,} more {noun}{'' if hidden == 1 else 's'} not shown"
+
+
 def unit_label(s: Stats, flat: int) -> str:
     idx = np.unravel_index(flat, s.unit_shape)
     if len(idx) == 1:
@@ -121,7 +126,7 @@ def stats_table(s: Stats, sort: str = "unit", top: int | None = None, show_all: 
     rows, hidden = select_rows(s, f, sort, top, show_all)
     caption = summary_line(s, f)
     if hidden:
-        caption += (f"\n{hidden:,} more units not shown (--all shows every unit; --sort var|mean|... "
+        caption += (f"\n{not_shown(hidden)} (--all shows every unit; --sort var|mean|... "
                     "--top N choose)")
     table = Table(caption=caption, caption_justify="left", show_edge=False, pad_edge=False)
     unit_head = "/".join(a.lower() for a in s.unit_axes) if len(s.unit_axes) > 1 else s.unit_axes[0].lower()

@@ -14,7 +14,8 @@ import numpy as np
 
 from bnstat._version import __version__
 from bnstat.render import emit_rich
-from bnstat.render.tables import fmt_num
+from bnstat.render.records import dumps
+from bnstat.render.tables import fmt_num, not_shown
 
 SMALL_TABLE = 32
 DEFAULT_TOP = 20
@@ -25,7 +26,7 @@ def _floats(a) -> list:
 
 
 def _dump(doc: dict) -> str:
-    return json.dumps(doc) + "\n"
+    return dumps(doc)
 
 
 def _rows(n: int, key: np.ndarray | None, top: int | None, show_all: bool) -> tuple[np.ndarray, int]:
@@ -162,7 +163,7 @@ def running_tables(results: dict, *, file=None, top=None, show_all=False) -> Non
                                   _worst(np.log(ratio), "largest |log var ratio|")])
             caption += f" · num_batches_tracked {r.num_batches_tracked}"
             if hidden:
-                caption += f"\n{hidden:,} more channels not shown (--all shows every one; --top N)"
+                caption += f"\n{not_shown(hidden, 'channel')} (--all shows every one; --top N)"
             t = Table(caption=caption, caption_justify="left", show_edge=False, pad_edge=False)
             for head in ("c", "running_mean", "mean", "mean gap", "running_var", "var", "var ratio"):
                 t.add_column(head, justify="right", style="cyan" if head == "c" else None)
@@ -308,7 +309,7 @@ def diff_tables(result, *, file=None, sort="unit", top=None, show_all=False) -> 
             rows, hidden = _rows(d.mean_a.size, key, top, show_all)
             caption = diff_summary(d)
             if hidden:
-                caption += f"\n{hidden:,} more units not shown (--all shows every one; --sort, --top N)"
+                caption += f"\n{not_shown(hidden)} (--all shows every one; --sort, --top N)"
             t = Table(title=f"[bold]{d.name}[/bold]", title_justify="left", caption=caption,
                       caption_justify="left", show_edge=False, pad_edge=False)
             for head in ("unit", "mean A", "mean B", "std A", "std B", "shift", "log var ratio", "KL",
