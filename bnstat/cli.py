@@ -1,7 +1,7 @@
 """The ``bnstat`` command: root group, lazy command table, exit codes.
 
 This is the only module that turns library errors into messages and exit
-statuses (SPEC 4): 0 success, 1 data/runtime error, 2 usage error, 130 after
+statuses (README "Exit codes"): 0 success, 1 data/runtime error, 2 usage error, 130 after
 SIGINT, 143 after SIGTERM; a broken pipe ends quietly (exit 141, as a Unix
 tool killed by SIGPIPE). Commands are imported only when run, so that
 ``bnstat --help`` never imports numba, h5py or rich.
@@ -150,7 +150,7 @@ def _unraisable(hook):
 
     The signal is recorded by _on_signal and raised again by
     errors.check_interrupt(); Python's "Exception ignored in ... Traceback"
-    would only break SPEC 4's promise of no traceback.
+    would only break the README's promise of no traceback.
     """
     from bnstat.errors import Terminated
 
@@ -213,7 +213,7 @@ def _buffer_stdout() -> None:
 
 
 def _run(args: list[str], state: options.RunState) -> int:
-    """Parse and run one command line; the exit status of SPEC 4 (no exception escapes but
+    """Parse and run one command line; the exit status the README gives (no exception escapes but
     an internal error or OSError under --debug)."""
     from bnstat import errors
     from bnstat.errors import BnstatError, Terminated
@@ -264,14 +264,14 @@ def _run(args: list[str], state: options.RunState) -> int:
             return 130 if errors.pending_signal == signal.SIGINT else 143
         if state.debug:
             raise
-        # the first line only: errors are one or two lines (SPEC 4); numba's are dozens
+        # the first line only: errors are one or two lines (README "Exit codes"); numba's are dozens
         first = (str(exc).strip().splitlines() or [""])[0]
         _print_error(f"internal error: {type(exc).__name__}: {first} (run with --debug for the traceback)")
         return 1
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the console script; exits with SPEC 4's status codes."""
+    """Entry point of the console script; exits with the README's exit statuses."""
     from bnstat import errors
     from bnstat.errors import BnstatWarning
     from bnstat.kernels import _jit

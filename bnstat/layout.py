@@ -2,7 +2,7 @@
 
 A :class:`Plan` says, for an array of a given shape, which axes are kept
 (one statistics unit per combination of their indices) and which are
-reduced (SPEC 1). Group norm splits the channel axis into (G, C/G): G is
+reduced (README, the --norm table). Group norm splits the channel axis into (G, C/G): G is
 kept, C/G reduced. ``kernel_view`` turns a C-contiguous chunk into the 4-D
 view (P, A, U, B) the kernels work on: P and U kept, A and B reduced, e.g.
 NCHW batch norm -> (1, N, C, H*W), NHWC batch norm -> (1, N*H*W, C, 1),

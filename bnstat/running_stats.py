@@ -1,6 +1,6 @@
 """The running statistics a BN layer would hold after training on the data.
 
-Per framework (README.md, "Training and inference statistics"; SPEC 6):
+Per framework (README.md, "Training and inference statistics"):
 
 | framework | update per batch | variance fed in | momentum |
 |---|---|---|---|

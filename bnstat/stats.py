@@ -4,7 +4,7 @@
 deviations), min, max, nan_count and optionally m3, m4; ``merge`` combines
 two of them exactly (Chan et al. for m2, Pébay for m3/m4). :class:`Stats`
 adds what a user needs to read them: the array's name, sources, shape,
-layout, reduced axes, ddof. Stats files (SPEC 4) are written and read here.
+layout, reduced axes, ddof. Stats files (README "Output formats") are written and read here.
 """
 
 from __future__ import annotations

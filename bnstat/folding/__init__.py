@@ -1,4 +1,4 @@
-"""Folding BatchNorm into the conv / conv-transpose / linear layer that feeds it (SPEC 3).
+"""Folding BatchNorm into the conv / conv-transpose / linear layer that feeds it (README "bnstat fold").
 
 With s = gamma / sqrt(var + eps), computed in float64::
 
@@ -18,11 +18,12 @@ The pieces, in the order :func:`fold` runs them:
    and file order. A BN that cannot be paired unambiguously is reported
    with the reason and left alone: never guessed (the heuristics are listed
    in :data:`PAIRING_RULES`).
-3. :func:`fold_arrays`: the folding math, for every weight layout of SPEC 3,
-   with ``--bn drop`` or ``--bn identity``; refusals (negative or NaN
+3. :func:`bnstat.folding.apply.apply_plan` with :func:`bnstat.folding.math.fold_weights`:
+   the folding math for every weight layout (README "bnstat fold"), with ``--bn drop``
+   or ``--bn identity``; refusals (negative or NaN
    variance, NaN parameters, channel mismatches) are DataErrors naming the
    layer, raised before anything is written.
-4. :func:`check_pairs`: each folded layer against the original layer then
+4. :func:`bnstat.folding.check.check_plan`: each folded layer against the original layer then
    BN (inference mode), on random inputs, through the pure-numpy reference
    convolution / transposed convolution / matmul of this module.
 

@@ -1,4 +1,4 @@
-"""Atomic output files (SPEC 5, README "Exit codes").
+"""Atomic output files (README "Exit codes" and "Nothing lost").
 
 An output is written to a temporary file beside its target and renamed into
 place only when complete. Any exception (KeyboardInterrupt and the

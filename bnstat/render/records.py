@@ -1,4 +1,4 @@
-"""Statistics as JSON (SPEC 4) and CSV: plain text, no rich."""
+"""Statistics as JSON (README "Output formats") and CSV: plain text, no rich."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def stats_record(s: Stats) -> dict:
 
 
 def to_json(stats: dict[str, Stats]) -> str:
-    """SPEC 4 JSON; floats round-trip (Python's repr), NaN and +-inf as null."""
+    """The README's JSON; floats round-trip (Python's repr), NaN and +-inf as null."""
     doc = {"bnstat": __version__, "arrays": [stats_record(s) for s in stats.values()]}
     return dumps(doc)
 

@@ -1,7 +1,7 @@
 """Reports of ``running``, ``recalibrate`` and ``diff``: rich tables, JSON, CSV, .npz.
 
-Tables go through bnstat.render (emit_rich, fmt_num); JSON floats round-trip
-and NaN is written as NaN, as for ``moments`` (SPEC 4).
+Tables go through bnstat.render (emit_rich, fmt_num); JSON floats round-trip, and
+non-finite values are written as null, as for ``moments`` (README "Output formats").
 """
 
 from __future__ import annotations
