@@ -8,7 +8,6 @@ import numpy as np
 
 from bnstat._version import __version__
 from bnstat.histogram import Histogram, fmt_range
-from bnstat.render.console import emit_rich
 from bnstat.render.records import _floats, _ints, dumps, stats_record
 from bnstat.render.tables import flags, fmt_num, not_shown, select_rows, unit_label
 
@@ -127,15 +126,9 @@ def hist_table(h: Histogram, sort="unit", top=None, show_all=False):
 
 
 def print_tables(hists: dict[str, Histogram], *, file=None, sort="unit", top=None, show_all=False) -> None:
-    def draw(console):
-        for i, h in enumerate(hists.values()):
-            if i:
-                console.print()
-            title, table = hist_table(h, sort, top, show_all)
-            console.print(title)
-            console.print(table)
+    from bnstat.render.tables import print_tables as print_each
 
-    emit_rich(draw, file=file)
+    print_each(hists, file=file, sort=sort, top=top, show_all=show_all, table_of=hist_table)
 
 
 def emit(hists: dict[str, Histogram], fmt: str, output: str | None, *, force=False, inputs=(),

@@ -149,12 +149,17 @@ def stats_table(s: Stats, sort: str = "unit", top: int | None = None, show_all: 
     return title, table
 
 
-def print_tables(stats: dict[str, Stats], *, file=None, sort="unit", top=None, show_all=False) -> None:
+def print_tables(stats: dict[str, Stats], *, file=None, sort="unit", top=None, show_all=False,
+                 table_of=None) -> None:
+    """One table per array (``table_of(item, sort, top, show_all) -> (title, table)``,
+    ``stats_table`` by default; histograms pass theirs)."""
+    table_of = table_of or stats_table
+
     def draw(console):
         for i, s in enumerate(stats.values()):
             if i:
                 console.print()
-            title, table = stats_table(s, sort, top, show_all)
+            title, table = table_of(s, sort, top, show_all)
             console.print(title)
             console.print(table)
 
