@@ -15,7 +15,8 @@ import numpy as np
 from bnstat._version import __version__
 from bnstat.render import emit_rich
 from bnstat.render.records import dumps
-from bnstat.render.tables import fmt_num, not_shown
+from bnstat.render.fit import Column, draw_table, fmt_num
+from bnstat.render.tables import not_shown
 
 SMALL_TABLE = 32
 DEFAULT_TOP = 20
@@ -146,7 +147,6 @@ def save_with_extra(stats: dict, extra: dict, key: str, fh) -> None:
 
 
 def running_tables(results: dict, *, file=None, top=None, show_all=False) -> None:
-    from rich.table import Table
 
     def draw(console):
         for n, r in enumerate(results.values()):
@@ -164,13 +164,11 @@ def running_tables(results: dict, *, file=None, top=None, show_all=False) -> Non
             caption += f" · num_batches_tracked {r.num_batches_tracked}"
             if hidden:
                 caption += f"\n{not_shown(hidden, 'channel')} (--all shows every one; --top N)"
-            t = Table(caption=caption, caption_justify="left", show_edge=False, pad_edge=False)
-            for head in ("c", "running_mean", "mean", "mean gap", "running_var", "var", "var ratio"):
-                t.add_column(head, justify="right", style="cyan" if head == "c" else None)
-            for i in rows:
-                t.add_row(str(int(i)), *(fmt_num(float(v[i])) for v in
-                                         (r.running_mean, r.mean, gap, r.running_var, r.var, ratio)))
-            console.print(t)
+            columns = [Column("c", [str(int(i)) for i in rows], kind="text", key=True, style="cyan")]
+            columns += [Column(head, np.asarray(v).ravel()[rows]) for head, v in
+                        (("running_mean", r.running_mean), ("mean", r.mean), ("mean gap", gap),
+                         ("running_var", r.running_var), ("var", r.var), ("var ratio", ratio))]
+            draw_table(console, columns, caption)
 
     emit_rich(draw, file=file)
 
@@ -290,7 +288,7 @@ def diff_summary(d) -> str:
 
 
 def diff_tables(result, *, file=None, sort="unit", top=None, show_all=False) -> None:
-    from rich.table import Table
+    from rich.markup import escape
 
     def draw(console):
         console.print(f"A: {result.a.path} ({result.a.kind}) · B: {result.b.path} ({result.b.kind})")
@@ -310,17 +308,15 @@ def diff_tables(result, *, file=None, sort="unit", top=None, show_all=False) -> 
             caption = diff_summary(d)
             if hidden:
                 caption += f"\n{not_shown(hidden)} (--all shows every one; --sort, --top N)"
-            t = Table(title=f"[bold]{d.name}[/bold]", title_justify="left", caption=caption,
-                      caption_justify="left", show_edge=False, pad_edge=False)
-            for head in ("unit", "mean A", "mean B", "std A", "std B", "shift", "log var ratio", "KL",
-                         "changed"):
-                t.add_column(head, justify="left" if head == "changed" else "right",
-                             style="cyan" if head == "unit" else None)
+            console.print(f"[bold]{escape(d.name)}[/bold]")
             changes = d.changes()
-            cols = (d.mean_a, d.mean_b, np.sqrt(d.var_a), np.sqrt(d.var_b), m["shift"], m["logvar"], m["kl"])
-            for i in rows:
-                t.add_row(str(int(i)), *(fmt_num(float(c[i])) for c in cols), changes[i])
-            console.print(t)
+            columns = [Column("unit", [str(int(i)) for i in rows], kind="text", key=True, style="cyan")]
+            columns += [Column(head, np.asarray(v).ravel()[rows]) for head, v in
+                        (("mean A", d.mean_a), ("mean B", d.mean_b), ("std A", np.sqrt(d.var_a)),
+                         ("std B", np.sqrt(d.var_b)), ("shift", m["shift"]),
+                         ("log var ratio", m["logvar"]), ("KL", m["kl"]))]
+            columns.append(Column("changed", [changes[i] for i in rows], kind="text", justify="left"))
+            draw_table(console, columns, escape(caption))
         for n, metric, limit, units, worst in result.exceeded():
             console.print(f"{n}: {units} unit(s) over --fail-over {metric}={limit:g} (worst {fmt_num(worst)})")
 

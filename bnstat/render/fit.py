@@ -1,0 +1,150 @@
+"""Tables that fit the console's width without cutting a number (README "Output formats").
+
+rich shrinks a table wider than the console by cutting cells with "…"
+(``1,048,5…``). Here a table is built from columns of values, measured, and
+fitted before rich sees it: when it is too wide, the columns that say the
+same thing in every row are left out (a note gives their value), then the
+numbers get fewer significant digits (down to ``FLOOR_DIGITS``), and last
+the columns are wrapped into tables stacked one under the other, each with
+the unit column. Cells fold rather than cut if even one column is wider than
+the console, so every digit is printed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+DIGITS = 6  # significant digits of a number when the table fits
+FLOOR_DIGITS = 4  # fewer digits than this, and the table wraps instead
+SEPARATOR = 3  # " │ " between two columns (show_edge=False, pad_edge=False)
+
+
+def fmt_num(v: float, digits: int = DIGITS) -> str:
+    """A float to ``digits`` significant digits (NaN, inf, -inf spelled out); an int with
+    thousands separators."""
+    if isinstance(v, float | np.floating):
+        if math.isnan(v):
+            return "NaN"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return f"{v:.{digits}g}"
+    return f"{v:,}"
+
+
+@dataclass
+class Column:
+    """One column of a table: its head and the values of the rows shown.
+
+    ``kind`` is float (to the table's digits), int or text; ``fmt(value, digits)``
+    formats a float column otherwise. The ``key`` column (the unit) is never left
+    out and heads every piece of a wrapped table.
+    """
+
+    head: str
+    values: Sequence
+    kind: str = "float"
+    key: bool = False
+    style: str | None = None
+    justify: str = "right"
+    fmt: Callable[[object, int], str] | None = None
+
+    def cells(self, digits: int) -> list[str]:
+        if self.fmt is not None:
+            return [self.fmt(v, digits) for v in self.values]
+        if self.kind == "float":
+            return [fmt_num(float(v), digits) for v in self.values]
+        if self.kind == "int":
+            return [fmt_num(int(v)) for v in self.values]
+        return [str(v) for v in self.values]
+
+
+Cells = list[tuple[Column, list[str]]]
+
+
+@dataclass
+class Fitted:
+    pieces: list[Cells]  # one table, or the stacked tables of a wrapped one
+    notes: list[str]  # what was left out or shortened, for the caption
+
+
+def width_of(table: Cells) -> int:
+    """The width rich gives ``table`` when nothing is shrunk."""
+    from rich.cells import cell_len
+
+    return (sum(max([cell_len(c.head)] + [cell_len(x) for x in cells]) for c, cells in table)
+            + SEPARATOR * (len(table) - 1))
+
+
+def _uninformative(cells: list[str]) -> bool:
+    """Empty in every row, or the same in every one of two or more rows."""
+    return all(x == "" for x in cells) or (len(cells) > 1 and len(set(cells)) == 1)
+
+
+def _at(columns: list[Column], digits: int) -> Cells:
+    return [(c, c.cells(digits)) for c in columns]
+
+
+def _split(table: Cells, width: int) -> list[Cells]:
+    """The non-key columns in order, cut into pieces that each fit beside the key columns."""
+    keys = [t for t in table if t[0].key]
+    pieces, cur = [], []
+    for t in table:
+        if t[0].key:
+            continue
+        if cur and width_of(keys + cur + [t]) > width:
+            pieces.append(keys + cur)
+            cur = []
+        cur.append(t)
+    return pieces + [keys + cur] if cur or not pieces else pieces
+
+
+def fit(columns: list[Column], width: int, digits: int = DIGITS) -> Fitted:
+    """The columns fitted to ``width``: whole, without uninformative columns, with fewer
+    digits, or wrapped, in that order of preference."""
+    table = _at(columns, digits)
+    if width_of(table) <= width:
+        return Fitted([table], [])
+    notes = []
+    dropped = [(c, cells) for c, cells in table if not c.key and _uninformative(cells)]
+    if dropped:
+        said = ", ".join(f"{c.head} {cells[0] or 'none'}" if cells else c.head for c, cells in dropped)
+        notes.append(f"the same in every row, so not shown: {said}")
+    kept = [c for c, _ in table if all(c is not d for d, _ in dropped)]
+    for d in range(digits, FLOOR_DIGITS - 1, -1):
+        shorter = _at(kept, d)
+        if width_of(shorter) <= width:
+            break
+    if any(a != b for (_, a), (_, b) in zip(_at(kept, digits), shorter)):
+        notes.append(f"numbers to {d} significant digits to fit {width} columns "
+                     "(--format csv or json: every digit)")
+    if width_of(shorter) <= width:
+        return Fitted([shorter], notes)
+    pieces = _split(shorter, width)
+    if len(pieces) > 1:
+        notes.append(f"wrapped into {len(pieces)} tables to fit {width} columns")
+    return Fitted(pieces, notes)
+
+
+def draw_table(console, columns: list[Column], caption: str = "", digits: int = DIGITS) -> None:
+    """Print ``columns`` as a table fitted to the console's width, then ``caption`` (rich
+    markup) and the notes of the fitting, wrapped at the console's width."""
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
+    fitted = fit(columns, console.width, digits)
+    for piece in fitted.pieces:
+        table = Table(show_edge=False, pad_edge=False)
+        for c, _ in piece:
+            table.add_column(c.head, justify=c.justify, style=c.style, overflow="fold",
+                             no_wrap=c.key or c.kind != "text")
+        for row in zip(*(cells for _, cells in piece), strict=True):
+            table.add_row(*(Text(x) for x in row))
+        console.print(table)
+    for line in [caption, *map(escape, fitted.notes)]:
+        if line:
+            console.print(line, style="table.caption")
