@@ -89,17 +89,23 @@ def _at(columns: list[Column], digits: int) -> Cells:
 
 
 def _split(table: Cells, width: int) -> list[Cells]:
-    """The non-key columns in order, cut into pieces that each fit beside the key columns."""
+    """The non-key columns in order, cut into pieces that each fit beside the key columns:
+    as few pieces as filling each in turn gives, with as even a number of columns as fits
+    (not five and one)."""
     keys = [t for t in table if t[0].key]
-    pieces, cur = [], []
-    for t in table:
-        if t[0].key:
-            continue
+    rest = [t for t in table if not t[0].key]
+    groups, cur = [], []
+    for t in rest:
         if cur and width_of(keys + cur + [t]) > width:
-            pieces.append(keys + cur)
+            groups.append(cur)
             cur = []
         cur.append(t)
-    return pieces + [keys + cur] if cur or not pieces else pieces
+    groups += [cur] if cur or not groups else []
+    size = -(-len(rest) // len(groups))
+    even = [rest[k:k + size] for k in range(0, len(rest), size)] if rest else [[]]
+    if len(even) == len(groups) and all(width_of(keys + g) <= width for g in even):
+        groups = even
+    return [keys + g for g in groups]
 
 
 def fit(columns: list[Column], width: int, digits: int = DIGITS) -> Fitted:
@@ -140,8 +146,8 @@ def draw_table(console, columns: list[Column], caption: str = "", digits: int = 
     for piece in fitted.pieces:
         table = Table(show_edge=False, pad_edge=False)
         for c, _ in piece:
-            table.add_column(c.head, justify=c.justify, style=c.style, overflow="fold",
-                             no_wrap=c.key or c.kind != "text")
+            # fold, never no_wrap: rich crops a no_wrap cell that is too wide (the digits lost)
+            table.add_column(c.head, justify=c.justify, style=c.style, overflow="fold")
         for row in zip(*(cells for _, cells in piece), strict=True):
             table.add_row(*(Text(x) for x in row))
         console.print(table)
