@@ -66,12 +66,13 @@ def plan_table(result: FoldResult):
     heads = ("conv", "bn", "kind", "layout", "channels") + (("groups",) if grouped else ()) + (
         "eps", "by", "evidence")
     for head in heads:
+        # fold, never no_wrap: rich crops a no_wrap cell too wide for the console (digits lost)
         table.add_column(head, justify="right" if head in ("channels", "groups", "eps") else "left",
-                         overflow="fold", no_wrap=head not in ("conv", "bn", "evidence"))
+                         overflow="fold")
     if checked:
-        table.add_column("max abs err", justify="right")
-        table.add_column("max rel err", justify="right")
-        table.add_column("check", justify="left")
+        table.add_column("max abs err", justify="right", overflow="fold")
+        table.add_column("max rel err", justify="right", overflow="fold")
+        table.add_column("check", justify="left", overflow="fold")
     table.add_column("note", overflow="fold")
     for p in result.pairs:
         row = [p.conv.display, p.bn.display, p.reading.label, p.reading.layout,

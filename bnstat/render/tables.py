@@ -197,17 +197,21 @@ def print_summary(items: dict, *, file=None, flags_of=None) -> None:
     target.flush()
 
 
-def print_info(rows: list[dict], *, file=None) -> None:
-    from rich.table import Table
+INFO_HEADS = ("file", "array", "shape", "dtype", "order", "chunks", "compression", "size")
 
-    table = Table(show_edge=False, pad_edge=False)
-    for head in ("file", "array", "shape", "dtype", "order", "chunks", "compression", "size"):
-        table.add_column(head, justify="right" if head == "size" else "left")
-    for r in rows:
-        table.add_row(r["path"], r["name"], "x".join(map(str, r["shape"])) or "()", r["dtype"],
-                      r.get("order", "C"), "x".join(map(str, r["chunks"])) if r.get("chunks") else "-",
-                      r.get("compression") or "-", human_size(r["nbytes"]))
-    emit_rich(lambda console: console.print(table), file=file)
+
+def print_info(rows: list[dict], *, file=None) -> None:
+    """The arrays of the files, one row each, fitted to the width as the statistics tables
+    (file and array lead every piece of a wrapped table)."""
+    cells = {"file": [r["path"] for r in rows], "array": [r["name"] for r in rows],
+             "shape": ["x".join(map(str, r["shape"])) or "()" for r in rows],
+             "dtype": [r["dtype"] for r in rows], "order": [r.get("order", "C") for r in rows],
+             "chunks": ["x".join(map(str, r["chunks"])) if r.get("chunks") else "-" for r in rows],
+             "compression": [r.get("compression") or "-" for r in rows],
+             "size": [human_size(r["nbytes"]) for r in rows]}
+    columns = [Column(h, cells[h], kind="text", key=h in ("file", "array"),
+                      justify="right" if h == "size" else "left") for h in INFO_HEADS]
+    emit_rich(lambda console: draw_table(console, columns), file=file)
 
 
 def print_lines(lines: list[str], *, file=None) -> None:
