@@ -39,8 +39,8 @@ def fmt_num(v: float, digits: int = DIGITS) -> str:
 class Column:
     """One column of a table: its head and the values of the rows shown.
 
-    ``kind`` is float (to the table's digits), int or text; ``fmt(value, digits)``
-    formats a float column otherwise. The ``key`` column (the unit) is never left
+    ``kind`` is float (to the table's digits), int or text (a str or a rich Text);
+    ``fmt(value, digits)`` formats a float column otherwise. The ``key`` column (the unit) is never left
     out and heads every piece of a wrapped table.
     """
 
@@ -48,6 +48,7 @@ class Column:
     values: Sequence
     kind: str = "float"
     key: bool = False
+    wrap: bool = False  # prose: may wrap at its spaces within a cell
     style: str | None = None
     justify: str = "right"
     fmt: Callable[[object, int], str] | None = None
@@ -59,7 +60,14 @@ class Column:
             return [fmt_num(float(v), digits) for v in self.values]
         if self.kind == "int":
             return [fmt_num(int(v)) for v in self.values]
-        return [str(v) for v in self.values]
+        return [getattr(v, "plain", None) or str(v) for v in self.values]  # str, or rich Text
+
+    def text(self, row: int, cell: str):
+        """The rich Text of a cell: a text column's own Text (its styles kept), else ``cell``."""
+        from rich.text import Text
+
+        value = self.values[row]
+        return value.copy() if self.kind == "text" and isinstance(value, Text) else Text(cell)
 
 
 Cells = list[tuple[Column, list[str]]]
@@ -71,12 +79,25 @@ class Fitted:
     notes: list[str]  # what was left out or shortened, for the caption
 
 
-def width_of(table: Cells) -> int:
-    """The width rich gives ``table`` when nothing is shrunk."""
+def _natural(c: Column, cells: list[str]) -> int:
     from rich.cells import cell_len
 
-    return (sum(max([cell_len(c.head)] + [cell_len(x) for x in cells]) for c, cells in table)
-            + SEPARATOR * (len(table) - 1))
+    return max([cell_len(c.head)] + [cell_len(x) for x in cells])
+
+
+def width_of(table: Cells) -> int:
+    """The width ``table`` needs: every column whole, except that prose (``wrap`` columns)
+    may wrap in its cells down to its longest word, but not below the widest other column
+    (rich narrows the widest wrappable columns first, so the numbers keep their width)."""
+    from rich.cells import cell_len
+
+    fixed = [_natural(c, cells) for c, cells in table if not c.wrap]
+    total = sum(fixed)
+    for c, cells in table:
+        if c.wrap:
+            word = max([cell_len(w) for x in [c.head, *cells] for w in x.split()] or [1])
+            total += min(_natural(c, cells), max([word, *fixed]))
+    return total + SEPARATOR * (len(table) - 1)
 
 
 def _uninformative(cells: list[str]) -> bool:
@@ -140,7 +161,6 @@ def draw_table(console, columns: list[Column], caption: str = "", digits: int = 
     markup) and the notes of the fitting, wrapped at the console's width."""
     from rich.markup import escape
     from rich.table import Table
-    from rich.text import Text
 
     fitted = fit(columns, console.width, digits)
     for piece in fitted.pieces:
@@ -148,8 +168,8 @@ def draw_table(console, columns: list[Column], caption: str = "", digits: int = 
         for c, _ in piece:
             # fold, never no_wrap: rich crops a no_wrap cell that is too wide (the digits lost)
             table.add_column(c.head, justify=c.justify, style=c.style, overflow="fold")
-        for row in zip(*(cells for _, cells in piece), strict=True):
-            table.add_row(*(Text(x) for x in row))
+        for row in range(len(piece[0][1])):
+            table.add_row(*(c.text(row, cells[row]) for c, cells in piece))
         console.print(table)
     for line in [caption, *map(escape, fitted.notes)]:
         if line:
