@@ -434,3 +434,54 @@ def test_csv_coordinates_of_arrays_with_different_unit_axes(tmp_path):
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [(int(r["unit"]), int(r["n"]), int(r["c"])) for r in rows] == [
         (k, *np.unravel_index(k, (2, 3))) for k in range(6)]
+
+
+# ---- info and fold ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width", [80, 60, 40])
+def test_info_never_cuts_a_shape_or_size(monkeypatch, width):
+    """`info` on the sample files: every shape, chunk shape and size whole, whatever the width
+    (the file and array columns lead every piece)."""
+    import json
+    import os
+
+    from helpers import SAMPLE
+
+    paths = [os.path.join(SAMPLE, n) for n in ("acts.h5", "acts.npz")]
+    rc, out, err = run_inproc("info", *paths, "--format", "json")
+    assert rc == 0, err
+    records = json.loads(out)["arrays"]
+    monkeypatch.setenv("COLUMNS", str(width))
+    rc, out, err = run_inproc("info", *paths)
+    assert rc == 0, err
+    assert ELLIPSIS not in out and max(map(len, out.splitlines())) <= width
+    text = "".join(out.split())
+    for r in records:
+        assert "x".join(map(str, r["shape"])) in text
+        if r.get("chunks"):
+            assert "x".join(map(str, r["chunks"])) in text
+
+
+@pytest.mark.parametrize("width", [80, 60])
+def test_fold_plan_never_cuts_a_number(tmp_path, monkeypatch, width):
+    """The plan of the sample model at 80 and 60 columns: channels and errors whole, the
+    columns that are the same for every pair named in the note."""
+    import os
+
+    from helpers import SAMPLE
+
+    monkeypatch.setenv("COLUMNS", str(width))
+    rc, out, err = run_inproc("fold", os.path.join(SAMPLE, "model.npz"), "-o", tmp_path / "f.npz",
+                              "--check")
+    assert rc == 0, err
+    assert ELLIPSIS not in out and max(map(len, out.splitlines())) <= width
+    pairs = parse_block([line for line in out.splitlines() if "┃" in line or "│" in line])
+    with np.load(os.path.join(SAMPLE, "model.npz")) as z:
+        channels = {k[:-len(".running_mean")]: z[k].size for k in z.files if k.endswith(".running_mean")}
+    # parse_block keys rows by the first cell (conv); the bn is the second
+    assert sorted(u["bn"] for u in pairs.values()) == sorted(channels)
+    for u in pairs.values():
+        assert int(u["channels"]) == channels[u["bn"]]
+        assert float(u["max rel err"]) <= 1e-5
+    assert "the same in every row, so not shown: eps 1e-05" in notes_of(out)
