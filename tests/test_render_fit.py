@@ -485,3 +485,13 @@ def test_fold_plan_never_cuts_a_number(tmp_path, monkeypatch, width):
         assert int(u["channels"]) == channels[u["bn"]]
         assert float(u["max rel err"]) <= 1e-5
     assert "the same in every row, so not shown: eps 1e-05" in notes_of(out)
+
+
+def test_array_names_that_look_like_markup_are_printed_as_they_are(tmp_path):
+    """A name such as ``blk[/b]`` was read as rich markup: an internal error (MarkupError)."""
+    np.savez(tmp_path / "m.npz", **{"blk[/b]": np.arange(12.0).reshape(3, 4),
+                                    "x[bold]": np.ones((3, 4))})
+    for cmd in (["moments"], ["hist", "--bins", "3"], ["moments", "--summary"]):
+        rc, out, err = run_inproc(cmd[0], tmp_path / "m.npz", "--layout", "NC", "-q", *cmd[1:])
+        assert rc == 0 and "internal error" not in err, err
+        assert "blk[/b]" in out and "x[bold]" in out

@@ -94,10 +94,12 @@ def _percent(v, digits) -> str:
 
 def hist_table(h: Histogram, sort="unit", top=None, show_all=False):
     """``(title, columns, caption)`` of the histogram table of one array."""
+    from rich.markup import escape
+
     s = h.stats
     f = hist_flags(h)
     rows, hidden = select_rows(s, f, sort, top, show_all)
-    title = (f"[bold]{s.name}[/bold]  {tuple(s.shape)} {s.dtype} · layout {s.layout} · reduce {s.reduce} · "
+    title = (f"[bold]{escape(s.name)}[/bold]  {tuple(s.shape)} {s.dtype} · layout {s.layout} · reduce {s.reduce} · "
              f"{h.bins} bins, range {fmt_range(h.range)}" + (" · per tensor" if h.per_tensor else ""))
     dead = int(h.dead.sum())
     caption = (f"{int(np.prod(h.unit_shape)):,} units · {dead} dead (all zero) · "

@@ -126,8 +126,10 @@ def unit_column(s: Stats, rows) -> Column:
 
 def stats_table(s: Stats, sort: str = "unit", top: int | None = None, show_all: bool = False):
     """``(title, columns, caption)`` of the table of one array."""
+    from rich.markup import escape
+
     layout = s.layout + (" (assumed, PyTorch default)" if s.assumed_layout else "")
-    title = (f"[bold]{s.name}[/bold]  {tuple(s.shape)} {s.dtype} · layout {layout} · reduce "
+    title = (f"[bold]{escape(s.name)}[/bold]  {tuple(s.shape)} {s.dtype} · layout {layout} · reduce "
              f"{s.reduce} · {s.elements:,} elements")
     f = flags(s)
     rows, hidden = select_rows(s, f, sort, top, show_all)

@@ -147,13 +147,14 @@ def save_with_extra(stats: dict, extra: dict, key: str, fh) -> None:
 
 
 def running_tables(results: dict, *, file=None, top=None, show_all=False) -> None:
+    from rich.markup import escape
 
     def draw(console):
         for n, r in enumerate(results.values()):
             if n:
                 console.print()
             mom = "cumulative (momentum=None)" if r.momentum is None else f"momentum {r.momentum:g}"
-            console.print(f"[bold]{r.name}[/bold]  {tuple(r.stats.shape)} {r.stats.dtype} · layout "
+            console.print(f"[bold]{escape(r.name)}[/bold]  {tuple(r.stats.shape)} {r.stats.dtype} · layout "
                           f"{r.stats.layout} · {r.framework} {mom} · batches of {r.batch_size}: "
                           f"{r.batches} per epoch x {r.epochs} epoch(s)"
                           f"{' (last dropped)' if r.drop_last else ''} · start {r.initial}")
