@@ -29,12 +29,24 @@ def parse_block(block: list[str]) -> dict[str, dict[str, str]]:
     """{unit label: {head: cell}} over every piece of a (possibly wrapped) table."""
     units: dict[str, dict[str, str]] = {}
     heads: list[str] = []
+    last, in_head = None, False
     for line in block:
-        if "┃" in line:
-            heads = [h.strip() for h in line.split("┃")]
+        if "┃" in line:  # a head wrapped over lines is joined column by column
+            parts = [h.strip() for h in line.split("┃")]
+            heads = [" ".join(x for x in hs if x) for hs in zip(heads, parts)] if in_head else parts
+            in_head = True
         elif "│" in line:
+            in_head = False
             cells = [c.strip() for c in line.split("│")]
-            units.setdefault(cells[0], {}).update(zip(heads[1:], cells[1:], strict=True))
+            if cells[0] == "" and last is not None:  # a cell wrapped onto the next line
+                for h, c in zip(heads[1:], cells[1:], strict=True):
+                    if c:
+                        last[h] = f"{last[h]} {c}".strip()
+                continue
+            last = units.setdefault(cells[0], {})
+            last.update(zip(heads[1:], cells[1:], strict=True))
+        else:
+            in_head = False
     return units
 
 
@@ -495,3 +507,28 @@ def test_array_names_that_look_like_markup_are_printed_as_they_are(tmp_path):
         rc, out, err = run_inproc(cmd[0], tmp_path / "m.npz", "--layout", "NC", "-q", *cmd[1:])
         assert rc == 0 and "internal error" not in err, err
         assert "blk[/b]" in out and "x[bold]" in out
+
+
+@pytest.mark.parametrize("width", [80, 60])
+def test_recalibrate_table_never_cuts_a_number(tmp_path, monkeypatch, width):
+    from test_recalibrate import acts, pytorch_model, two_pass
+
+    x = acts()
+    np.save(tmp_path / "bn1.npy", x)
+    pytorch_model(tmp_path / "m.npz")
+    monkeypatch.setenv("COLUMNS", str(width))
+    rc, out, err = run_inproc("recalibrate", tmp_path / "m.npz", tmp_path / "bn1.npy", "--layout",
+                              "NCHW", "-o", tmp_path / "o.npz")
+    assert rc == 0, err
+    assert ELLIPSIS not in out
+    table = [line for line in out.splitlines() if "┃" in line or "│" in line or "━" in line]
+    assert max(map(len, table)) <= width  # (the title and note are single lines, never cut)
+    rows = parse_block(table)
+    assert set(rows) == {"bn1", "head.bn"}
+    mean, m2, n = two_pass(x)
+    assert rows["bn1"]["channels"] == str(mean.size)
+    assert rows["bn1"]["values/channel"] == f"{n:,}"
+    # the new mean of the channel named, whole, in its (wrapped) cell
+    cell = rows["bn1"]["largest mean change: old -> new"]
+    i = int(re.match(r"c (\d+):", cell).group(1))
+    assert f"-> {mean[i]:.6g}" in cell

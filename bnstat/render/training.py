@@ -196,8 +196,6 @@ def recal_json(result) -> str:
 
 
 def recal_table(result, *, file=None) -> None:
-    from rich.table import Table
-
     what = ("population statistics" if result.estimator == "population"
             else "batch-mean (torch.optim.swa_utils.update_bn)")
     title = (f"{result.model}: {len(result.changed)} BatchNorm layer(s) recalibrated with the "
@@ -205,32 +203,36 @@ def recal_table(result, *, file=None) -> None:
     note = ("running_var in each model's convention (PyTorch m2/(count-1), Keras m2/count); "
             "num_batches_tracked left as is"
             + (f"; written to {result.output}" if result.output else "; nothing written"))
-    t = Table(show_edge=False, pad_edge=False)
-    for head in ("bn", "convention", "activations", "channels", "values/channel",
-                 "largest mean change: old -> new", "largest var change: old -> new"):
-        t.add_column(head, justify="right" if head in ("channels", "values/channel") else "left",
-                     overflow="fold")
-    for c in result.changes:
-        if c.source is None:
-            t.add_row(c.layer.name, c.layer.convention, "none: kept", str(c.old_mean.size), "-", "-", "-")
-            continue
-        shift, ratio = c.mean_shift, c.var_ratio
-        with np.errstate(invalid="ignore", divide="ignore"):
-            lr = np.abs(np.log(ratio))
-        i = int(np.nanargmax(np.abs(shift))) if not np.isnan(shift).all() else 0
-        j = int(np.nanargmax(lr)) if not np.isnan(lr).all() else 0
-        t.add_row(c.layer.name, c.layer.convention, c.source, str(c.old_mean.size), fmt_num(c.count),
-                  f"c {i}: {fmt_num(float(c.old_mean[i]))} -> {fmt_num(float(c.new_mean[i]))} "
-                  f"({fmt_num(float(shift[i]))} old std)",
-                  f"c {j}: {fmt_num(float(c.old_var[j]))} -> {fmt_num(float(c.new_var[j]))} "
-                  f"(x {fmt_num(float(ratio[j]))})")
+    rows = [_recal_row(c) for c in result.changes]
+    heads = ("bn", "convention", "activations", "channels", "values/channel",
+             "largest mean change: old -> new", "largest var change: old -> new")
+    columns = [Column(h, [r[k] for r in rows], kind="text", key=h == "bn", wrap=k >= 5,
+                      justify="right" if h in ("channels", "values/channel") else "left")
+               for k, h in enumerate(heads)]
 
     def draw(console):
         console.print(title, soft_wrap=True)
-        console.print(t)
+        draw_table(console, columns)
         console.print(note, soft_wrap=True)
 
     emit_rich(draw, file=file)
+
+
+def _recal_row(c) -> list[str]:
+    """One BN of the recalibrate table: the largest mean shift and variance ratio with the
+    channel where each is."""
+    if c.source is None:
+        return [c.layer.name, c.layer.convention, "none: kept", str(c.old_mean.size), "-", "-", "-"]
+    shift, ratio = c.mean_shift, c.var_ratio
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lr = np.abs(np.log(ratio))
+    i = int(np.nanargmax(np.abs(shift))) if not np.isnan(shift).all() else 0
+    j = int(np.nanargmax(lr)) if not np.isnan(lr).all() else 0
+    return [c.layer.name, c.layer.convention, c.source, str(c.old_mean.size), fmt_num(c.count),
+            f"c {i}: {fmt_num(float(c.old_mean[i]))} -> {fmt_num(float(c.new_mean[i]))} "
+            f"({fmt_num(float(shift[i]))} old std)",
+            f"c {j}: {fmt_num(float(c.old_var[j]))} -> {fmt_num(float(c.new_var[j]))} "
+            f"(x {fmt_num(float(ratio[j]))})"]
 
 
 # ---- diff -------------------------------------------------------------------------
