@@ -79,25 +79,28 @@ class Fitted:
     notes: list[str]  # what was left out or shortened, for the caption
 
 
-def _natural(c: Column, cells: list[str]) -> int:
+def _measure(table: Cells) -> dict[int, tuple[int, int, bool]]:
+    """Per column (by the id of its cells): its natural width, its longest word, and whether
+    it is prose. Measured once per fitting (a table of --all rows has many cells)."""
     from rich.cells import cell_len
 
-    return max([cell_len(c.head)] + [cell_len(x) for x in cells])
+    sizes = {}
+    for c, cells in table:
+        texts = [c.head, *cells]
+        word = max([cell_len(w) for x in texts for w in x.split()] or [1]) if c.wrap else 0
+        sizes[id(cells)] = (max(cell_len(x) for x in texts), word, c.wrap)
+    return sizes
 
 
-def width_of(table: Cells) -> int:
+def width_of(table: Cells, sizes: dict | None = None) -> int:
     """The width ``table`` needs: every column whole, except that prose (``wrap`` columns)
     may wrap in its cells down to its longest word, but not below the widest other column
     (rich narrows the widest wrappable columns first, so the numbers keep their width)."""
-    from rich.cells import cell_len
-
-    fixed = [_natural(c, cells) for c, cells in table if not c.wrap]
-    total = sum(fixed)
-    for c, cells in table:
-        if c.wrap:
-            word = max([cell_len(w) for x in [c.head, *cells] for w in x.split()] or [1])
-            total += min(_natural(c, cells), max([word, *fixed]))
-    return total + SEPARATOR * (len(table) - 1)
+    sizes = sizes or _measure(table)
+    need = [sizes[id(cells)] for _, cells in table]
+    fixed = [natural for natural, _, wrap in need if not wrap]
+    prose = [min(natural, max([word, *fixed])) for natural, word, wrap in need if wrap]
+    return sum(fixed) + sum(prose) + SEPARATOR * (len(table) - 1)
 
 
 def _uninformative(cells: list[str]) -> bool:
@@ -109,7 +112,7 @@ def _at(columns: list[Column], digits: int) -> Cells:
     return [(c, c.cells(digits)) for c in columns]
 
 
-def _split(table: Cells, width: int) -> list[Cells]:
+def _split(table: Cells, width: int, sizes: dict) -> list[Cells]:
     """The non-key columns in order, cut into pieces that each fit beside the key columns:
     as few pieces as filling each in turn gives, with as even a number of columns as fits
     (not five and one)."""
@@ -117,14 +120,14 @@ def _split(table: Cells, width: int) -> list[Cells]:
     rest = [t for t in table if not t[0].key]
     groups, cur = [], []
     for t in rest:
-        if cur and width_of(keys + cur + [t]) > width:
+        if cur and width_of(keys + cur + [t], sizes) > width:
             groups.append(cur)
             cur = []
         cur.append(t)
     groups += [cur] if cur or not groups else []
     size = -(-len(rest) // len(groups))
     even = [rest[k:k + size] for k in range(0, len(rest), size)] if rest else [[]]
-    if len(even) == len(groups) and all(width_of(keys + g) <= width for g in even):
+    if len(even) == len(groups) and all(width_of(keys + g, sizes) <= width for g in even):
         groups = even
     return [keys + g for g in groups]
 
@@ -140,17 +143,18 @@ def fit(columns: list[Column], width: int, digits: int = DIGITS) -> Fitted:
     if dropped:
         said = ", ".join(f"{c.head} {cells[0] or 'none'}" if cells else c.head for c, cells in dropped)
         notes.append(f"the same in every row, so not shown: {said}")
-    kept = [c for c, _ in table if all(c is not d for d, _ in dropped)]
-    for d in range(digits, FLOOR_DIGITS - 1, -1):
-        shorter = _at(kept, d)
-        if width_of(shorter) <= width:
-            break
-    if any(a != b for (_, a), (_, b) in zip(_at(kept, digits), shorter)):
-        notes.append(f"numbers to {d} significant digits to fit {width} columns "
+    whole = [t for t in table if all(t[0] is not c for c, _ in dropped)]
+    shorter, sizes, used = whole, _measure(whole), digits
+    while used > FLOOR_DIGITS and width_of(shorter, sizes) > width:
+        used -= 1
+        shorter = [(c, cells) if c.kind == "text" else (c, c.cells(used)) for c, cells in whole]
+        sizes = _measure(shorter)
+    if any(a != b for (_, a), (_, b) in zip(whole, shorter)):
+        notes.append(f"numbers to {used} significant digits to fit {width} columns "
                      "(--format csv or json: every digit)")
-    if width_of(shorter) <= width:
+    if width_of(shorter, sizes) <= width:
         return Fitted([shorter], notes)
-    pieces = _split(shorter, width)
+    pieces = _split(shorter, width, sizes)
     if len(pieces) > 1:
         notes.append(f"wrapped into {len(pieces)} tables to fit {width} columns")
     return Fitted(pieces, notes)
