@@ -254,7 +254,7 @@ def table_options(func):
 
 def check_summary(summary: bool, fmt: str, sort: str, top, show_all: bool) -> None:
     """--summary is a text view: refused with --format json|csv|npz, --sort, --top and --all
-    (README "Output formats"). Raises click.UsageError."""
+    (README, `bnstat moments`). Raises click.UsageError."""
     if not summary:
         return
     if fmt != "table":

@@ -1,4 +1,4 @@
-"""Tables that fit the console's width without cutting a number (README "Output formats").
+"""Tables that fit the console's width without cutting a number (README, `bnstat moments`).
 
 rich shrinks a table wider than the console by cutting cells with "…"
 (``1,048,5…``). Here a table is built from columns of values, measured, and

@@ -176,7 +176,7 @@ SUMMARY_HEADS = ("array", "shape", "layout", "reduce", "units", "mean", "std", "
 
 
 def summary_row(s: Stats, f: np.ndarray) -> list[str]:
-    """One array in a line (README "Output formats", --summary)."""
+    """One array in a line (README, `bnstat moments`: --summary)."""
     cols = s.columns()
     return [s.name, "x".join(map(str, s.shape)) or "()", s.layout, s.reduce,
             f"{int(np.prod(s.unit_shape)):,}", value_range(cols["mean"]) or "-",
