@@ -104,6 +104,32 @@ def in_cache(call, args: tuple) -> bool:
         return False
 
 
+def index_may_exist(spec: Spec) -> bool:
+    """False when no index of numba's cache for ``spec``'s kernel exists where numba looks:
+    NUMBA_CACHE_DIR, the package's __pycache__, the user-wide cache (numba's locators for a
+    file; a test checks them against numba's own path). Needs no numba: a run whose kernel
+    was never compiled starts computing at once. True when it cannot tell."""
+    import glob
+    import hashlib
+
+    if os.environ.get("NUMBA_CACHE_LOCATOR_CLASSES"):
+        return True
+    module, attr = KERNELS[spec.kernel]
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          module.rsplit(".", 1)[-1] + ".py")
+    here = os.path.dirname(source)
+    sub = f"{os.path.basename(here)}_{hashlib.sha1(here.encode()).hexdigest()}"
+    dirs = [os.path.join(here, "__pycache__")]
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        dirs = [os.path.join(os.environ["NUMBA_CACHE_DIR"], sub)]
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        dirs.append(os.path.join(base, "numba", sub))
+    name = f"{os.path.splitext(os.path.basename(source))[0]}._{attr}-*.py{sys.version_info[0]}" \
+           f"{sys.version_info[1]}.nbi"
+    return any(glob.glob(os.path.join(glob.escape(d), name)) for d in dirs)
+
+
 def compile_apart(spec: Spec) -> subprocess.Popen:
     """Start the detached process that compiles ``spec`` into numba's cache."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -170,7 +196,8 @@ def loaded(spec: Spec) -> bool:
     raised."""
     j = job(spec)
     first = not j.known.is_set()
-    _wait(j.known)
+    if not (first and not index_may_exist(spec)):  # never compiled: no need to ask numba
+        _wait(j.known)
     if j.cached:
         _wait(j.done)
     elif first:
