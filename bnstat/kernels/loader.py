@@ -152,6 +152,7 @@ class Job:
         self.done = threading.Event()
         self.cached: bool | None = None
         self.error: BaseException | None = None
+        self.noted = False  # the first-compile note was given
         self.started = time.perf_counter()
         threading.Thread(target=self._run, name=f"bnstat-load-{spec.kernel}", daemon=True).start()
 
@@ -195,14 +196,14 @@ def loaded(spec: Spec) -> bool:
     returns False while it is being compiled (the first time, with a note). Raises what the load
     raised."""
     j = job(spec)
-    first = not j.known.is_set()
-    if not (first and not index_may_exist(spec)):  # never compiled: no need to ask numba
+    if j.known.is_set() or index_may_exist(spec):  # never compiled: no need to ask numba
         _wait(j.known)
     if j.cached:
         _wait(j.done)
-    elif first:
+    elif not j.noted:
         from bnstat.errors import note
 
+        j.noted = True
         note(f"compiling the {spec.kernel} kernel for {spec.dtype} for the first time (a few "
              "seconds, in the background; numpy computes meanwhile)")
     if not j.done.is_set():
