@@ -57,7 +57,9 @@ def command(input_path, stats_file, model, bn_name, eps, per_batch, layout, chan
     from bnstat.io.atomic import check_output
 
     check_output(output, force=force, inputs=[input_path, *filter(None, (stats_file, model))])
-    total = sum(s.nbytes for s in open_sources([input_path], datasets)) if input_path != "-" else 0
+    # the progress total only: the library opens (and checks, and warns about) the input itself
+    total = sum(s.nbytes for s in open_sources([input_path], datasets, check=False)) \
+        if input_path != "-" else 0
     passes = 2 if (stats_file is None and model is None and per_batch is None) else 1
     with progress(total * passes, "normalize", enabled=not quiet and total > 0) as advance:
         normalize(input_path, output, stats=stats_file, model=model, bn=bn_name, eps=eps,

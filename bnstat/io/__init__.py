@@ -51,10 +51,13 @@ def _selector(patterns):
     return lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def open_path(path: str, patterns=(), *, check_crc: bool = True) -> list[ArraySource]:
+def open_path(path: str, patterns=(), *, check_crc: bool = True,
+              skipped: list | None = None) -> list[ArraySource]:
     """The selected arrays of one path ('-' is a .npy stream on stdin).
 
-    ``check_crc=False``: the CRC-32 of .npz members is not checked."""
+    ``check_crc=False``: the CRC-32 of .npz members is not checked. ``skipped``: a
+    list collecting the .npz members that no pattern selected and whose dtype moments
+    cannot use (without it they raise, as a selected one does)."""
     selected = _selector(patterns)
     if path == "-":
         from bnstat.io.npy import open_stdin
@@ -76,33 +79,98 @@ def open_path(path: str, patterns=(), *, check_crc: bool = True) -> list[ArraySo
             return open_torch(path, selected)
         from bnstat.io.npy import open_npy, open_npz
 
-        sources = open_npy(path) if kind == "npy" else open_npz(path, check_crc=check_crc)
+        sources = open_npy(path) if kind == "npy" else open_npz(
+            path, check_crc=check_crc, selected=selected, skipped=skipped)
     return [s for s in sources if selected(s.name) is not False]
 
 
-def open_sources(paths, patterns=(), *, check: bool = True, check_crc: bool = True) -> list[ArraySource]:
+# kinds of source that are the one array of their input: never skipped, always checked
+_SINGLE_KINDS = ("npy", "stdin", "memory")
+
+
+def open_sources(paths, patterns=(), *, check: bool = True, check_crc: bool = True,
+                 name: str | None = None, skipped: list | None = None) -> list[ArraySource]:
     """All selected arrays of all paths, in command-line and file order.
 
     With ``check`` (for computing), arrays of fewer than 2 dimensions or no
-    elements are refused; ``bnstat info`` lists them all. Raises InputError
-    when a path fails or nothing is selected.
+    elements are refused; ``bnstat info`` lists them all. Without ``patterns``,
+    the arrays of a container (.npz) that moments cannot use (string or object
+    dtype, 0-D, 1-D, empty) are skipped with one warning per file, and collected
+    in ``skipped`` when a list is given (README, inputs). ``name``: the one array
+    of each path is called ``name`` (--name). Raises InputError when a path fails
+    or nothing usable is selected, UsageProblem when ``name`` meets a path of
+    several arrays.
     """
     if list(paths).count("-") > 1:
         raise InputError("-: standard input can be given once")
-    sources = []
+    sources, skips = [], []
     for path in paths:
-        sources.extend(open_path(path, patterns, check_crc=check_crc))
-    if check:
-        for src in sources:
-            check_shape(src.shape, src.where)
+        opened = open_path(path, patterns, check_crc=check_crc, skipped=skips)
+        if check:
+            opened = _usable(opened, skips, bool(patterns))
+        if name is not None:
+            _rename(opened, path, name)
+        sources.extend(opened)
+    if skipped is not None:
+        skipped.extend(skips)
     if not sources:
         where = ", ".join(paths)
         if patterns:
             raise InputError(f"{where}: no array matches -d/dataset= {' -d '.join(patterns)}",
                              "List the arrays with: bnstat info " + " ".join(paths))
+        if skips:
+            raise InputError(f"{where}: no array moments can use: {_skip_list(skips)}",
+                             "List the arrays with: bnstat info " + " ".join(paths))
         raise InputError(f"{where}: no numeric array of 2 or more dimensions found")
+    if check:
+        _warn_skipped(skips)
     _warn_unmatched(paths, patterns, sources)
     return sources
+
+
+def _rename(sources: list[ArraySource], path: str, name: str) -> None:
+    """--name: the one array of ``path`` becomes ``name``. Raises UsageProblem for several."""
+    from bnstat.errors import UsageProblem
+
+    if len(sources) > 1:
+        shown = ", ".join(s.name for s in sources[:4]) + (" ..." if len(sources) > 4 else "")
+        raise UsageProblem(f"{path}: --name/name= names one array, but {len(sources)} are selected "
+                           f"({shown})", "Select one with -d, or give --name only with "
+                           ".npy files and standard input.")
+    for src in sources:
+        src.rename(name)
+
+
+def _usable(sources: list[ArraySource], skips: list, explicit: bool) -> list[ArraySource]:
+    """The sources moments can use; the others of containers (no -d) join ``skips``.
+    Raises InputError for a single array, or one selected by -d."""
+    from bnstat.io.base import SkippedArray, shape_problem
+
+    kept = []
+    for src in sources:
+        problem = shape_problem(src.shape)
+        if problem is None:
+            kept.append(src)
+        elif explicit or src.kind in _SINGLE_KINDS:
+            check_shape(src.shape, src.where)
+        else:
+            skips.append(SkippedArray(src.path, src.key, src.shape, src.dtype, problem))
+    return kept
+
+
+def _warn_skipped(skips) -> None:
+    """One warning per file naming the arrays skipped and why."""
+    from bnstat.errors import warn
+
+    for path in dict.fromkeys(s.path for s in skips):
+        mine = [s for s in skips if s.path == path]
+        warn(f"{path}: skipping {_skip_list(mine)}: moments need numeric arrays of 2+ "
+             "dimensions (select arrays with -d to leave them out quietly)")
+
+
+def _skip_list(skips) -> str:
+    """``s (string dtype <U1), v (1-D)``: the skipped arrays and why."""
+    return ", ".join(f"{s.name} ({s.reason})" for s in skips)
 
 
 def same_file_twice(paths) -> tuple[str, str] | None:
