@@ -142,7 +142,7 @@ def plan_tasks(groups, plans, chunk_size: int) -> list[Task]:
             for span in spans:
                 n = src.shape[0] if span is None else span[1] - span[0]
                 shape = (n,) + tuple(src.shape[1:])
-                tasks.append(Task(len(tasks), gi, os.path.abspath(src.path), src.path, src.name,
+                tasks.append(Task(len(tasks), gi, os.path.abspath(src.path), src.path, src.key,
                                   span, shape, int(np.prod(shape)) * src.dtype.itemsize))
     return tasks
 

@@ -366,7 +366,7 @@ def _write_job(job: Job, run: Run, box) -> np.ndarray | None:
     pipelined = flat is not None and box is not None
     arr = _prepare(job, run, flat, pipelined)
     result = np.empty(arr.read_shape, arr.dtype) if box is None else None
-    writer_cm = box.array(src.name, src.shape, arr.dtype, src.fortran, like=src) if box is not None \
+    writer_cm = box.array(src.key, src.shape, arr.dtype, src.fortran, like=src) if box is not None \
         else contextlib.nullcontext(None)
     nans: list[int] = []
     row_out = math.prod(arr.read_shape[1:]) * arr.dtype.itemsize
@@ -410,7 +410,7 @@ def _start(jobs: list[Job], run: Run, threads: int | None, engine: str | None) -
 def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None, per_batch=None,
               layout=None, channel_axis=None, norm=None, groups=None, reduce=None, dataset=None,
               chunk_size=None, threads=None, nan="omit", force=False, progress=None, engine=None,
-              check_crc=True):
+              check_crc=True, name=None):
     """Normalize the selected arrays of ``source`` into ``output`` (same format).
 
     The parameters and what it raises: :func:`bnstat.normalize`. Returns
@@ -424,7 +424,7 @@ def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None,
 
     _check_arguments(stats, model, bn, per_batch)
     chunk = size_bytes(chunk_size, DEFAULT_CHUNK_SIZE)
-    sources = open_any(source, dataset, check_crc=check_crc)
+    sources = open_any(source, dataset, check_crc=check_crc, name=name)
     in_memory = all(s.kind == "memory" for s in sources)
     paths = [] if in_memory else sorted({s.path for s in sources})
     # the secondary inputs are never written over either (README "Nothing lost")

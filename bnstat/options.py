@@ -150,6 +150,21 @@ per_file_option = click.option(
     help="Keep arrays of the same name in different files apart (default: merged along N).")
 
 
+def check_array_name(text: str) -> str:
+    """Validate an array name for --name (what -d patterns and stats files see). Raises ValueError."""
+    name = text.strip()
+    if not name or name != text or any(ch in name for ch in "*?[]") or name.startswith("__"):
+        raise ValueError(f"{text!r}: an array name is a non-empty string without spaces around it, "
+                         "wildcards (*?[]) or a leading __")
+    return name
+
+
+name_option = click.option(
+    "--name", type=str, default=None, metavar="NAME", callback=_checked(check_array_name),
+    help="Call the array of each input NAME (a .npy file, standard input, or one array "
+         "selected with -d): shards given the same NAME are one array, merged along N.")
+
+
 skip_crc_option = click.option(
     "--skip-crc", is_flag=True,
     help="Do not check the CRC-32 of .npz members: a stored member then reads as fast as a "

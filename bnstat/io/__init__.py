@@ -203,7 +203,7 @@ def refuse_same_file_twice(paths, allow: bool) -> None:
 def _warn_unmatched(paths, patterns, sources) -> None:
     """Warn of each -d pattern that matches no array of ``paths`` when others do (a typo)."""
     for pattern in dict.fromkeys(patterns):
-        if not any(fnmatch.fnmatchcase(s.name, pattern) for s in sources):
+        if not any(fnmatch.fnmatchcase(s.key, pattern) for s in sources):
             from bnstat.errors import warn
 
             warn(f"-d/dataset= {pattern}: matches no array of {', '.join(paths)} "
@@ -230,13 +230,15 @@ def _as_array(obj, name: str):
                          "Pass a numpy array, e.g. tensor.detach().cpu().numpy().") from exc
 
 
-def open_any(source, dataset=None, *, check_crc: bool = True) -> list[ArraySource]:
+def open_any(source, dataset=None, *, check_crc: bool = True, name: str | None = None) -> list[ArraySource]:
     """The arrays of ``source`` as ArraySources, for computing (2+ dimensions, not empty).
 
     ``source``: a path or path-like ('-': a .npy stream on stdin), a list of
     them (one data set split along N), a numpy array, a dict of named arrays,
     or anything with ``__array__`` (a torch tensor, an xarray DataArray).
     ``dataset``: a pattern or list of patterns selecting arrays of files.
+    ``name``: what to call the one array of each input (``--name``; a dict of
+    several arrays, or a file of several selected arrays, is a UsageProblem).
     Raises UsageProblem for anything else, InputError for unreadable inputs.
     """
     import os
@@ -248,9 +250,12 @@ def open_any(source, dataset=None, *, check_crc: bool = True) -> list[ArraySourc
     if isinstance(source, dict):
         if not source:
             raise UsageProblem("source=: an empty dict; give at least one array")
-        return [MemorySource(_as_array(v, str(k)), str(k)) for k, v in source.items()]
+        sources = [MemorySource(_as_array(v, str(k)), str(k)) for k, v in source.items()]
+        if name is not None:
+            _rename(sources, "source=", name)
+        return sources
     if isinstance(source, np.ndarray) or (hasattr(source, "__array__") and not _is_path(source)):
-        return [MemorySource(_as_array(source, "array"))]
+        return [MemorySource(_as_array(source, name or "array"), name or "array")]
     if _is_path(source):
         paths = [source]
     elif isinstance(source, list | tuple) and source and all(_is_path(p) for p in source):
@@ -258,4 +263,5 @@ def open_any(source, dataset=None, *, check_crc: bool = True) -> list[ArraySourc
     else:
         raise UsageProblem(f"source=: {type(source).__name__} is not an input; give {_SOURCE_KINDS}")
     patterns = [dataset] if isinstance(dataset, str) else list(dataset or ())
-    return open_sources([os.fsdecode(os.fspath(p)) for p in paths], patterns, check_crc=check_crc)
+    return open_sources([os.fsdecode(os.fspath(p)) for p in paths], patterns, check_crc=check_crc,
+                        name=name)
