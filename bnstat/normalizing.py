@@ -27,7 +27,7 @@ from bnstat.affine import WRITE_PIECE, UnitParams, apply_params, out_dtype, unit
 from bnstat.errors import DataError, UsageProblem, check_interrupt, warn
 from bnstat.io import zlibx
 from bnstat.io.base import ArraySource
-from bnstat.layout import Plan, make_plan
+from bnstat.layout import Plan, array_layout, make_plan
 from bnstat.stats import Stats
 
 DEFAULT_EPS = 1e-5
@@ -215,11 +215,14 @@ def _check_model_fit(src: ArraySource, plan: Plan, params: UnitParams, layer: st
 def _plan_job(src: ArraySource, spec: dict, saved, model, per_batch, n_sources: int) -> Job:
     """The plan and the statistics strategy of one array. Raises DataError, UsageProblem."""
     st = _saved_for(src, saved, n_sources) if saved is not None else None
-    given = any(spec[k] is not None for k in ("layout", "channel_axis", "reduce", "norm"))
+    explicit = array_layout(src, spec["layout"], spec["channel_axis"], stored=False)
+    given = explicit is not None or any(spec[k] is not None for k in ("channel_axis", "reduce", "norm"))
     if st is not None and not given:
-        plan = _saved_plan(src, st)
+        plan = _saved_plan(src, st)  # the saved statistics' layout wins over a stored attribute
     else:
-        plan = make_plan(src.shape, **{**spec, "norm": spec["norm"] or "batch"}, name=src.where)
+        letters = array_layout(src, spec["layout"], spec["channel_axis"])
+        plan = make_plan(src.shape, **{**spec, "layout": letters, "norm": spec["norm"] or "batch"},
+                         name=src.where)
     if st is not None:
         _check_saved_fit(src, plan, st)
         return Job(src, plan, "saved", stats=st, applied=st)

@@ -166,6 +166,7 @@ def collect_batches(source, batch_size: int, *, drop_last=False, layout=None, ch
     from bnstat.io import zlibx
     from bnstat.io import open_any
     from bnstat.kernels._jit import set_threads
+    from bnstat.layout import array_layout
     from bnstat.stream import DEFAULT_CHUNK_SIZE, check_group_shapes, group_sources, pick_engine
 
     if isinstance(source, list | tuple) and source and all(isinstance(s, ArraySource) for s in source):
@@ -175,7 +176,8 @@ def collect_batches(source, batch_size: int, *, drop_last=False, layout=None, ch
     groups = group_sources(sources)
     plans = []
     for g in groups:
-        ps = [batch_plan(s.shape, layout=layout, channel_axis=channel_axis, name=s.where) for s in g.sources]
+        ps = [batch_plan(s.shape, layout=array_layout(s, layout, channel_axis), channel_axis=channel_axis,
+                         name=s.where) for s in g.sources]
         check_group_shapes(g, ps)
         n = sum(s.shape[0] for s in g.sources)
         if batch_size > n:

@@ -69,6 +69,7 @@ def command(inputs, batch_size, framework, momentum, cumulative, epochs, drop_la
         raise click.UsageError("give --momentum or --cumulative, not both")
     if (from_model is None) != (bn_name is None):
         raise click.UsageError("--from-model and --bn go together")
+    layout = options.layout_spec(layout, channel_axis, None, None, None)["layout"]
     fmt = options.format_for(fmt, output)
     check_target(output, fmt, force, list(inputs) + ([from_model] if from_model else []))
     from bnstat.io import open_sources

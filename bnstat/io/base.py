@@ -137,6 +137,7 @@ class ArraySource:
     compression: str | None = None
     row_align: int = 1  # read rows in multiples of this (HDF5 chunk rows)
     repeatable: bool = True  # can be read more than once (not stdin)
+    layout: str | None = None  # the layout stored with the array (an HDF5 ``layout`` attribute)
 
     @property
     def where(self) -> str:
@@ -184,7 +185,8 @@ class ArraySource:
         return {"name": self.name, "path": self.path, "shape": list(self.shape), "dtype": str(self.dtype),
                 "order": "F" if self.fortran else "C",
                 "chunks": list(self.chunks) if self.chunks else None,
-                "compression": self.compression, "nbytes": self.nbytes, "kind": self.kind}
+                "compression": self.compression, "nbytes": self.nbytes, "kind": self.kind,
+                "layout": self.layout}
 
 
 def native(arr: np.ndarray) -> np.ndarray:

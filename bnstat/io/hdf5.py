@@ -121,6 +121,18 @@ def check_filters(dataset, where: str) -> None:
                          "in HDF5_PLUGIN_PATH.")
 
 
+def stored_layout(dataset):
+    """The dataset's ``layout`` attribute (``"NCHW"``) as text, None without one; a value
+    that is no text comes back as it is, for ``layout.array_layout`` to refuse."""
+    try:
+        value = dataset.attrs.get("layout")
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError):
+        return None  # an attribute HDF5 cannot read: as if there were none
+    if isinstance(value, bytes | np.bytes_):
+        value = value.decode("utf-8", "replace")
+    return str(value) if isinstance(value, str) else value
+
+
 class Hdf5Source(ArraySource):
     kind = "hdf5"
 
@@ -136,6 +148,7 @@ class Hdf5Source(ArraySource):
         self.double_buffered = True
         check_dtype(self.dtype, self.where)
         check_filters(dataset, self.where)
+        self.layout = stored_layout(dataset)
 
     def iter_chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """Slabs of ``rows`` rows (aligned to the dataset's chunks by the caller).
