@@ -141,3 +141,18 @@ def test_bad_name_is_a_usage_error(shards, bad):
     paths, _ = shards
     rc, _, err = run_inproc("moments", str(paths[0]), "--name", bad)
     assert rc == 2 and "Invalid value for '--name'" in err, err
+
+
+@pytest.mark.slow
+def test_shards_on_a_local_dask_cluster(shards):
+    """The workers reopen each shard by its name in the file (s1, s2...), not by --name."""
+    pytest.importorskip("distributed", reason="the dask extra (distributed) is not installed")
+    from conftest import run_cli
+
+    paths, x = shards
+    rc, out, err = run_cli("moments", *map(str, paths), "--name", "act", "--layout", "NCL", "--format",
+                           "json", "--scheduler", "local:1", "--chunk-size", "1KiB", "-q")
+    assert rc == 0, err
+    (arr,) = json.loads(out)["arrays"]
+    assert arr["name"] == "act"
+    _check(arr, x)
