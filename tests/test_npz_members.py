@@ -115,7 +115,7 @@ def test_nothing_usable_left_is_exit_1_naming_the_skipped(tmp_path):
     np.savez(tmp_path / "bad.npz", s=np.array(["a"]), v=np.arange(3.0))
     rc, out, err = run_inproc("moments", tmp_path / "bad.npz", "--format", "json")
     assert rc == 1 and out == ""
-    assert re.search(r"bad\.npz: no array moments can use: s \(string dtype <U1\), v \(1-D\)", err), err
+    assert re.search(r"bad\.npz: no numeric array of 2 or more dimensions found; skipped s \(string dtype <U1\), v \(1-D\)", err), err
 
 
 def test_normalize_d_and_without_d(tmp_path):
@@ -151,3 +151,32 @@ def test_api_moments_of_a_mixed_npz(tmp_path):
         stats = bnstat.moments(path, layout="NC")
     assert list(stats) == ["x"]
     np.testing.assert_allclose(stats["x"].var, _ref_stats(x)[1], rtol=1e-12)
+
+
+def test_info_lists_hdf5_datasets_moments_leave_out(tmp_path):
+    """The same for HDF5: 1-D, scalar, string and empty-dataspace datasets are listed with why;
+    moments leave them out quietly (README, conventions) and compute the rest."""
+    import h5py
+
+    x = np.arange(12.0).reshape(4, 3)
+    with h5py.File(tmp_path / "o.h5", "w") as f:
+        f["a"] = x
+        f["g/v"] = np.arange(4.0)
+        f["s"] = np.float32(2)
+        f["t"] = np.array([b"x", b"yz"])
+        f.create_dataset("n", data=h5py.Empty("f4"))
+    rc, out, err = run_inproc("info", tmp_path / "o.h5", "--format", "json")
+    _ok(rc, err)
+    rows = {r["name"]: r for r in json.loads(out)["arrays"]}
+    assert rows["a"]["skip"] is None and rows["a"]["shape"] == [4, 3]
+    assert rows["g/v"]["skip"] == "1-D" and rows["g/v"]["shape"] == [4]
+    assert rows["s"]["skip"] == "0-D" and rows["t"]["skip"] == "bytes dtype |S2"
+    assert rows["n"]["skip"] == "no dataspace"
+    rc, out, err = run_inproc("info", tmp_path / "o.h5")
+    _ok(rc, err)
+    assert "g/v (1-D)" in " ".join(out.split())
+    rc, out, err = run_inproc("moments", tmp_path / "o.h5", "--layout", "NC", "--format", "json")
+    _ok(rc, err)
+    assert "skipping" not in err
+    (arr,) = json.loads(out)["arrays"]
+    np.testing.assert_allclose(arr["var"], x.var(axis=0), rtol=1e-12)

@@ -57,7 +57,8 @@ def open_path(path: str, patterns=(), *, check_crc: bool = True,
 
     ``check_crc=False``: the CRC-32 of .npz members is not checked. ``skipped``: a
     list collecting the .npz members that no pattern selected and whose dtype moments
-    cannot use (without it they raise, as a selected one does)."""
+    cannot use (without it they raise, as a selected one does), and the HDF5 datasets
+    a walk leaves out."""
     selected = _selector(patterns)
     if path == "-":
         from bnstat.io.npy import open_stdin
@@ -68,7 +69,7 @@ def open_path(path: str, patterns=(), *, check_crc: bool = True,
         if kind == "hdf5":
             from bnstat.io.hdf5 import open_hdf5
 
-            return open_hdf5(path, selected)
+            return open_hdf5(path, selected, skipped)
         if kind == "safetensors":
             from bnstat.io.models.torch_zip import open_safetensors
 
@@ -119,10 +120,9 @@ def open_sources(paths, patterns=(), *, check: bool = True, check_crc: bool = Tr
         if patterns:
             raise InputError(f"{where}: no array matches -d/dataset= {' -d '.join(patterns)}",
                              "List the arrays with: bnstat info " + " ".join(paths))
-        if skips:
-            raise InputError(f"{where}: no array moments can use: {_skip_list(skips)}",
-                             "List the arrays with: bnstat info " + " ".join(paths))
-        raise InputError(f"{where}: no numeric array of 2 or more dimensions found")
+        skipped_text = f"; skipped {_skip_list(skips)}" if skips else ""
+        raise InputError(f"{where}: no numeric array of 2 or more dimensions found{skipped_text}",
+                         "List the arrays with: bnstat info " + " ".join(paths))
     if check:
         _warn_skipped(skips)
     _warn_unmatched(paths, patterns, sources)
@@ -163,8 +163,8 @@ def _warn_skipped(skips) -> None:
     """One warning per file naming the arrays skipped and why."""
     from bnstat.errors import warn
 
-    for path in dict.fromkeys(s.path for s in skips):
-        mine = [s for s in skips if s.path == path]
+    for path in dict.fromkeys(s.path for s in skips if s.warn):
+        mine = [s for s in skips if s.path == path and s.warn]
         warn(f"{path}: skipping {_skip_list(mine)}: moments need numeric arrays of 2+ "
              "dimensions (select arrays with -d to leave them out quietly)")
 

@@ -103,6 +103,7 @@ class SkippedArray:
     shape: tuple[int, ...] | None
     dtype: np.dtype | None
     reason: str
+    warn: bool = True  # moments warn of it (HDF5 skips its non-array datasets quietly)
 
     @property
     def where(self) -> str:
@@ -110,7 +111,7 @@ class SkippedArray:
 
     def describe(self) -> dict:
         return {"name": self.name, "path": self.path,
-                "shape": None if self.shape is None else list(self.shape),
+                "shape": [] if self.shape is None else list(self.shape),
                 "dtype": None if self.dtype is None else str(self.dtype), "order": "C",
                 "chunks": None, "compression": None, "kind": "npz", "skip": self.reason,
                 "nbytes": 0 if None in (self.shape, self.dtype) else
