@@ -177,7 +177,8 @@ def _saved_for(src: ArraySource, saved: dict[str, Stats], n_sources: int) -> Sta
     if st is None:
         raise DataError(f"{src.where}: the stats file has no statistics for {src.name!r} "
                         f"(it has: {', '.join(saved)})",
-                        "Select the arrays with -d/dataset=, or save statistics of this array.")
+                        "Select the arrays with -d/dataset=, give the array the saved name with "
+                        "--name/name=, or save statistics of this array.")
     return st
 
 

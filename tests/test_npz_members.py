@@ -180,3 +180,28 @@ def test_info_lists_hdf5_datasets_moments_leave_out(tmp_path):
     assert "skipping" not in err
     (arr,) = json.loads(out)["arrays"]
     np.testing.assert_allclose(arr["var"], x.var(axis=0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (np.ones((3, 2), bool), "bool dtype bool"),
+    (np.ones((3, 2), np.complex64), "complex dtype complex64"),
+    (np.zeros((3, 2), [("a", "f4"), ("b", "i4")]), "structured/void dtype"),
+    (np.array(["2020-01-01"], "datetime64[D]").repeat(6).reshape(3, 2), "datetime dtype datetime64[D]"),
+    (np.zeros((0, 3), np.float32), "empty"),
+    (np.array([b"ab", b"c"]), "bytes dtype |S2"),
+])
+@pytest.mark.parametrize("compressed", [False, True])
+def test_more_members_moments_skip(tmp_path, bad, reason, compressed):
+    x = np.linspace(-1, 1, 24).reshape(8, 3)
+    (np.savez_compressed if compressed else np.savez)(tmp_path / "k.npz", bad=bad, good=x)
+    rc, out, err = run_inproc("moments", tmp_path / "k.npz", "--layout", "NC", "--format", "json")
+    _ok(rc, err)
+    assert f"skipping bad ({reason}" in err, err
+    (arr,) = json.loads(out)["arrays"]
+    np.testing.assert_allclose(arr["var"], x.var(axis=0), rtol=1e-12)
+    rc, out, err = run_inproc("info", tmp_path / "k.npz", "--format", "json")
+    _ok(rc, err)
+    row = next(r for r in json.loads(out)["arrays"] if r["name"] == "bad")
+    assert row["skip"].startswith(reason) and row["shape"] == list(bad.shape)
+    rc, _, err = run_inproc("moments", tmp_path / "k.npz", "-d", "bad", "--layout", "NC", "--format", "json")
+    assert rc == 1 and "k.npz:bad" in err and "Traceback" not in err, err
