@@ -244,6 +244,8 @@ def make_plan(shape: tuple[int, ...], *, layout: str | None = None, channel_axis
     ndim = len(shape)
     norm = norm or "batch"
     assumed = False
+    if layout is not None and not isinstance(layout, str):  # rules (a list): picked by ``name``
+        layout = layout_rules(layout).pick((name,), ndim, name) if layout else None
     if layout is not None:
         letters = layout.upper()
         if len(letters) != ndim:

@@ -184,3 +184,14 @@ def test_an_attribute_that_does_not_fit_is_exit_1_and_layout_overrides_it(tmp_pa
     assert re.search(rf"a\.h5:acts: its layout attribute '{attr}' does not fit the 4-D shape", err), err
     got = _json("moments", tmp_path / "a.h5", "--layout", "NHWC", "--layout", "NC")
     np.testing.assert_allclose(got["acts"]["var"], x.var(axis=(0, 1, 2)), rtol=1e-12)
+
+
+def test_accumulator_takes_rules_by_its_name():
+    x = np.random.default_rng(2).normal(size=(6, 3, 4))
+    acc = bnstat.Accumulator(layout=["fc*=NC", "NLC"], name="attn")
+    acc.update(x)
+    assert acc.stats.layout == "NLC"
+    np.testing.assert_allclose(acc.stats.var, x.var(axis=(0, 1)), rtol=1e-12)
+    acc = bnstat.Accumulator(layout=["fc*=NC", "NLC"], name="fc1")
+    acc.update(x[:, :, 0])
+    np.testing.assert_allclose(acc.stats.var, x[:, :, 0].var(axis=0), rtol=1e-12)
