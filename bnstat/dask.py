@@ -142,7 +142,7 @@ def plan_tasks(groups, plans, chunk_size: int) -> list[Task]:
             for span in spans:
                 n = src.shape[0] if span is None else span[1] - span[0]
                 shape = (n,) + tuple(src.shape[1:])
-                tasks.append(Task(len(tasks), gi, os.path.abspath(src.path), src.path, src.name,
+                tasks.append(Task(len(tasks), gi, os.path.abspath(src.path), src.path, src.key,
                                   span, shape, int(np.prod(shape)) * src.dtype.itemsize))
     return tasks
 
@@ -210,7 +210,7 @@ def compute_stats_distributed(address: str, sources, *, layout=None, channel_axi
     engine = pick_engine(sum(s.nbytes for s in sources), engine)
     threads = max(1, threads or 1)
     tasks = plan_tasks(array_groups, plans, chunk_size)
-    source_plan = {(g, s.path, s.name): p for g, (grp, ps) in enumerate(zip(array_groups, plans))
+    source_plan = {(g, s.path, s.key): p for g, (grp, ps) in enumerate(zip(array_groups, plans))
                    for s, p in zip(grp.sources, ps)}
     kwargs = dict(higher=higher, threads=threads, engine=engine, check_crc=check_crc,
                   chunk_size=chunk_size)

@@ -49,7 +49,7 @@ def plan_batch_tasks(groups, batch_size: int, chunk_size: int) -> tuple[list[Tas
             for span in spans:
                 rows = n if span is None else span[1] - span[0]
                 shape = (rows,) + tuple(src.shape[1:])
-                tasks.append(Task(len(tasks), gi, os.path.abspath(src.path), src.path, src.name,
+                tasks.append(Task(len(tasks), gi, os.path.abspath(src.path), src.path, src.key,
                                   span, shape, int(np.prod(shape)) * src.dtype.itemsize))
                 first = offset + (0 if span is None else span[0])
                 starts.append(first % batch_size)

@@ -97,12 +97,13 @@ def _select(x, units, t, threads) -> None:
 
 
 def _plans(sources, per_file, layout, channel_axis, norm, groups, reduce):
-    from bnstat.layout import make_plan
+    from bnstat.layout import array_layout, make_plan
     from bnstat.stream import group_sources
 
     out = {}
     for g in group_sources(sources, per_file=per_file):
-        out[g.name] = (g.sources, [make_plan(s.shape, layout=layout, channel_axis=channel_axis, norm=norm,
+        out[g.name] = (g.sources, [make_plan(s.shape, layout=array_layout(s, layout, channel_axis),
+                                             channel_axis=channel_axis, norm=norm,
                                              groups=groups, reduce=reduce, name=s.where) for s in g.sources])
     return out
 

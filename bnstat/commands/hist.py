@@ -44,6 +44,7 @@ def _amax(ctx, param, value):
 @options.layout_options
 @options.ddof_option
 @options.selection_options
+@options.name_option
 @options.skip_crc_option
 @options.nan_option
 @click.option("--bins", type=int, default=2048, show_default=True, callback=_bins, metavar="N",
@@ -64,7 +65,7 @@ def _amax(ctx, param, value):
 @options.table_options
 @options.common_options
 @options.compute_options
-def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, per_file, skip_crc,
+def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, per_file, name, skip_crc,
             nan_policy, bins, range_, quantiles, amax, per_tensor, num_bits, unsigned, fmt, sort, top,
             show_all, summary, output, force, quiet, threads, chunk_size):
     """Exact per-unit histograms, quantiles and INT8 calibration ranges.
@@ -93,7 +94,7 @@ def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, 
     fmt = options.format_for(fmt, output)
     options.check_summary(summary, fmt, sort, top, show_all)
     check_target(output, fmt, force, inputs)
-    sources = open_sources(inputs, datasets, check_crc=not skip_crc)
+    sources = open_sources(inputs, datasets, check_crc=not skip_crc, name=name)
     total = sum(s.nbytes for s in sources)
     with progress(total, "hist", enabled=not quiet) as advance:
         hists = compute_hist(sources, ddof=ddof, bins=bins, range=range_, quantiles=quantiles,
