@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -181,14 +182,19 @@ def task_errors(task: Task):
         raise
 
 
-def _warm(dtypes: list[str]) -> bool:
+def _warm(dtypes: list[str], moments: bool = True, hist: bool = False) -> bool:
     """In a worker: load (or compile) the kernels for ``dtypes`` once."""
-    from bnstat.stream import chunk_moments
     from bnstat.layout import make_plan
+    from bnstat.stream import chunk_moments
 
     for dt in dtypes:
         x = np.zeros((2, 2, 2), dtype=dt)
-        chunk_moments(x, make_plan(x.shape, layout="NCL"), threads=1, engine="numba")
+        if moments:
+            chunk_moments(x, make_plan(x.shape, layout="NCL"), threads=1, engine="numba")
+        if hist:
+            from bnstat.histrun import warm_kernels
+
+            warm_kernels(np.dtype(dt))
     return True
 
 
@@ -201,8 +207,7 @@ def compute_stats_distributed(address: str, sources, *, layout=None, channel_axi
     ``threads``: kernel threads per task (default 1; the workers are the parallelism).
     Raises BnstatError (a task's own error, or the scheduler's).
     """
-    from bnstat.stats import Stats
-    from bnstat.stream import DEFAULT_CHUNK_SIZE, finish_group, pick_engine, plan_groups
+    from bnstat.stream import DEFAULT_CHUNK_SIZE, pick_engine, plan_groups
 
     chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
     array_groups, plans = plan_groups(sources, layout=layout, channel_axis=channel_axis, norm=norm,
@@ -210,20 +215,36 @@ def compute_stats_distributed(address: str, sources, *, layout=None, channel_axi
     engine = pick_engine(sum(s.nbytes for s in sources), engine)
     threads = max(1, threads or 1)
     tasks = plan_tasks(array_groups, plans, chunk_size)
-    source_plan = {(g, s.path, s.name): p for g, (grp, ps) in enumerate(zip(array_groups, plans))
-                   for s, p in zip(grp.sources, ps)}
+    source_plan = source_plans(array_groups, plans)
     kwargs = dict(higher=higher, threads=threads, engine=engine, check_crc=check_crc,
                   chunk_size=chunk_size)
     results = run_tasks(address, tasks, run_task, lambda t: (source_plan[(t.group, t.shown, t.name)],),
                         kwargs, sources=sources, warm=engine == "numba", progress=progress)
+    return group_stats(array_groups, plans, tasks, results, ddof=ddof, nan_policy=nan_policy)
+
+
+def source_plans(array_groups, plans) -> dict:
+    """The plan of every source, by (group index, path as given, array name)."""
+    return {(g, s.path, s.name): p for g, (grp, ps) in enumerate(zip(array_groups, plans))
+            for s, p in zip(grp.sources, ps)}
+
+
+def group_stats(array_groups, plans, tasks: list[Task], moments: dict, *, ddof: int,
+                nan_policy: str) -> dict:
+    """``{name: Stats}`` of every group: the Moments of its tasks (by task index) merged in
+    the fixed tree over the task index, then the checks of ``finish_group`` (--nan)."""
+    from bnstat.stats import Stats
+    from bnstat.stream import finish_group
+
+    source_plan = source_plans(array_groups, plans)
     out = {}
-    for gi, (group, gplans) in enumerate(zip(array_groups, plans)):
+    for gi, group in enumerate(array_groups):
         parts = []
         for t in tasks:
             if t.group != gi:
                 continue
             plan = source_plan[(gi, t.shown, t.name)]
-            parts.append(Stats(name=group.name, moments=results[t.index], shape=t.shape,
+            parts.append(Stats(name=group.name, moments=moments[t.index], shape=t.shape,
                                dtype=np.dtype(group.sources[0].dtype).name, layout=plan.letters,
                                reduce=plan.reduce_letters, unit_axes=plan.unit_axes, ddof=ddof,
                                sources=[t.shown], norm=plan.norm, groups=plan.groups,
@@ -232,17 +253,34 @@ def compute_stats_distributed(address: str, sources, *, layout=None, channel_axi
     return out
 
 
-def run_tasks(address: str, tasks: list[Task], fn, args, kwargs: dict, *, sources, warm: bool,
-              progress) -> dict:
-    """``fn(task, *args(task), **kwargs)`` of every task on the cluster at ``address``
-    (the workers warmed first for the dtypes of ``sources`` when ``warm``), results by
-    task index. Raises the first failed task's error."""
+def run_tasks(cluster, tasks: list[Task], fn, args, kwargs: dict, *, sources=(), warm=False,
+              progress=None) -> dict:
+    """``fn(task, *args(task), **kwargs)`` of every task, results by task index. Raises the
+    first failed task's error.
+
+    ``cluster``: an address, connected for this call (the workers warmed first for the
+    dtypes of ``sources`` when ``warm``), or a Client of ``session`` (a command of several
+    passes, each a call on the same cluster).
+    """
+    if isinstance(cluster, str):
+        with session(cluster, sources=sources, warm=warm) as client:
+            return run_tasks(client, tasks, fn, args, kwargs, progress=progress)
+    client = cluster
+    tag = uuid.uuid4().hex[:12]  # a pass's keys are its own: a later pass's tasks are new work
+    futures = [client.submit(fn, t, *args(t), pure=False, key=f"bnstat-{tag}-{t.index}", **kwargs)
+               for t in tasks]
+    return _gather(client, futures, tasks, progress)
+
+
+@contextmanager
+def session(address: str, *, sources=(), warm: bool = False, hist: bool = False):
+    """``connect(address)``, the workers warmed (kernels loaded) for the dtypes of ``sources``
+    when ``warm`` (and the histogram kernels too when ``hist``)."""
     with connect(address) as client:
-        if warm:
-            client.run(_warm, sorted({np.dtype(s.dtype).newbyteorder("=").str for s in sources}))
-        futures = [client.submit(fn, t, *args(t), pure=False, key=f"bnstat-task-{t.index}", **kwargs)
-                   for t in tasks]
-        return _gather(client, futures, tasks, progress)
+        if warm or hist:
+            client.run(_warm, sorted({np.dtype(s.dtype).newbyteorder("=").str for s in sources}),
+                       moments=warm, hist=hist)
+        yield client
 
 
 def _gather(client, futures, tasks, progress) -> dict:
