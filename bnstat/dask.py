@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -78,21 +79,30 @@ def parse_address(address: str) -> tuple[str, int | None]:
 
 
 @contextmanager
-def connect(address: str):
+def connect(address: str, *, preload=None):
     """A distributed Client for ``address``, closed (and a local cluster stopped) on exit.
 
-    Raises BnstatError when distributed is missing or the scheduler cannot be reached.
+    A local cluster's worker processes are forked from this one where that is safe
+    (``start_method``), after ``preload()`` (the imports and numba's target the
+    workers will need: loaded once here instead of once per worker). Raises
+    BnstatError when distributed is missing or the scheduler cannot be reached.
     """
     kind, workers = parse_address(address)
     _require("distributed")
+    import dask
     from distributed import Client, LocalCluster
 
     cluster = None
     try:
         if kind == "local":
-            cluster = LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1,
-                                   processes=True, dashboard_address=":0",
-                                   silence_logs=logging.ERROR, scheduler_port=0)
+            method = start_method()
+            if method == "fork" and preload is not None:
+                preload()
+            with dask.config.set({"distributed.worker.multiprocessing-method": method}):
+                cluster = LocalCluster(n_workers=workers or os.cpu_count() or 1,
+                                       threads_per_worker=1, processes=True,
+                                       dashboard_address=None, silence_logs=logging.ERROR,
+                                       scheduler_port=0)
             client = Client(cluster, timeout=CONNECT_TIMEOUT * 6)
         else:
             client = Client(address, timeout=CONNECT_TIMEOUT)
@@ -107,6 +117,44 @@ def connect(address: str):
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def start_method() -> str:
+    """How a local cluster starts its worker processes: "fork" (POSIX), unless numba's
+    threads already run in this process (GNU OpenMP then aborts a forked child), else
+    "spawn" (a fresh interpreter per worker).
+
+    Forked workers inherit the parent's imports and numba's loaded target: measured on
+    2 GB (bench/README.md, Dask), the cluster started in 0.25 s instead of 1.0-1.6 s,
+    the kernels loaded in the workers in 0.17 s instead of 0.6-0.9 s, and it closed in
+    0.06 s instead of 1.4 s.
+    """
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    if "numba" in sys.modules:
+        from numba.np.ufunc import parallel
+
+        if getattr(parallel, "_is_initialized", True):  # unknown: the safe way
+            return "spawn"
+    return "fork"
+
+
+def _preload(sources, *, hist: bool):
+    """What the workers' tasks import, and numba's target, loaded in this process."""
+    def load():
+        import bnstat.kernels.moments  # noqa: F401
+        from bnstat.kernels._jit import ready
+
+        if hist:
+            import bnstat.kernels.hist  # noqa: F401
+        if any(s.kind == "hdf5" for s in sources):
+            from bnstat.io.hdf5 import _h5py
+
+            _h5py()
+        ready()
+    return load
 
 
 # ---- tasks ----------------------------------------------------------------------
@@ -276,7 +324,8 @@ def run_tasks(cluster, tasks: list[Task], fn, args, kwargs: dict, *, sources=(),
 def session(address: str, *, sources=(), warm: bool = False, hist: bool = False):
     """``connect(address)``, the workers warmed (kernels loaded) for the dtypes of ``sources``
     when ``warm`` (and the histogram kernels too when ``hist``)."""
-    with connect(address) as client:
+    preload = _preload(sources, hist=hist) if warm or hist else None
+    with connect(address, preload=preload) as client:
         if warm or hist:
             client.run(_warm, sorted({np.dtype(s.dtype).newbyteorder("=").str for s in sources}),
                        moments=warm, hist=hist)

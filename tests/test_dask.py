@@ -315,3 +315,13 @@ def test_bad_input_in_a_dask_array_is_a_bnstat_error():
         bnstat.dask.moments(da.ones((5,), chunks=2))
     with pytest.raises(BnstatError):
         bnstat.dask.moments(da.ones((5, 3), chunks=2), layout="NCHW")
+
+
+def test_local_workers_are_forked_only_before_numba_threads_run():
+    """GNU OpenMP aborts a child forked after its threads started: then spawn."""
+    code = ("from bnstat.dask import start_method\nbefore = start_method()\n"
+            "from bnstat.stream import set_threads\nset_threads(1)\nprint(before, start_method())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["fork", "spawn"]
