@@ -17,6 +17,11 @@ Two ways in, one arithmetic (the kernels and the exact merges of bnstat.stats):
   with bnstat's message.
 - ``bnstat running --scheduler``: the per-batch moments, tasks of whole batches
   (bnstat.dask_batches), run through ``run_tasks`` like the above.
+- ``bnstat hist --scheduler``: each pass of the histogram (moments, range,
+  counts, quantiles) a round of the same tasks on one ``session``
+  (bnstat.dask_hist).
+- ``local``/``local:N`` fork the worker processes from this one where that is
+  safe (``start_method``), after loading what their tasks import.
 - ``moments(x, ...)`` for a ``dask.array.Array`` or an ``xarray.DataArray``:
   one fused pass per block (count, mean, m2, min, max, NaN count together),
   the partials of blocks along reduced axes merged in a fixed tree, those
