@@ -106,7 +106,9 @@ def connect(address: str, *, preload=None):
             with dask.config.set({"distributed.worker.multiprocessing-method": method}):
                 cluster = LocalCluster(n_workers=workers or os.cpu_count() or 1,
                                        threads_per_worker=1, processes=True,
-                                       dashboard_address=None, silence_logs=logging.ERROR,
+                                       dashboard_address=None,
+                                       # a task's error is bnstat's message on the client
+                                       silence_logs=logging.CRITICAL,
                                        scheduler_port=0)
             client = Client(cluster, timeout=CONNECT_TIMEOUT * 6)
         else:
@@ -178,11 +180,21 @@ class Task:
     nbytes: int
 
 
+def check_shared(sources) -> None:
+    """Every source must be a file the workers can open. Raises UsageProblem (stdin)."""
+    for src in sources:
+        if not getattr(src, "repeatable", True):
+            raise UsageProblem(f"{src.where}: standard input cannot be read by the workers of "
+                               "--scheduler", "Save it to a file first (on the shared filesystem).")
+
+
 def plan_tasks(groups, plans, chunk_size: int) -> list[Task]:
-    """Tasks of every source of every group, in group, source and row order."""
+    """Tasks of every source of every group, in group, source and row order.
+    Raises UsageProblem for standard input (``check_shared``)."""
     from bnstat.io.slabs import splittable
     from bnstat.stream import plan_rows
 
+    check_shared([s for g in groups for s in g.sources])
     tasks: list[Task] = []
     for gi, (group, gplans) in enumerate(zip(groups, plans)):
         for src, plan in zip(group.sources, gplans):

@@ -199,3 +199,20 @@ def test_partials_pack_and_place_exactly(rng):
     assert _pack(full) is full
     # runs 2:5, (none), 9:10, in that order
     np.testing.assert_array_equal(_runs(np.array([2, 7, 9]), np.array([3, 0, 1])), [2, 3, 4, 9])
+
+
+@pytest.mark.parametrize("command", [["moments"], ["hist", "--range", "-1:2"], ["running", "-b", "2"]])
+def test_standard_input_is_refused_before_the_cluster(tmp_path, command):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    np.save(tmp_path / "a.npy", np.ones((8, 3), np.float32))
+    with open(tmp_path / "a.npy", "rb") as fh:
+        proc = subprocess.run([sys.executable, "-m", "bnstat", *command, "-", "--scheduler",
+                               "local:1"], stdin=fh, capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.returncode == 2, proc.stderr
+    assert "standard input cannot be read by the workers of --scheduler" in proc.stderr
+    assert "Traceback" not in proc.stderr
