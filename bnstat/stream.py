@@ -198,6 +198,19 @@ def split_tasks(shape4: tuple[int, int, int, int], threads: int) -> tuple[int, i
     return sa, su
 
 
+def read_only(x: np.ndarray) -> np.ndarray:
+    """``x``, as a read-only view if it is writable.
+
+    Numba compiles a kernel once per signature, and writability is part of an
+    array's type: memory-mapped files are read-only, in-memory arrays writable.
+    The kernels only read their input, so giving it to them read-only always
+    halves the variants to compile (and to keep in the cache)."""
+    if x.flags.writeable:
+        x = x.view()
+        x.flags.writeable = False
+    return x
+
+
 def kernel_input(chunk: np.ndarray, plan: Plan) -> np.ndarray:
     """The (P, A, U, B) view of a chunk, in a dtype the kernels take."""
     shape4, perm = plan.kernel_view(chunk.shape)
@@ -239,6 +252,7 @@ def count_infs(x: np.ndarray, part: Moments) -> Moments:
 def view_moments(x: np.ndarray, *, higher: bool = False, threads: int = 1,
                  engine: str = "numba") -> Moments:
     """Moments of every unit of a (P, A, U, B) kernel view, flat in C order over (P, U)."""
+    x = read_only(x)
     engine = kernel_engine("moments4_higher" if higher else "moments4", x, engine, threads)
     if engine == "numpy":
         return count_infs(x, numpy_moments(x, higher))
