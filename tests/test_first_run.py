@@ -88,6 +88,8 @@ def test_spec_args_have_the_signature_of_a_real_chunk(kernel, dtype, readonly):
     real = [chunk, 1, 1] if kernel != "normalize4" else [chunk]
     got = [numba.typeof(a) for a in spec.args()]
     assert got[0] == numba.typeof(chunk)
+    if kernel == "moments4_units":
+        assert spec.args()[0].shape[3] > 1  # the view this kernel is for
     if kernel == "normalize4":
         assert got[-1] == numba.typeof(out)
     else:
@@ -128,13 +130,13 @@ def test_first_run_computes_with_numpy_while_the_kernel_compiles_apart(tmp_path,
     path, x = big
     args = ["moments", str(path), "--layout", "NCHW", "--format", "json", "-v"]
     first = run(args, tmp_path)
-    assert "compiling the moments4 kernel for float32 for the first time" in first.stderr
+    assert "compiling the moments4_units kernel for float32 for the first time" in first.stderr
     mean, var, mn, mx = reference(x)
     a = moments_json(first)
     np.testing.assert_allclose(a["mean"], mean, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(a["var"], var, rtol=1e-12)
     assert a["min"] == mn.tolist() and a["max"] == mx.tolist()
-    spec = loader.Spec("moments4", "float32", True)
+    spec = loader.Spec("moments4_units", "float32", True)
     wait_cached(tmp_path, spec)
     second = run(args, tmp_path)
     assert "compiling" not in second.stderr
@@ -191,16 +193,17 @@ def test_warm_up_fills_the_cache_with_what_the_runs_use(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == str(["moments4:float64:ro:"])
-    assert cached(tmp_path, loader.Spec("moments4", "float64", True))
-    assert not cached(tmp_path, loader.Spec("moments4", "float32", True))
+    assert proc.stdout.strip() == str(["moments4_rows:float64:ro:", "moments4_units:float64:ro:"])
+    for kernel in ("moments4_rows", "moments4_units"):
+        assert cached(tmp_path, loader.Spec(kernel, "float64", True))
+        assert not cached(tmp_path, loader.Spec(kernel, "float32", True))
     code = ("import numpy as np, bnstat, numba\n"
             "from bnstat.kernels import moments\n"
             "x = np.random.default_rng(0).standard_normal((64, 3, 8, 8))\n"
             "assert x.flags.writeable\n"
             "(s,) = bnstat.moments(x, layout='NCHW', engine='numba').values()\n"
             "np.testing.assert_allclose(s.mean, x.mean(axis=(0, 2, 3)), rtol=1e-13)\n"
-            "d = moments.moments4.kernel\n"
+            "d = moments.moments4_units.kernel\n"
             "print(sum(d.stats.cache_hits.values()), sum(d.stats.cache_misses.values()))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=600)

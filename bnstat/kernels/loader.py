@@ -30,10 +30,18 @@ import numpy as np
 
 # kernel name -> (module, attribute) of its entry point
 KERNELS = {
-    "moments4": ("bnstat.kernels.moments", "moments4"),
+    "moments4_rows": ("bnstat.kernels.moments", "moments4_rows"),
+    "moments4_units": ("bnstat.kernels.moments", "moments4_units"),
     "moments4_higher": ("bnstat.kernels.moments", "moments4_higher"),
     "normalize4": ("bnstat.kernels.normalize", "normalize4"),
 }
+
+
+def moments_kernel(x: np.ndarray, higher: bool = False) -> str:
+    """The name of the moments kernel that takes the (P, A, U, B) view ``x``."""
+    if higher:
+        return "moments4_higher"
+    return "moments4_rows" if x.shape[3] == 1 else "moments4_units"
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,9 @@ class Spec:
             params = [np.zeros((1, 1)) for _ in range(3)]
             return (x, *params, np.zeros((1, 1, 1, 1), self.out or "float64"))
         n = 2 if self.kernel == "moments4_higher" else 0
+        if self.kernel == "moments4_units":  # the kernel of B > 1 (the type is all that counts)
+            x = np.zeros((1, 1, 1, 2), self.dtype)
+            x.setflags(write=not self.readonly)
         acc = [np.zeros((1, 1, 1)) for _ in range(2 + n)]
         mn, mx = np.zeros((1, 1, 1)), np.zeros((1, 1, 1))
         return (x, 1, 1, np.zeros((1, 1, 1), np.int64), *acc, mn, mx, np.zeros((1, 1, 1), np.int64))
@@ -175,13 +186,14 @@ def loaded(spec: Spec) -> bool:
 
 
 # warm_up's names for the kernels (bnstat.warm_up)
-GROUPS = {"moments": "moments4", "higher": "moments4_higher", "normalize": "normalize4"}
+GROUPS = {"moments": ("moments4_rows", "moments4_units"), "higher": ("moments4_higher",),
+          "normalize": ("normalize4",)}
 
 
 def warm_up(kernels=("moments", "normalize"), dtypes=("float32", "float64")) -> dict[str, float]:
     """Load (compiling the first time) ``kernels`` for inputs of ``dtypes``, in this process
     (inputs reach the kernels read-only: ``stream.read_only``). Returns the seconds per variant."""
-    names = [GROUPS.get(k, k) for k in kernels]
+    names = [name for k in kernels for name in GROUPS.get(k, (k,))]
     for name in names:
         if name not in KERNELS:
             raise ValueError(f"{name}: no such kernel (choose from {', '.join(GROUPS)})")
