@@ -55,74 +55,123 @@ def _ukey_ol(x, p, a, u, b):
 
 
 @njit(**JIT)
-def _hist_task(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, edges, counts, under, over, nanc, infc,
-               zeroc, buf):
-    """Rows a0:a1 of units u0:u1 of view p into slot ia: a first loop of guesses (it
-    vectorizes), then the exact bins and the values counted apart."""
+def _hist_exact(v, lo_, hi_, iv, e, c, nb, small):
+    """One value the general way: NaN, inf, below lo_, above hi_ counted in ``small``
+    (nan, inf, under, over), else in its bin: numpy's guess corrected by one bin
+    against the edges, as np.histogram."""
+    if v - v != 0.0:  # NaN or +-inf
+        if v != v:
+            small[0] += 1
+        else:
+            small[1] += 1
+    elif v < lo_:
+        small[2] += 1
+    elif v > hi_:
+        small[3] += 1
+    else:
+        if iv == 0.0:  # the reciprocal overflowed (subnormal width): numpy's guess
+            w = hi_ - lo_  # 0 for c +- 0.5 past 2**53: every guess 0 (numpy's is NaN)
+            f = (v - lo_) / w * nb if w > 0.0 else 0.0
+            i = nb - 1 if f >= nb else (np.int64(f) if f >= 0.0 else 0)
+        else:
+            i = min(max(np.int64((v - lo_) * iv), 0), nb - 1)
+        if v < e[i]:
+            i -= 1
+        elif i != nb - 1 and v >= e[i + 1]:
+            i += 1
+        c[i] += 1
+
+
+@njit(**JIT)
+def _hist_guess(row, absval, lo_, iv, mg, buf, nb):
+    """The bin of every value of a row whose guess g = (v - lo_) * iv is sure, else nb;
+    returns (zeros, values left to ``_hist_exact``).
+
+    g is monotonic in v, so g(e[k]) < g(v) < g(e[k + 1]) implies e[k] < v < e[k + 1];
+    ``mg`` bounds |g(e[k]) - k| over all edges (with room to spare), so a fractional part
+    of g in (mg, 1 - mg) makes floor(g) the bin np.histogram's correction ends on.
+    Branch-free, so it vectorizes; the edge table is read only for the rest.
+    """
+    nbf = np.float64(nb)
+    m1 = 1.0 - mg
+    zeros = 0
+    rest = 0
+    for b in range(row.shape[0]):
+        v = np.float64(row[b])
+        if absval:
+            v = abs(v)
+        g = (v - lo_) * iv
+        ok = (g >= 0.0) & (g < nbf)  # False for NaN and +-inf
+        gg = g if ok else 0.5
+        i = np.int32(gg)
+        fr = gg - np.float64(i)  # exact: gg >= 0
+        ok = ok & (fr > mg) & (fr < m1)
+        buf[b] = np.uint32(i) if ok else np.uint32(nb)
+        zeros += v == 0.0
+        rest += not ok
+    return zeros, rest
+
+
+@njit(**JIT)
+def _hist_task(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, margin, edges, counts, under, over, nanc,
+               infc, zeroc):
+    """Rows a0:a1 of units u0:u1 of view p into slot ia, row by row (B contiguous values of
+    one unit: its bounds, edges and counts looked up once per row): the sure bins first
+    (``_hist_guess``), then a plain scatter, then the few values left, exactly."""
     B = x.shape[3]
     nb = counts.shape[3]
+    buf = np.empty(B, np.uint32)
+    small = np.zeros(4, np.int64)
+    last = np.uint32(nb)
     for a in range(a0, a1):
         for u in range(u0, u1):
             row = x[p, a, u]
             lo_ = lo[p, u]
-            hi_ = hi[p, u]
             iv = inv[p, u]
-            e = edges[p, u]
             c = counts[ia, p, u]
-            zeros = 0
-            for b in range(B):
-                v = np.float64(row[b])
-                if absval:
-                    v = abs(v)
-                zeros += v == 0.0
-                buf[b] = min(max(np.int64((v - lo_) * iv), 0), nb - 1)
+            zeros, rest = _hist_guess(row, absval, lo_, iv, margin[p, u], buf, nb)
             zeroc[ia, p, u] += zeros
             for b in range(B):
-                v = np.float64(row[b])
-                if absval:
-                    v = abs(v)
-                if v - v != 0.0:  # NaN or +-inf
-                    if v != v:
-                        nanc[ia, p, u] += 1
-                    else:
-                        infc[ia, p, u] += 1
-                elif v < lo_:
-                    under[ia, p, u] += 1
-                elif v > hi_:
-                    over[ia, p, u] += 1
-                else:
-                    i = buf[b]
-                    if iv == 0.0:  # the reciprocal overflowed (subnormal width): numpy's guess
-                        w = hi_ - lo_  # 0 for c +- 0.5 past 2**53: every guess 0 (numpy's is NaN)
-                        f = (v - lo_) / w * nb if w > 0.0 else 0.0
-                        i = nb - 1 if f >= nb else (np.int64(f) if f >= 0.0 else 0)
-                    if v < e[i]:
-                        i -= 1
-                    elif i != nb - 1 and v >= e[i + 1]:
-                        i += 1
+                i = buf[b]
+                if i != last:
                     c[i] += 1
+            if rest:
+                hi_ = hi[p, u]
+                e = edges[p, u]
+                small[:] = 0
+                for b in range(B):
+                    if buf[b] == last:
+                        v = np.float64(row[b])
+                        if absval:
+                            v = abs(v)
+                        _hist_exact(v, lo_, hi_, iv, e, c, nb, small)
+                nanc[ia, p, u] += small[0]
+                infc[ia, p, u] += small[1]
+                under[ia, p, u] += small[2]
+                over[ia, p, u] += small[3]
 
 
 @njit(**PARALLEL_JIT)
-def _hist4(x, sa, su, absval, lo, hi, inv, edges, counts, under, over, nanc, infc, zeroc):
+def _hist4(x, sa, su, absval, lo, hi, inv, margin, edges, counts, under, over, nanc, infc, zeroc):
     """Counts of every unit of a (P, A, U, B) view in fixed bins, as np.histogram.
 
-    ``lo``/``hi``/``inv`` (P, U): the outer edges and bins / (hi - lo) (0 where it
-    overflows); ``edges`` (P, U, bins + 1) float64; ``counts`` (sa, P, U, bins) and
+    ``lo``/``hi``/``inv``/``margin`` (P, U): the outer edges, bins / (hi - lo) (0 where it
+    overflows) and the guess margin of ``_hist_guess`` (1 where no guess is sure);
+    ``edges`` (P, U, bins + 1) float64; ``counts`` (sa, P, U, bins) and
     ``under``/``over``/``nanc``/``infc``/``zeroc`` (sa, P, U) int64, added to.
     A value v (float64; |v| when ``absval``) that is NaN or +-inf is counted
     apart, below lo or above hi in under/over, else in bin i with
-    edges[i] <= v < edges[i+1], the last bin closed. The first guess of i is
-    numpy's (v - lo) * bins / (hi - lo) (here with the reciprocal), corrected
-    by one bin against the edges exactly as np.histogram does, so the counts
-    are those of np.histogram with the same edges.
+    edges[i] <= v < edges[i+1], the last bin closed. The bin is numpy's guess
+    (v - lo) * bins / (hi - lo) (here with the reciprocal) where it is sure to be
+    right, else that guess corrected by one bin against the edges exactly as
+    np.histogram does, so the counts are those of np.histogram with the same edges.
     """
     P, A, U, B = x.shape
     for t in prange(P * sa * su):
         p, ia, a0, a1, u0, u1 = _task_bounds(t, A, U, sa, su)
-        buf = np.empty(B, np.int64)
-        _hist_task(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, edges, counts, under, over, nanc, infc,
-                   zeroc, buf)
+        if a1 > a0 and u1 > u0:
+            _hist_task(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, margin, edges, counts, under, over,
+                       nanc, infc, zeroc)
 
 
 def _row_keys(row, out):  # pragma: no cover - Python stand-in; numba uses the overload
