@@ -71,7 +71,7 @@ class _Array:
     def start_pass(self) -> None:
         if self.selecting:
             self._tables = self.selector.tables()
-            self._tables["counts"] = np.zeros(max(1, self._tables["n_counts"]), np.int64)
+            self._tables["counts"] = np.zeros(self._tables["n_counts"] + 1, np.int64)  # + scratch
             self._tables["keys"] = np.zeros(max(1, self._tables["n_keys"]), np.uint64)
 
     def end_pass(self) -> None:
@@ -89,10 +89,13 @@ def _select(x, units, t, threads) -> None:
     S = t["slo"].shape[1]
     _, su = _split(P, A, U, threads, split_a=False)
     pos = t["pos"][units].reshape(P, U, S)
+    W = t["fbits"].shape[1]
     kernels_hist.select4(x, su, t["nslot"][units].reshape(P, U), t["slo"][units].reshape(P, U, S),
                          t["shi"][units].reshape(P, U, S), t["sshift"][units].reshape(P, U, S),
                          t["sbase"][units].reshape(P, U, S), t["scollect"][units].reshape(P, U, S),
-                         pos, t["counts"], t["keys"])
+                         pos, t["fbase"][units].reshape(P, U), t["fspan"][units].reshape(P, U),
+                         t["fshift"][units].reshape(P, U), t["fbits"][units].reshape(P, U, W),
+                         t["counts"], t["keys"])
     t["pos"][units] = pos.reshape(-1, S)
 
 

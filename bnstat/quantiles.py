@@ -26,6 +26,7 @@ import numpy as np
 
 COUNTER_BYTES = 64 * 1024**2
 MIN_BITS, MAX_BITS = 8, 16
+FILTER_BITS = 12  # buckets of the search's bitmap per unit (512 bytes)
 SIGN = 1 << 63
 
 
@@ -141,7 +142,31 @@ class Selector:
                     n_counts += ((hi - lo) >> sh) + 1
         self._layout = (base.copy(), pos.copy())
         return dict(nslot=nslot, slo=slo, shi=shi, sshift=shift, sbase=base, scollect=collect, pos=pos,
-                    n_counts=n_counts, n_keys=n_keys)
+                    n_counts=n_counts, n_keys=n_keys, **self._filter())
+
+    def _filter(self):
+        """The key-bucket bitmaps of the pass's search (kernels.hist._select4): per unit,
+        FILTER_BITS buckets of equal width over its slots' span, a bit set for every bucket
+        that meets a slot."""
+        U = self.n_units
+        nbits = 1 << FILTER_BITS
+        fbase = np.zeros(U, np.uint64)
+        fspan = np.zeros(U, np.uint64)
+        fshift = np.zeros(U, np.uint64)
+        fbits = np.zeros((U, nbits // 64), np.uint64)
+        flags = np.zeros(nbits, np.bool_)
+        for u, slots in enumerate(self.slots):
+            if not slots:
+                continue
+            lo = min(s[0] for s in slots)
+            span = max(s[1] for s in slots) - lo
+            sh = max(0, span.bit_length() - FILTER_BITS)
+            flags[:] = False
+            for s in slots:
+                flags[(s[0] - lo) >> sh:((s[1] - lo) >> sh) + 1] = True
+            fbase[u], fspan[u], fshift[u] = lo, span, sh
+            fbits[u] = np.packbits(flags, bitorder="little").view(np.uint64)
+        return dict(fbase=fbase, fspan=fspan, fshift=fshift, fbits=fbits)
 
     def set_counts(self, n: np.ndarray) -> None:
         """The non-NaN count of every unit (known after the first pass): the wanted ranks."""

@@ -174,81 +174,153 @@ def _hist4(x, sa, su, absval, lo, hi, inv, margin, edges, counts, under, over, n
                        nanc, infc, zeroc)
 
 
-def _row_keys(row, out):  # pragma: no cover - Python stand-in; numba uses the overload
+def _kview(row):  # pragma: no cover - numba uses the overloads
     raise NotImplementedError
 
 
-@overload(_row_keys, jit_options=JIT)
-def _row_keys_ol(row, out):
-    """The unsigned keys (see ``_ukey``) of a C-contiguous row into ``out``; NaN keys
-    are left to the caller to skip."""
+def _kat(row, kv, b):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(_kview, jit_options=JIT)
+def _kview_ol(row):
+    """What ``_kat`` reads keys from: the bits of a float row, an integer row itself."""
+    if row.dtype == types.float32:
+        return lambda row: row.view(np.int32)
+    if row.dtype == types.float64:
+        return lambda row: row.view(np.int64)
+    return lambda row: row
+
+
+@overload(_kat, jit_options=JIT)
+def _kat_ol(row, kv, b):
+    """The unsigned key (see ``_ukey``) of row[b], from ``kv = _kview(row)``."""
     dt = row.dtype
     if dt == types.float32:
-        def impl32(row, out):
-            bits = row.view(np.int32)
-            for b in range(bits.shape[0]):
-                i = np.int64(bits[b])
-                out[b] = np.uint64(i ^ ((i >> 31) & 0x7FFFFFFF)) ^ SIGN
+        def impl32(row, kv, b):
+            i = np.int64(kv[b])
+            return np.uint64(i ^ ((i >> 31) & 0x7FFFFFFF)) ^ SIGN
         return impl32
     if dt == types.float64:
-        def impl64(row, out):
-            bits = row.view(np.int64)
-            for b in range(bits.shape[0]):
-                i = bits[b]
-                out[b] = np.uint64(i ^ ((i >> 63) & 0x7FFFFFFFFFFFFFFF)) ^ SIGN
+        def impl64(row, kv, b):
+            i = kv[b]
+            return np.uint64(i ^ ((i >> 63) & 0x7FFFFFFFFFFFFFFF)) ^ SIGN
         return impl64
     if isinstance(dt, types.Integer) and dt.signed:
-        def impl_signed(row, out):
+        return lambda row, kv, b: np.uint64(np.int64(kv[b])) ^ SIGN
+    return lambda row, kv, b: np.uint64(kv[b])
+
+
+def _row_buckets(row, lo, span, sh, base, dummy, ibuf):  # pragma: no cover - numba uses the overload
+    raise NotImplementedError
+
+
+@overload(_row_buckets, jit_options=JIT)
+def _row_buckets_ol(row, lo, span, sh, base, dummy, ibuf):
+    """ibuf[b] = base + (key - lo) >> sh for the non-NaN values of a row whose key (see
+    ``_ukey``) is in lo..lo + span, else ``dummy``; one loop with the key inline (it vectorizes)."""
+    dt = row.dtype
+    if dt == types.float32 or dt == types.float64:
+        it, sh_, mask = ((np.int32, 31, 0x7FFFFFFF) if dt == types.float32
+                         else (np.int64, 63, 0x7FFFFFFFFFFFFFFF))
+
+        def impl_float(row, lo, span, sh, base, dummy, ibuf):
+            bits = row.view(it)
             for b in range(row.shape[0]):
-                out[b] = np.uint64(np.int64(row[b])) ^ SIGN
+                i = np.int64(bits[b])
+                k = np.uint64(i ^ ((i >> sh_) & mask)) ^ SIGN
+                d = k - lo
+                ok = (d <= span) & (row[b] == row[b])
+                ibuf[b] = base + np.int64(d >> sh) if ok else dummy
+        return impl_float
+    if isinstance(dt, types.Integer) and dt.signed:
+        def impl_signed(row, lo, span, sh, base, dummy, ibuf):
+            for b in range(row.shape[0]):
+                d = (np.uint64(np.int64(row[b])) ^ SIGN) - lo
+                ibuf[b] = base + np.int64(d >> sh) if d <= span else dummy
         return impl_signed
 
-    def impl_unsigned(row, out):
+    def impl_unsigned(row, lo, span, sh, base, dummy, ibuf):
         for b in range(row.shape[0]):
-            out[b] = np.uint64(row[b])
+            d = np.uint64(row[b]) - lo
+            ibuf[b] = base + np.int64(d >> sh) if d <= span else dummy
     return impl_unsigned
 
 
 @njit(**JIT)
-def _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, counts, keys, kbuf):
+def _select_slots(v, k, p, u, ns, slo, shi, sshift, sbase, scollect, pos, counts, keys):
+    """Key k of a non-NaN value v into the unit's slot holding it (if any)."""
+    if v != v:
+        return
+    for s in range(ns):
+        if slo[p, u, s] <= k <= shi[p, u, s]:
+            if scollect[p, u, s]:
+                keys[pos[p, u, s]] = k
+                pos[p, u, s] += 1
+            else:
+                counts[sbase[p, u, s] + ((k - slo[p, u, s]) >> sshift[p, u, s])] += 1
+            return
+
+
+@njit(**JIT)
+def _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, fbase, fspan, fshift,
+                 fbits, counts, keys, ibuf):
     A = x3.shape[1]
+    dummy = counts.shape[0] - 1
     for a in range(A):
-        _row_keys(x3[p, a, u0 * B:u1 * B], kbuf)
         for u in range(u0, u1):
             ns = nslot[p, u]
             if ns == 0:
                 continue
+            row = x3[p, a, u * B:(u + 1) * B]
+            if ns == 1 and not scollect[p, u, 0]:
+                # one counting slot (the first pass): bucket indices (vectorized), then a scatter
+                _row_buckets(row, slo[p, u, 0], shi[p, u, 0] - slo[p, u, 0], sshift[p, u, 0],
+                             sbase[p, u, 0], dummy, ibuf)
+                for b in range(B):
+                    counts[ibuf[b]] += 1
+                continue
+            # several slots: a bitmap of the key buckets that meet a slot sends the few
+            # values that may lie in one to the slot search; the others cost a shift and a test
+            fb = fbase[p, u]
+            fs = fspan[p, u]
+            fsh = fshift[p, u]
+            bits = fbits[p, u]
+            kv = _kview(row)
             for b in range(B):
-                v = x3[p, a, u * B + b]
-                if v != v:
-                    continue
-                k = kbuf[(u - u0) * B + b]
-                for s in range(ns):
-                    if slo[p, u, s] <= k <= shi[p, u, s]:
-                        if scollect[p, u, s]:
-                            keys[pos[p, u, s]] = k
-                            pos[p, u, s] += 1
-                        else:
-                            counts[sbase[p, u, s] + ((k - slo[p, u, s]) >> sshift[p, u, s])] += 1
+                k = _kat(row, kv, b)
+                d = k - fb
+                if d <= fs:
+                    j = d >> fsh
+                    if (bits[j >> np.uint64(6)] >> (j & np.uint64(63))) & np.uint64(1):
+                        _select_slots(row[b], k, p, u, ns, slo, shi, sshift, sbase, scollect, pos,
+                                      counts, keys)
 
 
 @njit(**PARALLEL_JIT)
-def _select4(x, su, nslot, slo, shi, sshift, sbase, scollect, pos, counts, keys):
+def _select4(x, su, nslot, slo, shi, sshift, sbase, scollect, pos, fbase, fspan, fshift, fbits, counts,
+             keys):
     """One counting pass of the exact quantiles over a (P, A, U, B) view.
 
     Unit (p, u) has ``nslot[p, u]`` slots s, each a range of keys
     ``slo[p, u, s]..shi[p, u, s]`` (inclusive). A non-NaN value whose key is
     in a counting slot adds 1 to ``counts[sbase + (key - lo) >> sshift]``; in
     a collecting slot (``scollect``) its key is stored at
-    ``keys[pos[p, u, s]]`` and the position advances. Tasks hold whole units
-    (never a split of A), so positions are never shared.
+    ``keys[pos[p, u, s]]`` and the position advances. The last element of
+    ``counts`` is scratch (it counts the values of no slot in the one-slot loop).
+    ``fbase``/``fspan``/``fshift``/``fbits`` (P, U) and (P, U, words): bit j of a unit's
+    ``fbits`` is set when keys fbase + (j << fshift) ... meet one of its slots, keys
+    beyond fbase + fspan meet none. Tasks hold whole units (never a split of A), so
+    positions are never shared.
     """
     P, A, U, B = x.shape
     x3 = x.reshape((P, A, U * B))
     for t in prange(P * su):
         p, ia, a0, a1, u0, u1 = _task_bounds(t, A, U, 1, su)
-        kbuf = np.empty((u1 - u0) * B, np.uint64)
-        _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, counts, keys, kbuf)
+        if u1 > u0:
+            ibuf = np.empty(B, np.int64)
+            _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, fbase, fspan,
+                         fshift, fbits, counts, keys, ibuf)
 
 
 # ---- calibration (amax) -----------------------------------------------------------
