@@ -54,38 +54,29 @@ def _ukey_ol(x, p, a, u, b):
     return lambda x, p, a, u, b: np.uint64(x[p, a, u, b])
 
 
-@njit(**JIT)
-def _hist_exact(v, lo_, hi_, iv, e, c, nb, small):
-    """One value the general way: NaN, inf, below lo_, above hi_ counted in ``small``
-    (nan, inf, under, over), else in its bin: numpy's guess corrected by one bin
-    against the edges, as np.histogram."""
-    if v - v != 0.0:  # NaN or +-inf
-        if v != v:
-            small[0] += 1
-        else:
-            small[1] += 1
-    elif v < lo_:
-        small[2] += 1
-    elif v > hi_:
-        small[3] += 1
+@njit(inline="always", **JIT)
+def _exact_bin(v, lo_, hi_, iv, e, nb):
+    """The bin of a finite lo_ <= v <= hi_: numpy's guess corrected by one bin against the
+    edges, as np.histogram."""
+    if iv == 0.0:  # the reciprocal overflowed (subnormal width): numpy's guess
+        w = hi_ - lo_  # 0 for c +- 0.5 past 2**53: every guess 0 (numpy's is NaN)
+        f = (v - lo_) / w * nb if w > 0.0 else 0.0
+        i = nb - 1 if f >= nb else (np.int64(f) if f >= 0.0 else 0)
     else:
-        if iv == 0.0:  # the reciprocal overflowed (subnormal width): numpy's guess
-            w = hi_ - lo_  # 0 for c +- 0.5 past 2**53: every guess 0 (numpy's is NaN)
-            f = (v - lo_) / w * nb if w > 0.0 else 0.0
-            i = nb - 1 if f >= nb else (np.int64(f) if f >= 0.0 else 0)
-        else:
-            i = min(max(np.int64((v - lo_) * iv), 0), nb - 1)
-        if v < e[i]:
-            i -= 1
-        elif i != nb - 1 and v >= e[i + 1]:
-            i += 1
-        c[i] += 1
+        i = min(max(np.int64((v - lo_) * iv), 0), nb - 1)
+    if v < e[i]:
+        i -= 1
+    elif i != nb - 1 and v >= e[i + 1]:
+        i += 1
+    return i
 
 
 @njit(**JIT)
-def _hist_guess(row, absval, lo_, iv, mg, buf, nb):
-    """The bin of every value of a row whose guess g = (v - lo_) * iv is sure, else nb;
-    returns (zeros, values left to ``_hist_exact``).
+def _hist_guess(row, absval, lo_, iv, mg, buf, nb, zskip):
+    """The bin of every value of a row whose guess g = (v - lo_) * iv is sure, else nb
+    (nb + 1 + b % 4 for zeros with ``zskip``: the caller adds them to their bin at once, and
+    a row of many zeros makes four short chains of increments, not one long); returns
+    (zeros, values left to ``_hist_exact``).
 
     g is monotonic in v, so g(e[k]) < g(v) < g(e[k + 1]) implies e[k] < v < e[k + 1];
     ``mg`` bounds |g(e[k]) - k| over all edges (with room to spare), so a fractional part
@@ -106,9 +97,11 @@ def _hist_guess(row, absval, lo_, iv, mg, buf, nb):
         i = np.int32(gg)
         fr = gg - np.float64(i)  # exact: gg >= 0
         ok = ok & (fr > mg) & (fr < m1)
-        buf[b] = np.uint32(i) if ok else np.uint32(nb)
-        zeros += v == 0.0
-        rest += not ok
+        z = v == 0.0
+        zs = z & zskip
+        buf[b] = np.uint32(nb + 1 + (b & 3)) if zs else (np.uint32(i) if ok else np.uint32(nb))
+        zeros += z
+        rest += not (ok | zs)
     return zeros, rest
 
 
@@ -121,34 +114,56 @@ def _hist_task(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, margin, edges, cou
     B = x.shape[3]
     nb = counts.shape[3]
     buf = np.empty(B, np.uint32)
-    small = np.zeros(4, np.int64)
     last = np.uint32(nb)
+    # the task's own counters, five more per unit: the scatter adds the values left for
+    # later (nb) and the zeros (nb + 1..nb + 4) there, with no branch to mispredict
+    tc = np.zeros((u1 - u0, nb + 5), np.int64)
     for a in range(a0, a1):
         for u in range(u0, u1):
             row = x[p, a, u]
             lo_ = lo[p, u]
             iv = inv[p, u]
-            c = counts[ia, p, u]
-            zeros, rest = _hist_guess(row, absval, lo_, iv, margin[p, u], buf, nb)
+            mg = margin[p, u]
+            c = tc[u - u0]
+            hi_ = hi[p, u]
+            e = edges[p, u]
+            zskip = lo_ <= 0.0 <= hi_  # then every +-0.0 is in bin zb
+            zb = _exact_bin(0.0, lo_, hi_, iv, e, nb) if zskip else 0
+            zeros, rest = _hist_guess(row, absval, lo_, iv, mg, buf, nb, zskip)
             zeroc[ia, p, u] += zeros
-            for b in range(B):
-                i = buf[b]
-                if i != last:
-                    c[i] += 1
-            if rest:
-                hi_ = hi[p, u]
-                e = edges[p, u]
-                small[:] = 0
+            if nb == 1:  # every sure value is in the one bin
+                c[0] += B - rest
+            else:
+                for b in range(B):
+                    c[buf[b]] += 1
+                if zskip:
+                    c[zb] += zeros
+            if rest:  # NaN, inf, out of range, or too near an edge for the guess
+                n_nan = n_inf = n_under = n_over = 0
                 for b in range(B):
                     if buf[b] == last:
                         v = np.float64(row[b])
                         if absval:
                             v = abs(v)
-                        _hist_exact(v, lo_, hi_, iv, e, c, nb, small)
-                nanc[ia, p, u] += small[0]
-                infc[ia, p, u] += small[1]
-                under[ia, p, u] += small[2]
-                over[ia, p, u] += small[3]
+                        if v != v:
+                            n_nan += 1
+                        elif v - v != 0.0:
+                            n_inf += 1
+                        elif v < lo_:
+                            n_under += 1
+                        elif v > hi_:
+                            n_over += 1
+                        else:
+                            c[_exact_bin(v, lo_, hi_, iv, e, nb)] += 1
+                nanc[ia, p, u] += n_nan
+                infc[ia, p, u] += n_inf
+                under[ia, p, u] += n_under
+                over[ia, p, u] += n_over
+    for u in range(u0, u1):
+        c = counts[ia, p, u]
+        t = tc[u - u0]
+        for i in range(nb):
+            c[i] += t[i]
 
 
 @njit(**PARALLEL_JIT)
