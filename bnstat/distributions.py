@@ -103,6 +103,8 @@ class UnitState:
 
         P, A, U, B = x.shape
         sa, su = _split(P, A, U, threads, split_a=True)
+        if B == 1 and threads > 1:  # rows of every unit (NHWC): tasks take rows, not units
+            sa, su = min(A, TASKS_PER_THREAD * threads), 1
         nb = self.bins
         contiguous = g.size and g[0] + g.size - 1 == g[-1] and np.array_equal(g, np.arange(g[0], g[0] + g.size))
         if contiguous:

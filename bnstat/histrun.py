@@ -88,14 +88,14 @@ def _select(x, units, t, threads) -> None:
     P, A, U, B = x.shape
     S = t["slo"].shape[1]
     _, su = _split(P, A, U, threads, split_a=False)
+    if B == 1:  # rows of every unit (NHWC): as few tasks as threads, each reads all the rows
+        su = min(U, threads)
     pos = t["pos"][units].reshape(P, U, S)
-    W = t["fbits"].shape[1]
     kernels_hist.select4(x, su, t["nslot"][units].reshape(P, U), t["slo"][units].reshape(P, U, S),
                          t["shi"][units].reshape(P, U, S), t["sshift"][units].reshape(P, U, S),
                          t["sbase"][units].reshape(P, U, S), t["scollect"][units].reshape(P, U, S),
-                         pos, t["fbase"][units].reshape(P, U), t["fspan"][units].reshape(P, U),
-                         t["fshift"][units].reshape(P, U), t["fbits"][units].reshape(P, U, W),
-                         t["counts"], t["keys"])
+                         pos, t["nint"][units].reshape(P, U), t["ilo"][units].reshape(P, U, S),
+                         t["ihi"][units].reshape(P, U, S), t["counts"], t["keys"])
     t["pos"][units] = pos.reshape(-1, S)
 
 

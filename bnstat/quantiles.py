@@ -26,7 +26,6 @@ import numpy as np
 
 COUNTER_BYTES = 64 * 1024**2
 MIN_BITS, MAX_BITS = 8, 16
-FILTER_BITS = 12  # buckets of the search's bitmap per unit (512 bytes)
 SIGN = 1 << 63
 
 
@@ -43,6 +42,23 @@ def key_span(dtype: np.dtype) -> tuple[int, int]:
         return 0, (1 << (dtype.itemsize * 8)) - 1
     half = 1 << (key_width(dtype) - 1)
     return SIGN - half, SIGN + half - 1
+
+
+def _finite_key_span(dtype: np.dtype) -> tuple[int, int]:
+    """The keys of -inf and +inf of a float dtype (NaN keys lie outside)."""
+    k = to_keys(np.array([-np.inf, np.inf]), dtype)
+    return int(k[0]), int(k[1])
+
+
+def to_keys(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The unsigned keys of float values of a float ``dtype`` (the inverse of ``to_values``)."""
+    if key_width(dtype) == 32:
+        i = np.asarray(values, np.float32).view(np.int32).astype(np.int64)
+        k = i ^ ((i >> 31) & 0x7FFFFFFF)
+    else:
+        i = np.asarray(values, np.float64).view(np.int64)
+        k = i ^ ((i >> 63) & np.int64(0x7FFFFFFFFFFFFFFF))
+    return k.view(np.uint64) ^ np.uint64(SIGN)
 
 
 def to_values(keys: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -145,28 +161,33 @@ class Selector:
                     n_counts=n_counts, n_keys=n_keys, **self._filter())
 
     def _filter(self):
-        """The key-bucket bitmaps of the pass's search (kernels.hist._select4): per unit,
-        FILTER_BITS buckets of equal width over its slots' span, a bit set for every bucket
-        that meets a slot."""
+        """The value intervals of the pass's search (kernels.hist._select4): per unit, the
+        union of its slots' ranges as float64 intervals (adjacent ones joined). NaN keys
+        are left out (NaN is never counted); each end is the value of a key, so the
+        float64 value of every key of a slot is inside (ties of -0.0 and +0.0 and of
+        int64 values that round alike only widen an interval)."""
         U = self.n_units
-        nbits = 1 << FILTER_BITS
-        fbase = np.zeros(U, np.uint64)
-        fspan = np.zeros(U, np.uint64)
-        fshift = np.zeros(U, np.uint64)
-        fbits = np.zeros((U, nbits // 64), np.uint64)
-        flags = np.zeros(nbits, np.bool_)
+        S = max(1, max(len(s) for s in self.slots))
+        nint = np.zeros(U, np.int64)
+        ilo = np.zeros((U, S))
+        ihi = np.zeros((U, S))
+        lo_ok, hi_ok = key_span(self.dtype) if self.dtype.kind in "iu" else _finite_key_span(self.dtype)
         for u, slots in enumerate(self.slots):
-            if not slots:
-                continue
-            lo = min(s[0] for s in slots)
-            span = max(s[1] for s in slots) - lo
-            sh = max(0, span.bit_length() - FILTER_BITS)
-            flags[:] = False
-            for s in slots:
-                flags[(s[0] - lo) >> sh:((s[1] - lo) >> sh) + 1] = True
-            fbase[u], fspan[u], fshift[u] = lo, span, sh
-            fbits[u] = np.packbits(flags, bitorder="little").view(np.uint64)
-        return dict(fbase=fbase, fspan=fspan, fshift=fshift, fbits=fbits)
+            runs = []
+            for lo, hi, *_ in sorted(slots):
+                lo, hi = max(lo, lo_ok), min(hi, hi_ok)
+                if lo > hi:
+                    continue
+                if runs and lo <= runs[-1][1] + 1:
+                    runs[-1][1] = max(runs[-1][1], hi)
+                else:
+                    runs.append([lo, hi])
+            if runs:
+                ends = to_values(np.array(runs, dtype=np.uint64).ravel(), self.dtype).reshape(-1, 2)
+                nint[u] = len(runs)
+                ilo[u, :len(runs)] = ends[:, 0]
+                ihi[u, :len(runs)] = ends[:, 1]
+        return dict(nint=nint, ilo=ilo, ihi=ihi)
 
     def set_counts(self, n: np.ndarray) -> None:
         """The non-NaN count of every unit (known after the first pass): the wanted ranks."""

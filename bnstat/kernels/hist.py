@@ -17,7 +17,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from bnstat.kernels._jit import JIT, PARALLEL_JIT, entry
-from bnstat.kernels.moments import _task_bounds
+from bnstat.kernels.moments import PAD, _task_bounds
 
 SIGN = np.uint64(1 << 63)
 
@@ -106,6 +106,53 @@ def _hist_guess(row, absval, lo_, iv, mg, buf, nb, zskip):
 
 
 @njit(**JIT)
+def _hist_lanes(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, margin, edges, counts, under, over, nanc,
+                infc, zeroc, tc):
+    """B == 1 (NHWC): a row holds one value of every unit u0:u1; the same sure guess as
+    ``_hist_guess``, one value at a time, straight into the task's counters ``tc``."""
+    nb = counts.shape[3]
+    nu = u1 - u0
+    x3 = x.reshape((x.shape[0], x.shape[1], x.shape[2]))
+    nbf = np.float64(nb)
+    lo_ = lo[p, u0:u1]
+    hi_ = hi[p, u0:u1]
+    iv = inv[p, u0:u1]
+    mg = margin[p, u0:u1]
+    m1 = 1.0 - mg
+    zc = np.zeros(nu + 2 * PAD, np.int64)[PAD:PAD + nu]  # cache lines of its own (kernels.moments)
+    for a in range(a0, a1):
+        row = x3[p, a, u0:u1]
+        for j in range(nu):
+            v = np.float64(row[j])
+            if absval:
+                v = abs(v)
+            zc[j] += v == 0.0
+            g = (v - lo_[j]) * iv[j]
+            if g >= 0.0 and g < nbf:
+                i = np.int64(g)
+                fr = g - np.float64(i)
+                if fr > mg[j] and fr < m1[j]:
+                    tc[j, i] += 1
+                    continue
+            if v != v:
+                nanc[ia, p, u0 + j] += 1
+            elif v - v != 0.0:
+                infc[ia, p, u0 + j] += 1
+            elif v < lo_[j]:
+                under[ia, p, u0 + j] += 1
+            elif v > hi_[j]:
+                over[ia, p, u0 + j] += 1
+            else:
+                tc[j, _exact_bin(v, lo_[j], hi_[j], iv[j], edges[p, u0 + j], nb)] += 1
+    for j in range(nu):
+        c = counts[ia, p, u0 + j]
+        t = tc[j]
+        for i in range(nb):
+            c[i] += t[i]
+        zeroc[ia, p, u0 + j] += zc[j]
+
+
+@njit(**JIT)
 def _hist_task(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, margin, edges, counts, under, over, nanc,
                infc, zeroc):
     """Rows a0:a1 of units u0:u1 of view p into slot ia, row by row (B contiguous values of
@@ -118,6 +165,10 @@ def _hist_task(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, margin, edges, cou
     # the task's own counters, five more per unit: the scatter adds the values left for
     # later (nb) and the zeros (nb + 1..nb + 4) there, with no branch to mispredict
     tc = np.zeros((u1 - u0, nb + 5), np.int64)
+    if B == 1:
+        _hist_lanes(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, margin, edges, counts, under, over,
+                    nanc, infc, zeroc, tc)
+        return
     for a in range(a0, a1):
         for u in range(u0, u1):
             row = x[p, a, u]
@@ -277,11 +328,88 @@ def _select_slots(v, k, p, u, ns, slo, shi, sshift, sbase, scollect, pos, counts
             return
 
 
+def _interval_hits(row, vl, vh, hbuf):  # pragma: no cover - numba uses the overload
+    raise NotImplementedError
+
+
+@overload(_interval_hits, jit_options=JIT)
+def _interval_hits_ol(row, vl, vh, hbuf):
+    """hbuf[b] |= vl <= row[b] <= vh; float32 rows compare in float32 (the ends are float32
+    values there, so exactly), eight values a vector; others in float64."""
+    if row.dtype == types.float32:
+        def impl32(row, vl, vh, hbuf):
+            l32 = np.float32(vl)
+            h32 = np.float32(vh)
+            for b in range(row.shape[0]):
+                v = row[b]
+                hbuf[b] |= (v >= l32) & (v <= h32)
+        return impl32
+
+    def impl(row, vl, vh, hbuf):
+        for b in range(row.shape[0]):
+            v = np.float64(row[b])
+            hbuf[b] |= (v >= vl) & (v <= vh)
+    return impl
+
+
 @njit(**JIT)
-def _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, fbase, fspan, fshift,
-                 fbits, counts, keys, ibuf):
+def _select_lanes(x3, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ihi, counts,
+                  keys):
+    """B == 1 (NHWC): a row holds one value of every unit u0:u1, taken one at a time, with
+    each unit's first slot (or its value span) in lanes of its own."""
+    nu = u1 - u0
+    mode = np.zeros(nu, np.int64)  # 0: no slot, 1: one counting slot, 2: the slot search
+    lo_ = np.zeros(nu, np.uint64)
+    span = np.zeros(nu, np.uint64)
+    sh = np.zeros(nu, np.uint64)
+    base = np.zeros(nu, np.int64)
+    vlo = np.full(nu, np.inf)
+    vhi = np.full(nu, -np.inf)
+    for j in range(nu):
+        u = u0 + j
+        ns = nslot[p, u]
+        if ns == 0:
+            continue
+        if ns == 1 and not scollect[p, u, 0]:
+            mode[j] = 1
+            lo_[j] = slo[p, u, 0]
+            span[j] = shi[p, u, 0] - slo[p, u, 0]
+            sh[j] = sshift[p, u, 0]
+            base[j] = sbase[p, u, 0]
+        elif nint[p, u] > 0:
+            mode[j] = 2
+            vlo[j] = ilo[p, u, 0]
+            vhi[j] = ihi[p, u, nint[p, u] - 1]
+    for a in range(x3.shape[1]):
+        row = x3[p, a, u0:u1]
+        kv = _kview(row)
+        for j in range(nu):
+            m = mode[j]
+            if m == 1:
+                v = row[j]
+                d = _kat(row, kv, j) - lo_[j]
+                if (d <= span[j]) & (v == v):
+                    counts[base[j] + np.int64(d >> sh[j])] += 1
+            elif m == 2:
+                v = np.float64(row[j])
+                if vlo[j] <= v <= vhi[j]:  # within the unit's outer interval: the exact test
+                    u = u0 + j
+                    for i in range(nint[p, u]):
+                        if ilo[p, u, i] <= v <= ihi[p, u, i]:
+                            _select_slots(row[j], _kat(row, kv, j), p, u, nslot[p, u], slo, shi, sshift,
+                                          sbase, scollect, pos, counts, keys)
+                            break
+
+
+@njit(**JIT)
+def _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ihi, counts,
+                 keys, ibuf, hbuf):
     A = x3.shape[1]
     dummy = counts.shape[0] - 1
+    if B == 1:
+        _select_lanes(x3, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ihi, counts,
+                      keys)
+        return
     for a in range(A):
         for u in range(u0, u1):
             ns = nslot[p, u]
@@ -295,26 +423,25 @@ def _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos
                 for b in range(B):
                     counts[ibuf[b]] += 1
                 continue
-            # several slots: a bitmap of the key buckets that meet a slot sends the few
-            # values that may lie in one to the slot search; the others cost a shift and a test
-            fb = fbase[p, u]
-            fs = fspan[p, u]
-            fsh = fshift[p, u]
-            bits = fbits[p, u]
+            # several slots: the values within the unit's few value intervals (vectorized
+            # compares, one loop per interval) go to the slot search, the others nowhere
+            hbuf[:B] = 0
+            for j in range(nint[p, u]):
+                _interval_hits(row, ilo[p, u, j], ihi[p, u, j], hbuf)
+            nh = 0
+            for b in range(B):
+                nh += hbuf[b]
+            if nh == 0:
+                continue
             kv = _kview(row)
             for b in range(B):
-                k = _kat(row, kv, b)
-                d = k - fb
-                if d <= fs:
-                    j = d >> fsh
-                    if (bits[j >> np.uint64(6)] >> (j & np.uint64(63))) & np.uint64(1):
-                        _select_slots(row[b], k, p, u, ns, slo, shi, sshift, sbase, scollect, pos,
-                                      counts, keys)
+                if hbuf[b]:
+                    _select_slots(row[b], _kat(row, kv, b), p, u, ns, slo, shi, sshift, sbase, scollect,
+                                  pos, counts, keys)
 
 
 @njit(**PARALLEL_JIT)
-def _select4(x, su, nslot, slo, shi, sshift, sbase, scollect, pos, fbase, fspan, fshift, fbits, counts,
-             keys):
+def _select4(x, su, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ihi, counts, keys):
     """One counting pass of the exact quantiles over a (P, A, U, B) view.
 
     Unit (p, u) has ``nslot[p, u]`` slots s, each a range of keys
@@ -323,10 +450,9 @@ def _select4(x, su, nslot, slo, shi, sshift, sbase, scollect, pos, fbase, fspan,
     a collecting slot (``scollect``) its key is stored at
     ``keys[pos[p, u, s]]`` and the position advances. The last element of
     ``counts`` is scratch (it counts the values of no slot in the one-slot loop).
-    ``fbase``/``fspan``/``fshift``/``fbits`` (P, U) and (P, U, words): bit j of a unit's
-    ``fbits`` is set when keys fbase + (j << fshift) ... meet one of its slots, keys
-    beyond fbase + fspan meet none. Tasks hold whole units (never a split of A), so
-    positions are never shared.
+    ``nint`` (P, U), ``ilo``/``ihi`` (P, U, S): float64 intervals ilo <= v <= ihi that hold
+    the values of every key of the unit's slots (a value outside them is in no slot).
+    Tasks hold whole units (never a split of A), so positions are never shared.
     """
     P, A, U, B = x.shape
     x3 = x.reshape((P, A, U * B))
@@ -334,8 +460,9 @@ def _select4(x, su, nslot, slo, shi, sshift, sbase, scollect, pos, fbase, fspan,
         p, ia, a0, a1, u0, u1 = _task_bounds(t, A, U, 1, su)
         if u1 > u0:
             ibuf = np.empty(B, np.int64)
-            _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, fbase, fspan,
-                         fshift, fbits, counts, keys, ibuf)
+            hbuf = np.empty(B, np.uint8)
+            _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ihi,
+                         counts, keys, ibuf, hbuf)
 
 
 # ---- calibration (amax) -----------------------------------------------------------
