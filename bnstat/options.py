@@ -21,6 +21,7 @@ class RunState:
 
     quiet: bool = False
     debug: bool = False
+    verbose: bool = False
 
 NORMS = ("batch", "layer", "instance", "group")
 FORMATS = ("table", "json", "csv", "npz")
@@ -87,6 +88,12 @@ def _quiet_callback(ctx, param, value):
     return value
 
 
+def _verbose_callback(ctx, param, value):
+    if value:
+        ctx.ensure_object(RunState).verbose = True
+    return value
+
+
 def _debug_callback(ctx, param, value):
     if value:
         ctx.ensure_object(RunState).debug = True
@@ -106,6 +113,9 @@ force_option = click.option("--force", is_flag=True, help="Replace an existing o
 quiet_option = click.option(
     "-q", "--quiet", is_flag=True, callback=_quiet_callback,
     help="No warnings and no progress bar.")
+verbose_option = click.option(
+    "-v", "--verbose", is_flag=True, expose_value=False, callback=_verbose_callback,
+    help="Notes on stderr (a first compile of the kernels) even when it is not a terminal.")
 threads_option = click.option(
     "--threads", type=click.IntRange(min=1), default=None, metavar="N", callback=_threads_callback,
     help="Number of compute threads (default: all cores).")
@@ -122,8 +132,9 @@ scheduler_option = click.option(
 
 
 def common_options(func, output=None):
-    """-o, --force, --quiet, --debug (every command); ``output``: another -o option."""
-    for deco in reversed((output or output_option, force_option, quiet_option, debug_option)):
+    """-o, --force, --quiet, --verbose, --debug (every command); ``output``: another -o option."""
+    for deco in reversed((output or output_option, force_option, quiet_option, verbose_option,
+                          debug_option)):
         func = deco(func)
     return func
 
