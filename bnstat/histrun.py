@@ -50,14 +50,16 @@ class _Array:
 
     def visit(self, i: int):
         """The chunk visitor of source i for the current pass (None: nothing to do)."""
+        from bnstat.stream import read_only
+
         if not (self.counting or self.selecting):
             return None
         g = self.gidx[i]
         tables = self._tables if self.selecting else None
 
         def visit(x, lo, hi):
-            if x.dtype != self.dtype:
-                x = x.astype(self.dtype)
+            if x.dtype != self.dtype:  # read-only as every kernel input (one compiled variant)
+                x = read_only(x.astype(self.dtype))
             if self.per_tensor:
                 x, units = per_tensor_view(x), g
             else:
