@@ -89,7 +89,7 @@ class UnitState:
 
     def set_edges(self, lo, hi) -> None:
         self.lo, self.hi = lo.ravel().astype(np.float64), hi.ravel().astype(np.float64)
-        self.edges = make_edges(self.lo, self.hi, self.bins)
+        self.edges = np.ascontiguousarray(make_edges(self.lo, self.hi, self.bins))  # a unit's edges together
         with np.errstate(divide="ignore", over="ignore"):
             inv = self.bins / (self.hi - self.lo)
         self.inv = np.where(np.isfinite(inv), inv, 0.0)

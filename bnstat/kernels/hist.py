@@ -105,116 +105,90 @@ def _hist_guess(row, absval, lo_, iv, mg, buf, nb, zskip):
     return zeros, rest
 
 
+LANE_BLOCK = 262144  # B == 1: values per block of rows, walked unit by unit (1 MiB of float32)
+
+
 @njit(**JIT)
-def _hist_lanes(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, margin, edges, counts, under, over, nanc,
-                infc, zeroc, tc):
-    """B == 1 (NHWC): a row holds one value of every unit u0:u1; the same sure guess as
-    ``_hist_guess``, one value at a time, straight into the task's counters ``tc``."""
-    nb = counts.shape[3]
-    nu = u1 - u0
-    x3 = x.reshape((x.shape[0], x.shape[1], x.shape[2]))
-    nbf = np.float64(nb)
-    lo_ = lo[p, u0:u1]
-    hi_ = hi[p, u0:u1]
-    iv = inv[p, u0:u1]
-    mg = margin[p, u0:u1]
-    m1 = 1.0 - mg
-    zc = np.zeros(nu + 2 * PAD, np.int64)[PAD:PAD + nu]  # cache lines of its own (kernels.moments)
-    for a in range(a0, a1):
-        row = x3[p, a, u0:u1]
-        for j in range(nu):
-            v = np.float64(row[j])
-            if absval:
-                v = abs(v)
-            zc[j] += v == 0.0
-            g = (v - lo_[j]) * iv[j]
-            if g >= 0.0 and g < nbf:
-                i = np.int64(g)
-                fr = g - np.float64(i)
-                if fr > mg[j] and fr < m1[j]:
-                    tc[j, i] += 1
-                    continue
-            if v != v:
-                nanc[ia, p, u0 + j] += 1
-            elif v - v != 0.0:
-                infc[ia, p, u0 + j] += 1
-            elif v < lo_[j]:
-                under[ia, p, u0 + j] += 1
-            elif v > hi_[j]:
-                over[ia, p, u0 + j] += 1
-            else:
-                tc[j, _exact_bin(v, lo_[j], hi_[j], iv[j], edges[p, u0 + j], nb)] += 1
-    for j in range(nu):
-        c = counts[ia, p, u0 + j]
-        t = tc[j]
-        for i in range(nb):
-            c[i] += t[i]
-        zeroc[ia, p, u0 + j] += zc[j]
+def _hist_row(row, absval, lo_, hi_, iv, mg, e, c, buf, nb, small):
+    """Count one unit's contiguous values ``row`` into its task counters ``c`` (nb + 5):
+    the sure bins first (``_hist_guess``), then a plain scatter, then the few values left,
+    exactly; NaN, inf, under, over and zeros added to ``small``."""
+    B = row.shape[0]
+    last = np.uint32(nb)
+    zskip = lo_ <= 0.0 <= hi_  # then every +-0.0 is in bin zb
+    zb = _exact_bin(0.0, lo_, hi_, iv, e, nb) if zskip else 0
+    zeros, rest = _hist_guess(row, absval, lo_, iv, mg, buf, nb, zskip)
+    small[4] += zeros
+    if nb == 1:  # every sure value is in the one bin
+        c[0] += B - rest
+    else:
+        for b in range(B):
+            c[buf[b]] += 1
+        if zskip:
+            c[zb] += zeros
+    if rest:  # NaN, inf, out of range, or too near an edge for the guess
+        for b in range(B):
+            if buf[b] == last:
+                v = np.float64(row[b])
+                if absval:
+                    v = abs(v)
+                if v != v:
+                    small[0] += 1
+                elif v - v != 0.0:
+                    small[1] += 1
+                elif v < lo_:
+                    small[2] += 1
+                elif v > hi_:
+                    small[3] += 1
+                else:
+                    c[_exact_bin(v, lo_, hi_, iv, e, nb)] += 1
 
 
 @njit(**JIT)
 def _hist_task(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, margin, edges, counts, under, over, nanc,
                infc, zeroc):
     """Rows a0:a1 of units u0:u1 of view p into slot ia, row by row (B contiguous values of
-    one unit: its bounds, edges and counts looked up once per row): the sure bins first
-    (``_hist_guess``), then a plain scatter, then the few values left, exactly."""
-    B = x.shape[3]
+    one unit: its bounds, edges and counts looked up once per row, ``_hist_row``). B == 1
+    (NHWC, a row holds one value of every unit): blocks of rows are transposed first (in
+    cache), then counted unit by unit the same way."""
+    P, A, U, B = x.shape
     nb = counts.shape[3]
-    buf = np.empty(B, np.uint32)
-    last = np.uint32(nb)
+    nu = u1 - u0
     # the task's own counters, five more per unit: the scatter adds the values left for
     # later (nb) and the zeros (nb + 1..nb + 4) there, with no branch to mispredict
-    tc = np.zeros((u1 - u0, nb + 5), np.int64)
+    tc = np.zeros((nu, nb + 5), np.int64)
+    small = np.zeros((nu, 5 + 2 * PAD), np.int64)  # nan, inf, under, over, zeros; own cache lines
     if B == 1:
-        _hist_lanes(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, margin, edges, counts, under, over,
-                    nanc, infc, zeroc, tc)
-        return
-    for a in range(a0, a1):
-        for u in range(u0, u1):
-            row = x[p, a, u]
-            lo_ = lo[p, u]
-            iv = inv[p, u]
-            mg = margin[p, u]
-            c = tc[u - u0]
-            hi_ = hi[p, u]
-            e = edges[p, u]
-            zskip = lo_ <= 0.0 <= hi_  # then every +-0.0 is in bin zb
-            zb = _exact_bin(0.0, lo_, hi_, iv, e, nb) if zskip else 0
-            zeros, rest = _hist_guess(row, absval, lo_, iv, mg, buf, nb, zskip)
-            zeroc[ia, p, u] += zeros
-            if nb == 1:  # every sure value is in the one bin
-                c[0] += B - rest
-            else:
-                for b in range(B):
-                    c[buf[b]] += 1
-                if zskip:
-                    c[zb] += zeros
-            if rest:  # NaN, inf, out of range, or too near an edge for the guess
-                n_nan = n_inf = n_under = n_over = 0
-                for b in range(B):
-                    if buf[b] == last:
-                        v = np.float64(row[b])
-                        if absval:
-                            v = abs(v)
-                        if v != v:
-                            n_nan += 1
-                        elif v - v != 0.0:
-                            n_inf += 1
-                        elif v < lo_:
-                            n_under += 1
-                        elif v > hi_:
-                            n_over += 1
-                        else:
-                            c[_exact_bin(v, lo_, hi_, iv, e, nb)] += 1
-                nanc[ia, p, u] += n_nan
-                infc[ia, p, u] += n_inf
-                under[ia, p, u] += n_under
-                over[ia, p, u] += n_over
-    for u in range(u0, u1):
+        x3 = x.reshape((P, A, U))
+        rb = max(16, LANE_BLOCK // U)
+        tb = np.empty((nu, rb + 16), x.dtype)  # rows not a power of two apart (cache sets)
+        buf = np.empty(rb, np.uint32)
+        for ab in range(a0, a1, rb):
+            ae = min(ab + rb, a1)
+            for a in range(ab, ae):
+                for j in range(nu):
+                    tb[j, a - ab] = x3[p, a, u0 + j]
+            for j in range(nu):
+                u = u0 + j
+                _hist_row(tb[j, :ae - ab], absval, lo[p, u], hi[p, u], inv[p, u], margin[p, u], edges[p, u],
+                          tc[j], buf, nb, small[j])
+    else:
+        buf = np.empty(B, np.uint32)
+        for a in range(a0, a1):
+            for u in range(u0, u1):
+                _hist_row(x[p, a, u], absval, lo[p, u], hi[p, u], inv[p, u], margin[p, u], edges[p, u],
+                          tc[u - u0], buf, nb, small[u - u0])
+    for j in range(nu):
+        u = u0 + j
         c = counts[ia, p, u]
-        t = tc[u - u0]
+        t = tc[j]
         for i in range(nb):
             c[i] += t[i]
+        nanc[ia, p, u] += small[j, 0]
+        infc[ia, p, u] += small[j, 1]
+        under[ia, p, u] += small[j, 2]
+        over[ia, p, u] += small[j, 3]
+        zeroc[ia, p, u] += small[j, 4]
 
 
 @njit(**PARALLEL_JIT)
@@ -326,6 +300,74 @@ def _select_slots(v, k, p, u, ns, slo, shi, sshift, sbase, scollect, pos, counts
             else:
                 counts[sbase[p, u, s] + ((k - slo[p, u, s]) >> sshift[p, u, s])] += 1
             return
+
+
+def _interval_hits(row, vl, vh, hbuf):  # pragma: no cover - numba uses the overload
+    raise NotImplementedError
+
+
+@overload(_interval_hits, jit_options=JIT)
+def _interval_hits_ol(row, vl, vh, hbuf):
+    """hbuf[b] |= vl <= row[b] <= vh; float32 rows compare in float32 (the ends are float32
+    values there, so exactly), eight values a vector; others in float64."""
+    if row.dtype == types.float32:
+        def impl32(row, vl, vh, hbuf):
+            l32 = np.float32(vl)
+            h32 = np.float32(vh)
+            for b in range(row.shape[0]):
+                v = row[b]
+                hbuf[b] |= (v >= l32) & (v <= h32)
+        return impl32
+
+    def impl(row, vl, vh, hbuf):
+        for b in range(row.shape[0]):
+            v = np.float64(row[b])
+            hbuf[b] |= (v >= vl) & (v <= vh)
+    return impl
+
+
+@njit(**JIT)
+def _select_lanes(x3, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ihi, counts,
+                  keys):
+    """B == 1 (NHWC): a row holds one value of every unit u0:u1. Rows are taken in blocks
+    (in cache), each block unit by unit (one unit's counters in use at a time)."""
+    P, A, U = x3.shape
+    xf = x3.reshape(P * A * U)
+    kv = _kview(xf)
+    rb = max(16, LANE_BLOCK // U)
+    for ab in range(0, A, rb):
+        ae = min(ab + rb, A)
+        for u in range(u0, u1):
+            ns = nslot[p, u]
+            if ns == 0:
+                continue
+            at = (p * A + ab) * U + u
+            if ns == 1 and not scollect[p, u, 0]:
+                lo_ = slo[p, u, 0]
+                span = shi[p, u, 0] - lo_
+                sh = sshift[p, u, 0]
+                base = sbase[p, u, 0]
+                for a in range(ab, ae):
+                    v = xf[at]
+                    d = _kat(xf, kv, at) - lo_
+                    if (d <= span) & (v == v):
+                        counts[base + np.int64(d >> sh)] += 1
+                    at += U
+                continue
+            ni = nint[p, u]
+            if ni == 0:
+                continue
+            vlo = ilo[p, u, 0]
+            vhi = ihi[p, u, ni - 1]
+            for a in range(ab, ae):
+                v = np.float64(xf[at])
+                if vlo <= v <= vhi:  # within the unit's outer interval: the exact test
+                    for i in range(ni):
+                        if ilo[p, u, i] <= v <= ihi[p, u, i]:
+                            _select_slots(xf[at], _kat(xf, kv, at), p, u, ns, slo, shi, sshift, sbase,
+                                          scollect, pos, counts, keys)
+                            break
+                at += U
 
 
 def _interval_hits(row, vl, vh, hbuf):  # pragma: no cover - numba uses the overload
