@@ -76,7 +76,7 @@ def _hist_guess(row, absval, lo_, iv, mg, buf, nb, zskip):
     """The bin of every value of a row whose guess g = (v - lo_) * iv is sure, else nb
     (nb + 1 + b % 4 for zeros with ``zskip``: the caller adds them to their bin at once, and
     a row of many zeros makes four short chains of increments, not one long); returns
-    (zeros, values left to ``_hist_exact``).
+    (zeros, values left to the exact path of ``_hist_row``).
 
     g is monotonic in v, so g(e[k]) < g(v) < g(e[k + 1]) implies e[k] < v < e[k + 1];
     ``mg`` bounds |g(e[k]) - k| over all edges (with room to spare), so a fractional part
