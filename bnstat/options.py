@@ -243,10 +243,27 @@ def table_options(func):
         click.option("--top", type=click.IntRange(min=1), default=None, metavar="N",
                      help="Show N rows per array (default: all up to 32, else 20 and the flagged units)."),
         click.option("--all", "show_all", is_flag=True, help="Show every unit of every array."),
+        click.option("--summary", is_flag=True,
+                     help="One line per array (shape, layout, units, mean and std ranges, flags) "
+                          "instead of its table."),
     )
     for deco in reversed(decos):
         func = deco(func)
     return func
+
+
+def check_summary(summary: bool, fmt: str, sort: str, top, show_all: bool) -> None:
+    """--summary is a text view: refused with --format json|csv|npz, --sort, --top and --all
+    (README, `bnstat moments`). Raises click.UsageError."""
+    if not summary:
+        return
+    if fmt != "table":
+        raise click.UsageError(f"--summary is a text view and --format is {fmt}: drop --summary "
+                               f"(the {fmt} output has every unit), or drop --format")
+    given = [flag for flag, on in (("--sort", sort != "unit"), ("--top", top is not None),
+                                   ("--all", show_all)) if on]
+    if given:
+        raise click.UsageError(f"--summary shows no unit rows: drop {' and '.join(given)}, or --summary")
 
 
 def format_for(fmt: str | None, output: str | None) -> str:

@@ -252,8 +252,10 @@ def count_infs(x: np.ndarray, part: Moments) -> Moments:
 def view_moments(x: np.ndarray, *, higher: bool = False, threads: int = 1,
                  engine: str = "numba") -> Moments:
     """Moments of every unit of a (P, A, U, B) kernel view, flat in C order over (P, U)."""
+    from bnstat.kernels.loader import moments_kernel
+
     x = read_only(x)
-    engine = kernel_engine("moments4_higher" if higher else "moments4", x, engine, threads)
+    engine = kernel_engine(moments_kernel(x, higher), x, engine, threads)
     if engine == "numpy":
         return count_infs(x, numpy_moments(x, higher))
     from bnstat.kernels import moments as kernels

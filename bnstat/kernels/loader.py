@@ -30,10 +30,18 @@ import numpy as np
 
 # kernel name -> (module, attribute) of its entry point
 KERNELS = {
-    "moments4": ("bnstat.kernels.moments", "moments4"),
+    "moments4_rows": ("bnstat.kernels.moments", "moments4_rows"),
+    "moments4_units": ("bnstat.kernels.moments", "moments4_units"),
     "moments4_higher": ("bnstat.kernels.moments", "moments4_higher"),
     "normalize4": ("bnstat.kernels.normalize", "normalize4"),
 }
+
+
+def moments_kernel(x: np.ndarray, higher: bool = False) -> str:
+    """The name of the moments kernel that takes the (P, A, U, B) view ``x``."""
+    if higher:
+        return "moments4_higher"
+    return "moments4_rows" if x.shape[3] == 1 else "moments4_units"
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,9 @@ class Spec:
             params = [np.zeros((1, 1)) for _ in range(3)]
             return (x, *params, np.zeros((1, 1, 1, 1), self.out or "float64"))
         n = 2 if self.kernel == "moments4_higher" else 0
+        if self.kernel == "moments4_units":  # the kernel of B > 1 (the type is all that counts)
+            x = np.zeros((1, 1, 1, 2), self.dtype)
+            x.setflags(write=not self.readonly)
         acc = [np.zeros((1, 1, 1)) for _ in range(2 + n)]
         mn, mx = np.zeros((1, 1, 1)), np.zeros((1, 1, 1))
         return (x, 1, 1, np.zeros((1, 1, 1), np.int64), *acc, mn, mx, np.zeros((1, 1, 1), np.int64))
@@ -91,6 +102,32 @@ def in_cache(call, args: tuple) -> bool:
         return key in cache._cache_file._load_index()
     except Exception:  # numba's cache internals moved, or caching is off: compile
         return False
+
+
+def index_may_exist(spec: Spec) -> bool:
+    """False when no index of numba's cache for ``spec``'s kernel exists where numba looks:
+    NUMBA_CACHE_DIR, the package's __pycache__, the user-wide cache (numba's locators for a
+    file; a test checks them against numba's own path). Needs no numba: a run whose kernel
+    was never compiled starts computing at once. True when it cannot tell."""
+    import glob
+    import hashlib
+
+    if os.environ.get("NUMBA_CACHE_LOCATOR_CLASSES"):
+        return True
+    module, attr = KERNELS[spec.kernel]
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          module.rsplit(".", 1)[-1] + ".py")
+    here = os.path.dirname(source)
+    sub = f"{os.path.basename(here)}_{hashlib.sha1(here.encode()).hexdigest()}"
+    dirs = [os.path.join(here, "__pycache__")]
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        dirs = [os.path.join(os.environ["NUMBA_CACHE_DIR"], sub)]
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        dirs.append(os.path.join(base, "numba", sub))
+    name = f"{os.path.splitext(os.path.basename(source))[0]}._{attr}-*.py{sys.version_info[0]}" \
+           f"{sys.version_info[1]}.nbi"
+    return any(glob.glob(os.path.join(glob.escape(d), name)) for d in dirs)
 
 
 def compile_apart(spec: Spec) -> subprocess.Popen:
@@ -115,6 +152,7 @@ class Job:
         self.done = threading.Event()
         self.cached: bool | None = None
         self.error: BaseException | None = None
+        self.noted = False  # the first-compile note was given
         self.started = time.perf_counter()
         threading.Thread(target=self._run, name=f"bnstat-load-{spec.kernel}", daemon=True).start()
 
@@ -158,13 +196,14 @@ def loaded(spec: Spec) -> bool:
     returns False while it is being compiled (the first time, with a note). Raises what the load
     raised."""
     j = job(spec)
-    first = not j.known.is_set()
-    _wait(j.known)
+    if j.known.is_set() or index_may_exist(spec):  # never compiled: no need to ask numba
+        _wait(j.known)
     if j.cached:
         _wait(j.done)
-    elif first:
+    elif not j.noted:
         from bnstat.errors import note
 
+        j.noted = True
         note(f"compiling the {spec.kernel} kernel for {spec.dtype} for the first time (a few "
              "seconds, in the background; numpy computes meanwhile)")
     if not j.done.is_set():
@@ -175,13 +214,14 @@ def loaded(spec: Spec) -> bool:
 
 
 # warm_up's names for the kernels (bnstat.warm_up)
-GROUPS = {"moments": "moments4", "higher": "moments4_higher", "normalize": "normalize4"}
+GROUPS = {"moments": ("moments4_rows", "moments4_units"), "higher": ("moments4_higher",),
+          "normalize": ("normalize4",)}
 
 
 def warm_up(kernels=("moments", "normalize"), dtypes=("float32", "float64")) -> dict[str, float]:
     """Load (compiling the first time) ``kernels`` for inputs of ``dtypes``, in this process
     (inputs reach the kernels read-only: ``stream.read_only``). Returns the seconds per variant."""
-    names = [GROUPS.get(k, k) for k in kernels]
+    names = [name for k in kernels for name in GROUPS.get(k, (k,))]
     for name in names:
         if name not in KERNELS:
             raise ValueError(f"{name}: no such kernel (choose from {', '.join(GROUPS)})")
