@@ -143,27 +143,38 @@ def compile_apart(spec: Spec) -> subprocess.Popen:
 
 class Job:
     """The load of one ``Spec`` in a daemon thread: ``known`` once it is known whether the
-    kernel is cached, ``done`` once it is loaded (or failed: ``error``)."""
+    kernel is cached, ``done`` once it is loaded (or failed: ``error``).
 
-    def __init__(self, spec: Spec, detach: bool = True):
+    ``apart``: the kernel is known not to be cached (``index_may_exist``): the detached
+    compiler is started at once, by the caller, so that it runs even if this process ends
+    before its thread has imported numba. Otherwise the thread starts it, before ``known``
+    is set, when numba's cache has no such kernel.
+    """
+
+    def __init__(self, spec: Spec, apart: bool = False, detach: bool = True):
         self.spec = spec
         self.detach = detach
         self.known = threading.Event()
         self.done = threading.Event()
-        self.cached: bool | None = None
+        self.cached: bool | None = False if apart else None
         self.error: BaseException | None = None
         self.noted = False  # the first-compile note was given
-        self.started = time.perf_counter()
+        self.proc = compile_apart(spec) if apart and detach else None
+        if apart:
+            self.known.set()
         threading.Thread(target=self._run, name=f"bnstat-load-{spec.kernel}", daemon=True).start()
 
     def _run(self) -> None:
         try:
             call = self.spec.entry()
             args = self.spec.args()
-            self.cached = in_cache(call, args)
-            self.known.set()
-            if not self.cached and self.detach:
-                compile_apart(self.spec).wait()
+            if not self.known.is_set():
+                self.cached = in_cache(call, args)
+                if not self.cached and self.detach:
+                    self.proc = compile_apart(self.spec)
+                self.known.set()
+            if self.proc is not None:
+                self.proc.wait()
             call(*args)  # numba's target, then the kernel from the cache (or compiled here)
         except BaseException as exc:  # re-raised by the thread that asks for the kernel
             self.error = exc
@@ -180,7 +191,7 @@ def job(spec: Spec) -> Job:
     """The (started) load of ``spec``, one per process."""
     with _lock:
         if spec not in _jobs:
-            _jobs[spec] = Job(spec)
+            _jobs[spec] = Job(spec, apart=not index_may_exist(spec))
         return _jobs[spec]
 
 
@@ -196,8 +207,7 @@ def loaded(spec: Spec) -> bool:
     returns False while it is being compiled (the first time, with a note). Raises what the load
     raised."""
     j = job(spec)
-    if j.known.is_set() or index_may_exist(spec):  # never compiled: no need to ask numba
-        _wait(j.known)
+    _wait(j.known)
     if j.cached:
         _wait(j.done)
     elif not j.noted:
