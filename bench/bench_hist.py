@@ -1,18 +1,27 @@
-"""bnstat hist benchmark: histograms and exact quantiles against moments and np.quantile.
+"""bnstat hist benchmark: histograms and exact quantiles against moments, np.histogram, np.quantile.
 
-    python bench/bench_hist.py [--size-mb 1024] [--tmp DIR] [--threads N]
+    python bench/bench_hist.py [--size-mb 1024] [--tmp DIR] [--threads N] [--reps 5] [--no-threads-check]
 
-Writes a float32 NCHW .npy of the given size (64 channels of 56 x 56), reads
-it once (page cache warm), then runs each case in its own process: the
-bnstat CLI (wall time, peak RSS by /usr/bin/time) and, for the work time, a
-library call timed inside a process that first warmed the kernels on a tiny
-file. np.quantile per channel runs on the array loaded in memory, against
-bnstat.hist(array, quantiles=...) on the same array in memory.
+Writes a float32 NCHW .npy of the given size (64 channels of 56 x 56) and
+reads it once (page cache warm). Then:
+
+- the bnstat CLI once per case (wall time and peak RSS by /usr/bin/time);
+- the work times, in ONE child process that warmed every kernel on a tiny
+  file first, case after case, ``--reps`` rounds: ``bnstat.moments``,
+  ``bnstat.hist`` (2048 bins, --range auto) and ``bnstat.hist(bins=1,
+  quantiles=...)`` on the file; with the threads check, hist and quantiles
+  on one thread as well; then on the array in memory the quantiles against
+  np.quantile per channel, and hist against np.histogram per channel (2048
+  bins over each channel's range). Every round gives its own ratios (the
+  cases of a round ran within seconds of each other on the same shared
+  machine); the table shows the median work GB/s and the median ratio,
+  with min..max over the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -26,42 +35,40 @@ Q = "0.001,0.5,0.999,0.9999"
 C, H, W = 64, 56, 56
 
 CHILD = r"""
-import sys, time, json, numpy as np, bnstat
-mode, path, tiny, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]) or None
+import json, sys, time, warnings, numpy as np, bnstat
+path, tiny, threads, reps, check = sys.argv[1], sys.argv[2], int(sys.argv[3]) or None, int(sys.argv[4]), sys.argv[5] == "1"
+warnings.simplefilter("ignore")
 q = [0.001, 0.5, 0.999, 0.9999]
-kw = dict(layout="NCHW", threads=threads)
-def run(src):
-    if mode == "moments":
-        return bnstat.moments(src, engine="numba", **kw)
-    if mode == "hist":
-        return bnstat.hist(src, **kw)
-    if mode == "quantiles":
-        return bnstat.hist(src, bins=1, quantiles=q, **kw)
-    if mode == "np.quantile":
-        x = src if isinstance(src, np.ndarray) else np.load(src)
-        return np.quantile(x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1), q, axis=1)
-run(tiny)
-src = path
-if mode == "np.quantile" or sys.argv[5:] == ["memory"]:
-    src = np.load(path)
-t = time.perf_counter()
-run(src)
-print("@@work", time.perf_counter() - t)
+def moments(src, th): return bnstat.moments(src, engine="numba", layout="NCHW", threads=th)
+def hist(src, th): return bnstat.hist(src, layout="NCHW", threads=th)
+def quant(src, th): return bnstat.hist(src, layout="NCHW", bins=1, quantiles=q, threads=th)
+def np_quantile(x, th):
+    return np.quantile(x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1), q, axis=1)
+def np_histogram(x, th):
+    return [np.histogram(x[:, c], bins=2048) for c in range(x.shape[1])]
+file_cases = [("moments", moments, threads), ("hist", hist, threads), ("quantiles", quant, threads)]
+if check:
+    file_cases += [("hist, 1 thread", hist, 1), ("quantiles, 1 thread", quant, 1)]
+for _, f, th in file_cases:
+    f(tiny, th)
+times = {}
+for r in range(reps):
+    for name, f, th in file_cases:
+        t = time.perf_counter()
+        f(path, th)
+        times.setdefault(name, []).append(time.perf_counter() - t)
+x = np.load(path)
+mem_cases = [("in memory: bnstat.hist(array, quantiles)", quant), ("in memory: np.quantile per channel", np_quantile),
+             ("in memory: bnstat.hist(array)", hist), ("in memory: np.histogram per channel", np_histogram)]
+for r in range(reps):
+    for name, f in mem_cases:
+        if name == "in memory: np.quantile per channel" and r >= 3:
+            continue  # slow; three rounds are enough
+        t = time.perf_counter()
+        f(x, threads)
+        times.setdefault(name, []).append(time.perf_counter() - t)
+print("@@times", json.dumps(times))
 """
-
-
-def child(mode, path, tiny, threads, memory=False):
-    cmd = ["/usr/bin/time", "-f", "@@maxrss %M", PY, "-c", CHILD, mode, path, tiny, str(threads or 0)]
-    if memory:
-        cmd.append("memory")
-    t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    wall = time.perf_counter() - t
-    if p.returncode:
-        raise SystemExit(p.stderr)
-    work = float([ln for ln in p.stdout.splitlines() if ln.startswith("@@work")][-1].split()[1])
-    rss = int([ln for ln in p.stderr.splitlines() if ln.startswith("@@maxrss")][-1].split()[1]) / 1024
-    return wall, work, rss
 
 
 def cli(args, threads):
@@ -78,45 +85,83 @@ def cli(args, threads):
     return wall, rss
 
 
+def spread(values, fmt="{:.2f}"):
+    v = np.asarray(values, dtype=float)
+    return f"{fmt.format(np.median(v))} ({fmt.format(v.min())}..{fmt.format(v.max())})"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mb", type=float, default=1024)
     ap.add_argument("--tmp", default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--no-threads-check", action="store_true", help="skip the 1-thread rows")
     a = ap.parse_args()
     d = a.tmp or tempfile.mkdtemp(prefix="bnstat-bench-hist-")
     os.makedirs(d, exist_ok=True)
     n = max(1, int(a.size_mb * 1e6 // (C * H * W * 4)))
     path, tiny = os.path.join(d, "acts.npy"), os.path.join(d, "tiny.npy")
     rng = np.random.default_rng(0)
-    mm = np.lib.format.open_memmap(path, "w+", np.float32, (n, C, H, W))
-    for i in range(0, n, 64):
-        mm[i:i + 64] = rng.standard_normal((min(64, n - i), C, H, W), np.float32)
-    mm.flush()
-    del mm
+    if not (os.path.exists(path) and np.load(path, mmap_mode="r").shape == (n, C, H, W)):
+        mm = np.lib.format.open_memmap(path, "w+", np.float32, (n, C, H, W))
+        for i in range(0, n, 64):
+            mm[i:i + 64] = rng.standard_normal((min(64, n - i), C, H, W), np.float32)
+        mm.flush()
+        del mm
     np.save(tiny, rng.standard_normal((4, C, 4, 4)).astype(np.float32))
     nbytes = os.path.getsize(path)
     with open(path, "rb") as fh:  # page cache warm
         while fh.read(1 << 26):
             pass
     gb = nbytes / 1e9
-    rows = []
+    load0 = os.getloadavg()
+    clis = {}
     for mode, args in (("moments", ["moments", path, "--layout", "NCHW"]),
                        ("hist", ["hist", path, "--layout", "NCHW"]),
                        ("quantiles", ["hist", path, "--layout", "NCHW", "--bins", "1", "--quantiles", Q])):
-        wall, rss = cli(args, a.threads)
-        _, work, _ = child(mode, path, tiny, a.threads)
-        rows.append((f"bnstat {' '.join(args[:1] + args[3:])}", gb / wall, gb / work, rss))
-    _, mem_b, rss_b = child("quantiles", path, tiny, a.threads, memory=True)
-    _, mem_n, rss_n = child("np.quantile", path, tiny, a.threads)
-    print(f"{gb:.2f} GB float32 NCHW ({n} x {C} x {H} x {W}), page-cached, threads {a.threads or 'all'}")
-    print("| case | CLI GB/s | work GB/s | x moments (work) | peak RSS MB |")
+        cli(args, a.threads)  # a first run compiles or loads the kernels' cache
+        clis[mode] = cli(args, a.threads)
+    p = subprocess.run([PY, "-c", CHILD, path, tiny, str(a.threads or 0), str(a.reps),
+                        "0" if a.no_threads_check else "1"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if p.returncode:
+        raise SystemExit(p.stderr)
+    times = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("@@times")][-1].split(None, 1)[1])
+    load1 = os.getloadavg()
+    print(f"{gb:.2f} GB float32 NCHW ({n} x {C} x {H} x {W}), page-cached, threads {a.threads or 'all'}, "
+          f"{a.reps} rounds; load average {load0[0]:.2f} before, {load1[0]:.2f} after")
+    print("| case | CLI GB/s | CLI peak RSS MB | work GB/s, median (min..max) | ratio, median (min..max) |")
     print("|---|---|---|---|---|")
-    base = rows[0][2]
-    for name, g, w, r in rows:
-        print(f"| {name} | {g:.2f} | {w:.2f} | {w / base:.2f} | {r:.0f} |")
-    print(f"| in memory: bnstat.hist(array, quantiles) | | {gb / mem_b:.2f} | | {rss_b:.0f} |")
-    print(f"| in memory: np.quantile per channel | | {gb / mem_n:.2f} | {mem_n / mem_b:.1f}x slower | {rss_n:.0f} |")
+    m = np.asarray(times["moments"])
+
+    def per_round(name, ref, invert=False):
+        t = np.asarray(times[name])
+        r = np.asarray(times[ref])[:t.size]
+        return (t[:r.size] / r) if invert else (r / t[:r.size])
+
+    labels = {"moments": "bnstat moments NCHW", "hist": "bnstat hist NCHW (2048 bins, --range auto)",
+              "quantiles": f"bnstat hist NCHW --bins 1 --quantiles {Q}"}
+    for name, t in times.items():
+        t = np.asarray(t)
+        cli_cols = ("", "")
+        if name in clis:
+            wall, rss = clis[name]
+            cli_cols = (f"{gb / wall:.2f}", f"{rss:.0f}")
+        ratio = ""
+        if not name.startswith("in memory"):
+            ratio = f"{spread(m[:t.size] / t)} x moments" if name != "moments" else "1"
+            if name.endswith("1 thread"):
+                base = name.split(",")[0]
+                ratio += f"; 2 threads {spread(t / np.asarray(times[base])[:t.size])} x faster"
+        elif name == "in memory: np.quantile per channel":
+            ratio = f"bnstat {spread(per_round(name, 'in memory: bnstat.hist(array, quantiles)', True), '{:.1f}')}x faster"
+        elif name == "in memory: np.histogram per channel":
+            ratio = f"bnstat {spread(per_round(name, 'in memory: bnstat.hist(array)', True), '{:.1f}')}x faster"
+        label = labels.get(name, name)
+        if name.endswith("1 thread"):
+            label = labels[name.split(",")[0]] + ", 1 thread"
+        print(f"| {label} | {cli_cols[0]} | {cli_cols[1]} | {spread(gb / t)} | {ratio} |")
 
 
 if __name__ == "__main__":

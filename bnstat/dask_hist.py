@@ -54,11 +54,12 @@ def run_hist_task(task, plan, units, spec: dict, *, threads: int, engine: str, c
             c = spec["count"]
             state = UnitState(c["n_units"], c["bins"], absval=c["absval"])
             state.lo, state.hi, state.inv, state.edges = c["lo"], c["hi"], c["inv"], c["edges"]
+            state.margin = c["margin"]
             state.counts = np.zeros((c["n_units"], c["bins"]), np.int64)
             state.extra = {k: np.zeros(c["n_units"], np.int64) for k in _EXTRA}
         if spec["select"] is not None:
             t = spec["select"]  # shared by the worker's tasks: never written to
-            tables = dict(t, pos=t["pos"].copy(), counts=np.zeros(max(1, t["n_counts"]), np.int64),
+            tables = dict(t, pos=t["pos"].copy(), counts=np.zeros(t["n_counts"] + 1, np.int64),
                           keys=np.zeros(max(1, t["n_keys"]), np.uint64))
         if state is not None or tables is not None:
             visits.append(chunk_visitor(spec["dtype"], spec["per_tensor"], units, state, tables,
@@ -128,7 +129,7 @@ def _spec(a, *, moments: bool, bad=None) -> dict:
     count = None
     if a.counting and bad is None:
         count = dict(n_units=st.n_units, bins=st.bins, absval=st.absval, lo=st.lo, hi=st.hi,
-                     inv=st.inv, edges=st.edges)
+                     inv=st.inv, margin=st.margin, edges=st.edges)
     select = None
     if a.selecting and bad is None:
         select = {k: v for k, v in a._tables.items() if k not in ("counts", "keys")}

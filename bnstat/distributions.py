@@ -58,6 +58,22 @@ def _split(P: int, A: int, U: int, threads: int, split_a: bool) -> tuple[int, in
     return sa, su
 
 
+def guess_margin(edges: np.ndarray, lo: np.ndarray, inv: np.ndarray) -> np.ndarray:
+    """Per unit, the margin of the counting kernel's sure guesses (kernels.hist._hist_guess).
+
+    The guess of a value v is g(v) = (v - lo) * inv in float64, the kernel's own
+    operations; g is monotonic, so where every edge has |g(edges[k]) - k| <= d, a guess
+    whose fractional part lies in (d, 1 - d) is the value's bin. Twice d plus 2**-30
+    leaves room for the rounding of 1 - margin; 1 (no guess is sure) where the reciprocal
+    overflowed or the edges are too far from a uniform grid.
+    """
+    with np.errstate(invalid="ignore", over="ignore"):
+        g = (edges - lo[:, None]) * inv[:, None]
+        d = np.abs(g - np.arange(edges.shape[-1], dtype=np.float64)).max(axis=-1, initial=0.0)
+        m = 2.0 * d + 2.0**-30
+    return np.where((inv > 0.0) & np.isfinite(m) & (m < 0.25), m, 1.0)
+
+
 @dataclass
 class UnitState:
     """The per-unit accumulators of one array (flat over its units)."""
@@ -73,10 +89,11 @@ class UnitState:
 
     def set_edges(self, lo, hi) -> None:
         self.lo, self.hi = lo.ravel().astype(np.float64), hi.ravel().astype(np.float64)
-        self.edges = make_edges(self.lo, self.hi, self.bins)
+        self.edges = np.ascontiguousarray(make_edges(self.lo, self.hi, self.bins))  # a unit's edges together
         with np.errstate(divide="ignore", over="ignore"):
             inv = self.bins / (self.hi - self.lo)
         self.inv = np.where(np.isfinite(inv), inv, 0.0)
+        self.margin = guess_margin(self.edges, self.lo, self.inv)
         self.counts = np.zeros((self.n_units, self.bins), np.int64)
         self.extra = {k: np.zeros(self.n_units, np.int64) for k in ("underflow", "overflow", "zero_count")}
 
@@ -86,19 +103,23 @@ class UnitState:
 
         P, A, U, B = x.shape
         sa, su = _split(P, A, U, threads, split_a=True)
+        if B == 1 and threads > 1:  # rows of every unit (NHWC): tasks take rows, not units
+            sa, su = min(A, TASKS_PER_THREAD * threads), 1
         nb = self.bins
         contiguous = g.size and g[0] + g.size - 1 == g[-1] and np.array_equal(g, np.arange(g[0], g[0] + g.size))
         if contiguous:
             sl = slice(int(g[0]), int(g[0]) + g.size)
-            lo, hi, inv, edges = (self.lo[sl].reshape(P, U), self.hi[sl].reshape(P, U),
-                                  self.inv[sl].reshape(P, U), self.edges[sl].reshape(P, U, nb + 1))
+            lo, hi, inv, margin, edges = (self.lo[sl].reshape(P, U), self.hi[sl].reshape(P, U),
+                                          self.inv[sl].reshape(P, U), self.margin[sl].reshape(P, U),
+                                          self.edges[sl].reshape(P, U, nb + 1))
         else:
-            lo, hi, inv = (self.lo[g].reshape(P, U), self.hi[g].reshape(P, U), self.inv[g].reshape(P, U))
+            lo, hi, inv, margin = (self.lo[g].reshape(P, U), self.hi[g].reshape(P, U),
+                                   self.inv[g].reshape(P, U), self.margin[g].reshape(P, U))
             edges = self.edges[g].reshape(P, U, nb + 1)
         direct = contiguous and sa == 1
         counts = self.counts[sl].reshape(1, P, U, nb) if direct else np.zeros((sa, P, U, nb), np.int64)
         small = {k: np.zeros((sa, P, U), np.int64) for k in ("under", "over", "nan", "inf", "zero")}
-        kernels_hist.hist4(x, sa, su, self.absval, lo, hi, inv, edges, counts, small["under"], small["over"],
+        kernels_hist.hist4(x, sa, su, self.absval, lo, hi, inv, margin, edges, counts, small["under"], small["over"],
                            small["nan"], small["inf"], small["zero"])
         if not direct:
             np.add.at(self.counts, g, counts.sum(axis=0).reshape(-1, nb))

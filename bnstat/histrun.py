@@ -50,6 +50,8 @@ class _Array:
 
     def visit(self, i: int):
         """The chunk visitor of source i for the current pass (None: nothing to do)."""
+        from bnstat.stream import read_only
+
         if not (self.counting or self.selecting):
             return None
         return chunk_visitor(self.dtype, self.per_tensor, self.gidx[i],
@@ -92,9 +94,11 @@ def chunk_visitor(dtype, per_tensor: bool, g: np.ndarray, state, tables, threads
     """A chunk visitor (``stream.source_moments``) counting into ``state`` (a UnitState, or
     None) and the quantile pass's ``tables`` (or None); ``g`` maps the chunks' units to the
     array's flat units, ``dtype`` is the kernels' input dtype."""
+    from bnstat.stream import read_only
+
     def visit(x, lo, hi):
-        if x.dtype != dtype:
-            x = x.astype(dtype)
+        if x.dtype != dtype:  # read-only as every kernel input (one compiled variant)
+            x = read_only(x.astype(dtype))
         if per_tensor:
             x, units = per_tensor_view(x), g
         else:
@@ -121,7 +125,7 @@ def warm_kernels(dtype) -> None:
 def pass_tables(selector) -> dict:
     """The tables of a quantile pass (``Selector.tables``) with its empty counts and keys."""
     t = selector.tables()
-    t["counts"] = np.zeros(max(1, t["n_counts"]), np.int64)
+    t["counts"] = np.zeros(t["n_counts"] + 1, np.int64)  # the last: scratch (kernels.hist._select4)
     t["keys"] = np.zeros(max(1, t["n_keys"]), np.uint64)
     return t
 
@@ -133,11 +137,14 @@ def _select(x, units, t, threads) -> None:
     P, A, U, B = x.shape
     S = t["slo"].shape[1]
     _, su = _split(P, A, U, threads, split_a=False)
+    if B == 1:  # rows of every unit (NHWC): as few tasks as threads, each reads all the rows
+        su = min(U, threads)
     pos = t["pos"][units].reshape(P, U, S)
     kernels_hist.select4(x, su, t["nslot"][units].reshape(P, U), t["slo"][units].reshape(P, U, S),
                          t["shi"][units].reshape(P, U, S), t["sshift"][units].reshape(P, U, S),
                          t["sbase"][units].reshape(P, U, S), t["scollect"][units].reshape(P, U, S),
-                         pos, t["counts"], t["keys"])
+                         pos, t["nint"][units].reshape(P, U), t["ilo"][units].reshape(P, U, S),
+                         t["ihi"][units].reshape(P, U, S), t["counts"], t["keys"])
     t["pos"][units] = pos.reshape(-1, S)
 
 

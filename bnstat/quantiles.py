@@ -44,6 +44,23 @@ def key_span(dtype: np.dtype) -> tuple[int, int]:
     return SIGN - half, SIGN + half - 1
 
 
+def _finite_key_span(dtype: np.dtype) -> tuple[int, int]:
+    """The keys of -inf and +inf of a float dtype (NaN keys lie outside)."""
+    k = to_keys(np.array([-np.inf, np.inf]), dtype)
+    return int(k[0]), int(k[1])
+
+
+def to_keys(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The unsigned keys of float values of a float ``dtype`` (the inverse of ``to_values``)."""
+    if key_width(dtype) == 32:
+        i = np.asarray(values, np.float32).view(np.int32).astype(np.int64)
+        k = i ^ ((i >> 31) & 0x7FFFFFFF)
+    else:
+        i = np.asarray(values, np.float64).view(np.int64)
+        k = i ^ ((i >> 63) & np.int64(0x7FFFFFFFFFFFFFFF))
+    return k.view(np.uint64) ^ np.uint64(SIGN)
+
+
 def to_values(keys: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """float64 values of unsigned keys of ``dtype`` (the inverse of kernels_hist._ukey)."""
     dtype = np.dtype(dtype)
@@ -141,7 +158,36 @@ class Selector:
                     n_counts += ((hi - lo) >> sh) + 1
         self._layout = (base.copy(), pos.copy())
         return dict(nslot=nslot, slo=slo, shi=shi, sshift=shift, sbase=base, scollect=collect, pos=pos,
-                    n_counts=n_counts, n_keys=n_keys)
+                    n_counts=n_counts, n_keys=n_keys, **self._filter())
+
+    def _filter(self):
+        """The value intervals of the pass's search (kernels.hist._select4): per unit, the
+        union of its slots' ranges as float64 intervals (adjacent ones joined). NaN keys
+        are left out (NaN is never counted); each end is the value of a key, so the
+        float64 value of every key of a slot is inside (ties of -0.0 and +0.0 and of
+        int64 values that round alike only widen an interval)."""
+        U = self.n_units
+        S = max(1, max(len(s) for s in self.slots))
+        nint = np.zeros(U, np.int64)
+        ilo = np.zeros((U, S))
+        ihi = np.zeros((U, S))
+        lo_ok, hi_ok = key_span(self.dtype) if self.dtype.kind in "iu" else _finite_key_span(self.dtype)
+        for u, slots in enumerate(self.slots):
+            runs = []
+            for lo, hi, *_ in sorted(slots):
+                lo, hi = max(lo, lo_ok), min(hi, hi_ok)
+                if lo > hi:
+                    continue
+                if runs and lo <= runs[-1][1] + 1:
+                    runs[-1][1] = max(runs[-1][1], hi)
+                else:
+                    runs.append([lo, hi])
+            if runs:
+                ends = to_values(np.array(runs, dtype=np.uint64).ravel(), self.dtype).reshape(-1, 2)
+                nint[u] = len(runs)
+                ilo[u, :len(runs)] = ends[:, 0]
+                ihi[u, :len(runs)] = ends[:, 1]
+        return dict(nint=nint, ilo=ilo, ihi=ihi)
 
     def set_counts(self, n: np.ndarray) -> None:
         """The non-NaN count of every unit (known after the first pass): the wanted ranks."""

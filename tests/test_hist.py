@@ -81,6 +81,28 @@ def test_counts_equal_np_histogram(case, dtype, rng):
             check_counts(h, x, ref_opts, mode, bins)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_values_on_and_next_to_every_edge(dtype, layout, rng):
+    """The kernel takes a value's guessed bin without the edges only away from them
+    (kernels.hist._hist_guess): data holding every edge and both its neighbours, zeros, and
+    a narrow range far from 0, count as np.histogram, with 1 and 2 threads."""
+    bins = 64
+    for scale, offset in ((1.0, 0.0), (1e-3, 1e4), (1e-30, 0.0)):
+        v = (offset + rng.standard_normal(600) * scale).astype(dtype)
+        v[:100] = 0.0 if offset == 0.0 else v[:100]
+        e = np.linspace(float(v.min()), float(v.max()), bins + 1).astype(dtype)
+        near = np.concatenate([e, np.nextafter(e, dtype(np.inf)), np.nextafter(e, dtype(-np.inf))])
+        near = near[(near >= v.min()) & (near <= v.max())]
+        w = rng.permutation(np.concatenate([v, near]))
+        w = w[:w.size // 6 * 6]
+        x = w.reshape(-1, 2, 3, 1) if layout == "NCHW" else w.reshape(-1, 3, 1, 2)
+        for threads in (1, 2):
+            for mode in ("auto", "abs"):
+                h = bnstat.hist(x, layout=layout, bins=bins, range=mode, threads=threads)["array"]
+                check_counts(h, x, dict(layout=layout), mode, bins)
+
+
 def test_fortran_order_and_files_split_along_n(tmp_path, rng):
     x = rng.standard_normal((6, 3, 5)).astype(np.float32)
     np.save(tmp_path / "f.npy", np.asfortranarray(x))

@@ -17,7 +17,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from bnstat.kernels._jit import JIT, PARALLEL_JIT, entry
-from bnstat.kernels.moments import _task_bounds
+from bnstat.kernels.moments import PAD, _task_bounds
 
 SIGN = np.uint64(1 << 63)
 
@@ -54,152 +54,457 @@ def _ukey_ol(x, p, a, u, b):
     return lambda x, p, a, u, b: np.uint64(x[p, a, u, b])
 
 
+@njit(inline="always", **JIT)
+def _exact_bin(v, lo_, hi_, iv, e, nb):
+    """The bin of a finite lo_ <= v <= hi_: numpy's guess corrected by one bin against the
+    edges, as np.histogram."""
+    if iv == 0.0:  # the reciprocal overflowed (subnormal width): numpy's guess
+        w = hi_ - lo_  # 0 for c +- 0.5 past 2**53: every guess 0 (numpy's is NaN)
+        f = (v - lo_) / w * nb if w > 0.0 else 0.0
+        i = nb - 1 if f >= nb else (np.int64(f) if f >= 0.0 else 0)
+    else:
+        i = min(max(np.int64((v - lo_) * iv), 0), nb - 1)
+    if v < e[i]:
+        i -= 1
+    elif i != nb - 1 and v >= e[i + 1]:
+        i += 1
+    return i
+
+
 @njit(**JIT)
-def _hist_task(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, edges, counts, under, over, nanc, infc,
-               zeroc, buf):
-    """Rows a0:a1 of units u0:u1 of view p into slot ia: a first loop of guesses (it
-    vectorizes), then the exact bins and the values counted apart."""
-    B = x.shape[3]
-    nb = counts.shape[3]
-    for a in range(a0, a1):
-        for u in range(u0, u1):
-            row = x[p, a, u]
-            lo_ = lo[p, u]
-            hi_ = hi[p, u]
-            iv = inv[p, u]
-            e = edges[p, u]
-            c = counts[ia, p, u]
-            zeros = 0
-            for b in range(B):
+def _hist_guess(row, absval, lo_, iv, mg, buf, nb, zskip):
+    """The bin of every value of a row whose guess g = (v - lo_) * iv is sure, else nb
+    (nb + 1 + b % 4 for zeros with ``zskip``: the caller adds them to their bin at once, and
+    a row of many zeros makes four short chains of increments, not one long); returns
+    (zeros, values left to the exact path of ``_hist_row``).
+
+    g is monotonic in v, so g(e[k]) < g(v) < g(e[k + 1]) implies e[k] < v < e[k + 1];
+    ``mg`` bounds |g(e[k]) - k| over all edges (with room to spare), so a fractional part
+    of g in (mg, 1 - mg) makes floor(g) the bin np.histogram's correction ends on.
+    Branch-free, so it vectorizes; the edge table is read only for the rest.
+    """
+    nbf = np.float64(nb)
+    m1 = 1.0 - mg
+    zeros = 0
+    rest = 0
+    for b in range(row.shape[0]):
+        v = np.float64(row[b])
+        if absval:
+            v = abs(v)
+        g = (v - lo_) * iv
+        ok = (g >= 0.0) & (g < nbf)  # False for NaN and +-inf
+        gg = g if ok else 0.5
+        i = np.int32(gg)
+        fr = gg - np.float64(i)  # exact: gg >= 0
+        ok = ok & (fr > mg) & (fr < m1)
+        z = v == 0.0
+        zs = z & zskip
+        buf[b] = np.uint32(nb + 1 + (b & 3)) if zs else (np.uint32(i) if ok else np.uint32(nb))
+        zeros += z
+        rest += not (ok | zs)
+    return zeros, rest
+
+
+LANE_BLOCK = 262144  # B == 1: values per block of rows, walked unit by unit (1 MiB of float32)
+
+
+@njit(**JIT)
+def _hist_row(row, absval, lo_, hi_, iv, mg, e, c, buf, nb, small):
+    """Count one unit's contiguous values ``row`` into its task counters ``c`` (nb + 5):
+    the sure bins first (``_hist_guess``), then a plain scatter, then the few values left,
+    exactly; NaN, inf, under, over and zeros added to ``small``."""
+    B = row.shape[0]
+    last = np.uint32(nb)
+    zskip = lo_ <= 0.0 <= hi_  # then every +-0.0 is in bin zb
+    zb = _exact_bin(0.0, lo_, hi_, iv, e, nb) if zskip else 0
+    zeros, rest = _hist_guess(row, absval, lo_, iv, mg, buf, nb, zskip)
+    small[4] += zeros
+    if nb == 1:  # every sure value is in the one bin
+        c[0] += B - rest
+    else:
+        for b in range(B):
+            c[buf[b]] += 1
+        if zskip:
+            c[zb] += zeros
+    if rest:  # NaN, inf, out of range, or too near an edge for the guess
+        for b in range(B):
+            if buf[b] == last:
                 v = np.float64(row[b])
                 if absval:
                     v = abs(v)
-                zeros += v == 0.0
-                buf[b] = min(max(np.int64((v - lo_) * iv), 0), nb - 1)
-            zeroc[ia, p, u] += zeros
-            for b in range(B):
-                v = np.float64(row[b])
-                if absval:
-                    v = abs(v)
-                if v - v != 0.0:  # NaN or +-inf
-                    if v != v:
-                        nanc[ia, p, u] += 1
-                    else:
-                        infc[ia, p, u] += 1
+                if v != v:
+                    small[0] += 1
+                elif v - v != 0.0:
+                    small[1] += 1
                 elif v < lo_:
-                    under[ia, p, u] += 1
+                    small[2] += 1
                 elif v > hi_:
-                    over[ia, p, u] += 1
+                    small[3] += 1
                 else:
-                    i = buf[b]
-                    if iv == 0.0:  # the reciprocal overflowed (subnormal width): numpy's guess
-                        w = hi_ - lo_  # 0 for c +- 0.5 past 2**53: every guess 0 (numpy's is NaN)
-                        f = (v - lo_) / w * nb if w > 0.0 else 0.0
-                        i = nb - 1 if f >= nb else (np.int64(f) if f >= 0.0 else 0)
-                    if v < e[i]:
-                        i -= 1
-                    elif i != nb - 1 and v >= e[i + 1]:
-                        i += 1
-                    c[i] += 1
+                    c[_exact_bin(v, lo_, hi_, iv, e, nb)] += 1
+
+
+@njit(**JIT)
+def _hist_task(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, margin, edges, counts, under, over, nanc,
+               infc, zeroc):
+    """Rows a0:a1 of units u0:u1 of view p into slot ia, row by row (B contiguous values of
+    one unit: its bounds, edges and counts looked up once per row, ``_hist_row``). B == 1
+    (NHWC, a row holds one value of every unit): blocks of rows are transposed first (in
+    cache), then counted unit by unit the same way."""
+    P, A, U, B = x.shape
+    nb = counts.shape[3]
+    nu = u1 - u0
+    # the task's own counters, five more per unit: the scatter adds the values left for
+    # later (nb) and the zeros (nb + 1..nb + 4) there, with no branch to mispredict
+    tc = np.zeros((nu, nb + 5), np.int64)
+    small = np.zeros((nu, 5 + 2 * PAD), np.int64)  # nan, inf, under, over, zeros; own cache lines
+    if B == 1:
+        x3 = x.reshape((P, A, U))
+        rb = max(16, LANE_BLOCK // U)
+        tb = np.empty((nu, rb + 16), x.dtype)  # rows not a power of two apart (cache sets)
+        buf = np.empty(rb, np.uint32)
+        for ab in range(a0, a1, rb):
+            ae = min(ab + rb, a1)
+            for a in range(ab, ae):
+                for j in range(nu):
+                    tb[j, a - ab] = x3[p, a, u0 + j]
+            for j in range(nu):
+                u = u0 + j
+                _hist_row(tb[j, :ae - ab], absval, lo[p, u], hi[p, u], inv[p, u], margin[p, u], edges[p, u],
+                          tc[j], buf, nb, small[j])
+    else:
+        buf = np.empty(B, np.uint32)
+        for a in range(a0, a1):
+            for u in range(u0, u1):
+                _hist_row(x[p, a, u], absval, lo[p, u], hi[p, u], inv[p, u], margin[p, u], edges[p, u],
+                          tc[u - u0], buf, nb, small[u - u0])
+    for j in range(nu):
+        u = u0 + j
+        c = counts[ia, p, u]
+        t = tc[j]
+        for i in range(nb):
+            c[i] += t[i]
+        nanc[ia, p, u] += small[j, 0]
+        infc[ia, p, u] += small[j, 1]
+        under[ia, p, u] += small[j, 2]
+        over[ia, p, u] += small[j, 3]
+        zeroc[ia, p, u] += small[j, 4]
 
 
 @njit(**PARALLEL_JIT)
-def _hist4(x, sa, su, absval, lo, hi, inv, edges, counts, under, over, nanc, infc, zeroc):
+def _hist4(x, sa, su, absval, lo, hi, inv, margin, edges, counts, under, over, nanc, infc, zeroc):
     """Counts of every unit of a (P, A, U, B) view in fixed bins, as np.histogram.
 
-    ``lo``/``hi``/``inv`` (P, U): the outer edges and bins / (hi - lo) (0 where it
-    overflows); ``edges`` (P, U, bins + 1) float64; ``counts`` (sa, P, U, bins) and
+    ``lo``/``hi``/``inv``/``margin`` (P, U): the outer edges, bins / (hi - lo) (0 where it
+    overflows) and the guess margin of ``_hist_guess`` (1 where no guess is sure);
+    ``edges`` (P, U, bins + 1) float64; ``counts`` (sa, P, U, bins) and
     ``under``/``over``/``nanc``/``infc``/``zeroc`` (sa, P, U) int64, added to.
     A value v (float64; |v| when ``absval``) that is NaN or +-inf is counted
     apart, below lo or above hi in under/over, else in bin i with
-    edges[i] <= v < edges[i+1], the last bin closed. The first guess of i is
-    numpy's (v - lo) * bins / (hi - lo) (here with the reciprocal), corrected
-    by one bin against the edges exactly as np.histogram does, so the counts
-    are those of np.histogram with the same edges.
+    edges[i] <= v < edges[i+1], the last bin closed. The bin is numpy's guess
+    (v - lo) * bins / (hi - lo) (here with the reciprocal) where it is sure to be
+    right, else that guess corrected by one bin against the edges exactly as
+    np.histogram does, so the counts are those of np.histogram with the same edges.
     """
     P, A, U, B = x.shape
     for t in prange(P * sa * su):
         p, ia, a0, a1, u0, u1 = _task_bounds(t, A, U, sa, su)
-        buf = np.empty(B, np.int64)
-        _hist_task(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, edges, counts, under, over, nanc, infc,
-                   zeroc, buf)
+        if a1 > a0 and u1 > u0:
+            _hist_task(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, margin, edges, counts, under, over,
+                       nanc, infc, zeroc)
 
 
-def _row_keys(row, out):  # pragma: no cover - Python stand-in; numba uses the overload
+def _kview(row):  # pragma: no cover - numba uses the overloads
     raise NotImplementedError
 
 
-@overload(_row_keys, jit_options=JIT)
-def _row_keys_ol(row, out):
-    """The unsigned keys (see ``_ukey``) of a C-contiguous row into ``out``; NaN keys
-    are left to the caller to skip."""
+def _kat(row, kv, b):  # pragma: no cover
+    raise NotImplementedError
+
+
+@overload(_kview, jit_options=JIT)
+def _kview_ol(row):
+    """What ``_kat`` reads keys from: the bits of a float row, an integer row itself."""
+    if row.dtype == types.float32:
+        return lambda row: row.view(np.int32)
+    if row.dtype == types.float64:
+        return lambda row: row.view(np.int64)
+    return lambda row: row
+
+
+@overload(_kat, jit_options=JIT)
+def _kat_ol(row, kv, b):
+    """The unsigned key (see ``_ukey``) of row[b], from ``kv = _kview(row)``."""
     dt = row.dtype
     if dt == types.float32:
-        def impl32(row, out):
-            bits = row.view(np.int32)
-            for b in range(bits.shape[0]):
-                i = np.int64(bits[b])
-                out[b] = np.uint64(i ^ ((i >> 31) & 0x7FFFFFFF)) ^ SIGN
+        def impl32(row, kv, b):
+            i = np.int64(kv[b])
+            return np.uint64(i ^ ((i >> 31) & 0x7FFFFFFF)) ^ SIGN
         return impl32
     if dt == types.float64:
-        def impl64(row, out):
-            bits = row.view(np.int64)
-            for b in range(bits.shape[0]):
-                i = bits[b]
-                out[b] = np.uint64(i ^ ((i >> 63) & 0x7FFFFFFFFFFFFFFF)) ^ SIGN
+        def impl64(row, kv, b):
+            i = kv[b]
+            return np.uint64(i ^ ((i >> 63) & 0x7FFFFFFFFFFFFFFF)) ^ SIGN
         return impl64
     if isinstance(dt, types.Integer) and dt.signed:
-        def impl_signed(row, out):
+        return lambda row, kv, b: np.uint64(np.int64(kv[b])) ^ SIGN
+    return lambda row, kv, b: np.uint64(kv[b])
+
+
+def _row_buckets(row, lo, span, sh, base, dummy, ibuf):  # pragma: no cover - numba uses the overload
+    raise NotImplementedError
+
+
+@overload(_row_buckets, jit_options=JIT)
+def _row_buckets_ol(row, lo, span, sh, base, dummy, ibuf):
+    """ibuf[b] = base + (key - lo) >> sh for the non-NaN values of a row whose key (see
+    ``_ukey``) is in lo..lo + span, else ``dummy``; one loop with the key inline (it vectorizes)."""
+    dt = row.dtype
+    if dt == types.float32 or dt == types.float64:
+        it, sh_, mask = ((np.int32, 31, 0x7FFFFFFF) if dt == types.float32
+                         else (np.int64, 63, 0x7FFFFFFFFFFFFFFF))
+
+        def impl_float(row, lo, span, sh, base, dummy, ibuf):
+            bits = row.view(it)
             for b in range(row.shape[0]):
-                out[b] = np.uint64(np.int64(row[b])) ^ SIGN
+                i = np.int64(bits[b])
+                k = np.uint64(i ^ ((i >> sh_) & mask)) ^ SIGN
+                d = k - lo
+                ok = (d <= span) & (row[b] == row[b])
+                ibuf[b] = base + np.int64(d >> sh) if ok else dummy
+        return impl_float
+    if isinstance(dt, types.Integer) and dt.signed:
+        def impl_signed(row, lo, span, sh, base, dummy, ibuf):
+            for b in range(row.shape[0]):
+                d = (np.uint64(np.int64(row[b])) ^ SIGN) - lo
+                ibuf[b] = base + np.int64(d >> sh) if d <= span else dummy
         return impl_signed
 
-    def impl_unsigned(row, out):
+    def impl_unsigned(row, lo, span, sh, base, dummy, ibuf):
         for b in range(row.shape[0]):
-            out[b] = np.uint64(row[b])
+            d = np.uint64(row[b]) - lo
+            ibuf[b] = base + np.int64(d >> sh) if d <= span else dummy
     return impl_unsigned
 
 
 @njit(**JIT)
-def _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, counts, keys, kbuf):
-    A = x3.shape[1]
-    for a in range(A):
-        _row_keys(x3[p, a, u0 * B:u1 * B], kbuf)
+def _select_slots(v, k, p, u, ns, slo, shi, sshift, sbase, scollect, pos, counts, keys):
+    """Key k of a non-NaN value v into the unit's slot holding it (if any)."""
+    if v != v:
+        return
+    for s in range(ns):
+        if slo[p, u, s] <= k <= shi[p, u, s]:
+            if scollect[p, u, s]:
+                keys[pos[p, u, s]] = k
+                pos[p, u, s] += 1
+            else:
+                counts[sbase[p, u, s] + ((k - slo[p, u, s]) >> sshift[p, u, s])] += 1
+            return
+
+
+def _interval_hits(row, vl, vh, hbuf):  # pragma: no cover - numba uses the overload
+    raise NotImplementedError
+
+
+@overload(_interval_hits, jit_options=JIT)
+def _interval_hits_ol(row, vl, vh, hbuf):
+    """hbuf[b] |= vl <= row[b] <= vh; float32 rows compare in float32 (the ends are float32
+    values there, so exactly), eight values a vector; others in float64."""
+    if row.dtype == types.float32:
+        def impl32(row, vl, vh, hbuf):
+            l32 = np.float32(vl)
+            h32 = np.float32(vh)
+            for b in range(row.shape[0]):
+                v = row[b]
+                hbuf[b] |= (v >= l32) & (v <= h32)
+        return impl32
+
+    def impl(row, vl, vh, hbuf):
+        for b in range(row.shape[0]):
+            v = np.float64(row[b])
+            hbuf[b] |= (v >= vl) & (v <= vh)
+    return impl
+
+
+@njit(**JIT)
+def _select_lanes(x3, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ihi, counts,
+                  keys):
+    """B == 1 (NHWC): a row holds one value of every unit u0:u1. Rows are taken in blocks
+    (in cache), each block unit by unit (one unit's counters in use at a time)."""
+    P, A, U = x3.shape
+    xf = x3.reshape(P * A * U)
+    kv = _kview(xf)
+    rb = max(16, LANE_BLOCK // U)
+    for ab in range(0, A, rb):
+        ae = min(ab + rb, A)
         for u in range(u0, u1):
             ns = nslot[p, u]
             if ns == 0:
                 continue
+            at = (p * A + ab) * U + u
+            if ns == 1 and not scollect[p, u, 0]:
+                lo_ = slo[p, u, 0]
+                span = shi[p, u, 0] - lo_
+                sh = sshift[p, u, 0]
+                base = sbase[p, u, 0]
+                for a in range(ab, ae):
+                    v = xf[at]
+                    d = _kat(xf, kv, at) - lo_
+                    if (d <= span) & (v == v):
+                        counts[base + np.int64(d >> sh)] += 1
+                    at += U
+                continue
+            ni = nint[p, u]
+            if ni == 0:
+                continue
+            vlo = ilo[p, u, 0]
+            vhi = ihi[p, u, ni - 1]
+            for a in range(ab, ae):
+                v = np.float64(xf[at])
+                if vlo <= v <= vhi:  # within the unit's outer interval: the exact test
+                    for i in range(ni):
+                        if ilo[p, u, i] <= v <= ihi[p, u, i]:
+                            _select_slots(xf[at], _kat(xf, kv, at), p, u, ns, slo, shi, sshift, sbase,
+                                          scollect, pos, counts, keys)
+                            break
+                at += U
+
+
+def _interval_hits(row, vl, vh, hbuf):  # pragma: no cover - numba uses the overload
+    raise NotImplementedError
+
+
+@overload(_interval_hits, jit_options=JIT)
+def _interval_hits_ol(row, vl, vh, hbuf):
+    """hbuf[b] |= vl <= row[b] <= vh; float32 rows compare in float32 (the ends are float32
+    values there, so exactly), eight values a vector; others in float64."""
+    if row.dtype == types.float32:
+        def impl32(row, vl, vh, hbuf):
+            l32 = np.float32(vl)
+            h32 = np.float32(vh)
+            for b in range(row.shape[0]):
+                v = row[b]
+                hbuf[b] |= (v >= l32) & (v <= h32)
+        return impl32
+
+    def impl(row, vl, vh, hbuf):
+        for b in range(row.shape[0]):
+            v = np.float64(row[b])
+            hbuf[b] |= (v >= vl) & (v <= vh)
+    return impl
+
+
+@njit(**JIT)
+def _select_lanes(x3, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ihi, counts,
+                  keys):
+    """B == 1 (NHWC): a row holds one value of every unit u0:u1, taken one at a time, with
+    each unit's first slot (or its value span) in lanes of its own."""
+    nu = u1 - u0
+    mode = np.zeros(nu, np.int64)  # 0: no slot, 1: one counting slot, 2: the slot search
+    lo_ = np.zeros(nu, np.uint64)
+    span = np.zeros(nu, np.uint64)
+    sh = np.zeros(nu, np.uint64)
+    base = np.zeros(nu, np.int64)
+    vlo = np.full(nu, np.inf)
+    vhi = np.full(nu, -np.inf)
+    for j in range(nu):
+        u = u0 + j
+        ns = nslot[p, u]
+        if ns == 0:
+            continue
+        if ns == 1 and not scollect[p, u, 0]:
+            mode[j] = 1
+            lo_[j] = slo[p, u, 0]
+            span[j] = shi[p, u, 0] - slo[p, u, 0]
+            sh[j] = sshift[p, u, 0]
+            base[j] = sbase[p, u, 0]
+        elif nint[p, u] > 0:
+            mode[j] = 2
+            vlo[j] = ilo[p, u, 0]
+            vhi[j] = ihi[p, u, nint[p, u] - 1]
+    for a in range(x3.shape[1]):
+        row = x3[p, a, u0:u1]
+        kv = _kview(row)
+        for j in range(nu):
+            m = mode[j]
+            if m == 1:
+                v = row[j]
+                d = _kat(row, kv, j) - lo_[j]
+                if (d <= span[j]) & (v == v):
+                    counts[base[j] + np.int64(d >> sh[j])] += 1
+            elif m == 2:
+                v = np.float64(row[j])
+                if vlo[j] <= v <= vhi[j]:  # within the unit's outer interval: the exact test
+                    u = u0 + j
+                    for i in range(nint[p, u]):
+                        if ilo[p, u, i] <= v <= ihi[p, u, i]:
+                            _select_slots(row[j], _kat(row, kv, j), p, u, nslot[p, u], slo, shi, sshift,
+                                          sbase, scollect, pos, counts, keys)
+                            break
+
+
+@njit(**JIT)
+def _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ihi, counts,
+                 keys, ibuf, hbuf):
+    A = x3.shape[1]
+    dummy = counts.shape[0] - 1
+    if B == 1:
+        _select_lanes(x3, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ihi, counts,
+                      keys)
+        return
+    for a in range(A):
+        for u in range(u0, u1):
+            ns = nslot[p, u]
+            if ns == 0:
+                continue
+            row = x3[p, a, u * B:(u + 1) * B]
+            if ns == 1 and not scollect[p, u, 0]:
+                # one counting slot (the first pass): bucket indices (vectorized), then a scatter
+                _row_buckets(row, slo[p, u, 0], shi[p, u, 0] - slo[p, u, 0], sshift[p, u, 0],
+                             sbase[p, u, 0], dummy, ibuf)
+                for b in range(B):
+                    counts[ibuf[b]] += 1
+                continue
+            # several slots: the values within the unit's few value intervals (vectorized
+            # compares, one loop per interval) go to the slot search, the others nowhere
+            hbuf[:B] = 0
+            for j in range(nint[p, u]):
+                _interval_hits(row, ilo[p, u, j], ihi[p, u, j], hbuf)
+            nh = 0
             for b in range(B):
-                v = x3[p, a, u * B + b]
-                if v != v:
-                    continue
-                k = kbuf[(u - u0) * B + b]
-                for s in range(ns):
-                    if slo[p, u, s] <= k <= shi[p, u, s]:
-                        if scollect[p, u, s]:
-                            keys[pos[p, u, s]] = k
-                            pos[p, u, s] += 1
-                        else:
-                            counts[sbase[p, u, s] + ((k - slo[p, u, s]) >> sshift[p, u, s])] += 1
+                nh += hbuf[b]
+            if nh == 0:
+                continue
+            kv = _kview(row)
+            for b in range(B):
+                if hbuf[b]:
+                    _select_slots(row[b], _kat(row, kv, b), p, u, ns, slo, shi, sshift, sbase, scollect,
+                                  pos, counts, keys)
 
 
 @njit(**PARALLEL_JIT)
-def _select4(x, su, nslot, slo, shi, sshift, sbase, scollect, pos, counts, keys):
+def _select4(x, su, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ihi, counts, keys):
     """One counting pass of the exact quantiles over a (P, A, U, B) view.
 
     Unit (p, u) has ``nslot[p, u]`` slots s, each a range of keys
     ``slo[p, u, s]..shi[p, u, s]`` (inclusive). A non-NaN value whose key is
     in a counting slot adds 1 to ``counts[sbase + (key - lo) >> sshift]``; in
     a collecting slot (``scollect``) its key is stored at
-    ``keys[pos[p, u, s]]`` and the position advances. Tasks hold whole units
-    (never a split of A), so positions are never shared.
+    ``keys[pos[p, u, s]]`` and the position advances. The last element of
+    ``counts`` is scratch (it counts the values of no slot in the one-slot loop).
+    ``nint`` (P, U), ``ilo``/``ihi`` (P, U, S): float64 intervals ilo <= v <= ihi that hold
+    the values of every key of the unit's slots (a value outside them is in no slot).
+    Tasks hold whole units (never a split of A), so positions are never shared.
     """
     P, A, U, B = x.shape
     x3 = x.reshape((P, A, U * B))
     for t in prange(P * su):
         p, ia, a0, a1, u0, u1 = _task_bounds(t, A, U, 1, su)
-        kbuf = np.empty((u1 - u0) * B, np.uint64)
-        _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, counts, keys, kbuf)
+        if u1 > u0:
+            ibuf = np.empty(B, np.int64)
+            hbuf = np.empty(B, np.uint8)
+            _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ihi,
+                         counts, keys, ibuf, hbuf)
 
 
 # ---- calibration (amax) -----------------------------------------------------------
