@@ -97,8 +97,16 @@ class UnitState:
         self.counts = np.zeros((self.n_units, self.bins), np.int64)
         self.extra = {k: np.zeros(self.n_units, np.int64) for k in ("underflow", "overflow", "zero_count")}
 
-    def count(self, x: np.ndarray, g: np.ndarray, threads: int) -> None:
-        """Add the counts of a chunk's view ``x`` whose units are the flat units ``g``."""
+    def count(self, x: np.ndarray, g: np.ndarray, threads: int, engine: str = "numba") -> None:
+        """Add the counts of a chunk's view ``x`` whose units are the flat units ``g``.
+
+        ``engine``: "numba" (the counting kernel), "numpy" (``numpy_count``: np.histogram per
+        unit, the same integers), or "auto" (numba once its kernel is loaded)."""
+        from bnstat.stream import kernel_engine, read_only
+
+        x = read_only(x)  # one compiled variant per dtype (stream.read_only)
+        if kernel_engine("hist4", x, engine, threads) == "numpy":
+            return self._count_numpy(x, g)
         from bnstat.kernels import hist as kernels_hist
 
         P, A, U, B = x.shape
@@ -125,6 +133,26 @@ class UnitState:
             np.add.at(self.counts, g, counts.sum(axis=0).reshape(-1, nb))
         for key, name in (("under", "underflow"), ("over", "overflow"), ("zero", "zero_count")):
             np.add.at(self.extra[name], g, small[key].sum(axis=0).ravel())
+
+
+    def _count_numpy(self, x: np.ndarray, g: np.ndarray) -> None:
+        """``count`` with numpy: per unit np.histogram over its edges of the values in range,
+        NaN and +-inf apart, the same rules as the kernel (kernels.hist._hist4)."""
+        P, A, U, B = x.shape
+        units = np.asarray(g).reshape(P, U)
+        for p in range(P):
+            for u in range(U):
+                k = int(units[p, u])
+                v = x[p, :, u, :].astype(np.float64).ravel()
+                if self.absval:
+                    v = np.abs(v)
+                self.extra["zero_count"][k] += np.count_nonzero(v == 0.0)
+                f = v[np.isfinite(v)]
+                lo, hi = self.lo[k], self.hi[k]
+                self.extra["underflow"][k] += np.count_nonzero(f < lo)
+                self.extra["overflow"][k] += np.count_nonzero(f > hi)
+                inside = f[(f >= lo) & (f <= hi)]
+                self.counts[k] += np.histogram(inside, bins=self.edges[k])[0]
 
 
 def finite_range(stats: Stats, sources, plans, gidx, chunk_size: int, threads: int):

@@ -47,6 +47,7 @@ class _Array:
         self.selector = Selector(self.n_units, self.dtype, quantiles) if quantiles else None
         self.selecting = self.selector is not None
         self.threads = 1
+        self.engine = "numba"  # of the counting passes (the quantile passes are numba's)
 
     def visit(self, i: int):
         """The chunk visitor of source i for the current pass (None: nothing to do)."""
@@ -56,7 +57,8 @@ class _Array:
             return None
         return chunk_visitor(self.dtype, self.per_tensor, self.gidx[i],
                              self.state if self.counting else None,
-                             self._tables if self.selecting else None, self.threads)
+                             self._tables if self.selecting else None, self.threads,
+                             self.engine)
 
     def start_pass(self) -> None:
         if self.selecting:
@@ -90,10 +92,12 @@ class _Array:
         self.counting = False
 
 
-def chunk_visitor(dtype, per_tensor: bool, g: np.ndarray, state, tables, threads: int):
+def chunk_visitor(dtype, per_tensor: bool, g: np.ndarray, state, tables, threads: int,
+                  engine: str = "numba"):
     """A chunk visitor (``stream.source_moments``) counting into ``state`` (a UnitState, or
     None) and the quantile pass's ``tables`` (or None); ``g`` maps the chunks' units to the
-    array's flat units, ``dtype`` is the kernels' input dtype."""
+    array's flat units, ``dtype`` is the kernels' input dtype; ``engine`` the counting's
+    (``UnitState.count``)."""
     from bnstat.stream import read_only
 
     def visit(x, lo, hi):
@@ -104,7 +108,7 @@ def chunk_visitor(dtype, per_tensor: bool, g: np.ndarray, state, tables, threads
         else:
             units = g[lo:hi]
         if state is not None:
-            state.count(x, units, threads)
+            state.count(x, units, threads, engine)
         if tables is not None:
             _select(x, units, tables, threads)
     return visit
@@ -220,15 +224,20 @@ def compute_hist(sources, *, layout=None, channel_axis=None, norm="batch", group
 
 def _local_passes(sources, arrays: dict, rng, *, chunk_size: int, threads, progress, **compute):
     """The passes of ``compute_hist`` in this process, into ``arrays``."""
-    from bnstat.stream import compute_stats, set_threads, source_moments
+    from bnstat.stream import compute_stats, pick_engine, source_moments, start_threads
 
-    n_threads = set_threads(threads)
+    # the moments and the counting switch to numba as the first run's kernels get compiled
+    # (README, "The first run"); the quantile passes always take numba's kernels
+    engine = pick_engine(sum(s.nbytes for s in sources), compute.pop("engine", None), switch=True)
+    n_threads = start_threads(threads, engine)
     for a in arrays.values():
         a.threads = n_threads
+        a.engine = engine
         a.start_pass()
     stats = compute_stats(sources, chunk_size=chunk_size, threads=threads, progress=progress,
-                          visit=lambda name, i, src, plan: arrays[name].visit(i), **compute)
-    n_threads = set_threads(threads)
+                          visit=lambda name, i, src, plan: arrays[name].visit(i), engine=engine,
+                          **compute)
+    n_threads = start_threads(threads, engine)
     for name, a in arrays.items():
         a.moments_done(stats[name])
         if not isinstance(rng, tuple):

@@ -443,7 +443,7 @@ def compute_stats(sources: list[ArraySource], *, layout=None, channel_axis=None,
     chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
     array_groups, plans = plan_groups(sources, layout=layout, channel_axis=channel_axis, norm=norm,
                                       groups=groups, reduce=reduce, per_file=per_file)
-    engine = pick_engine(sum(s.nbytes for s in sources), engine, switch=visit is None)
+    engine = pick_engine(sum(s.nbytes for s in sources), engine, switch=True)
     zlibx.set_threads(threads)  # the readers' helper threads (CRC-32, gzip inflate)
     n_threads = start_threads(threads, engine)
     results = {}

@@ -269,3 +269,22 @@ def test_index_may_exist_looks_where_numba_writes(tmp_path, user_dir, monkeypatc
             open(path, "wb").close()
             monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
             assert loader.index_may_exist(loader.Spec(kernel, "float32", True))
+
+
+@pytest.mark.slow
+def test_hist_first_run_counts_with_numpy_while_its_kernel_compiles(tmp_path, big):
+    """hist with an empty cache: the counting kernel is compiled apart (a note), the counts
+    are np.histogram's all the same."""
+    path, x = big
+    out = tmp_path / "h.npz"
+    proc = run(["hist", str(path), "--layout", "NCHW", "--bins", "64", "--range", "-4:8", "-o",
+                str(out), "-v"], tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr
+    assert "compiling the hist4 kernel for float32" in proc.stderr
+    from bnstat.histogram import load_hist
+
+    (h,) = load_hist(str(out)).values()
+    edges = np.linspace(-4.0, 8.0, 65)
+    for c in range(BIG[1]):
+        v = x[:, c].astype(np.float64).ravel()
+        assert h.counts[c].tolist() == np.histogram(v[(v >= -4) & (v <= 8)], bins=edges)[0].tolist()

@@ -257,3 +257,33 @@ def test_stdin_needs_a_fixed_range(cli):
                          input=data)
     assert code == 0, err
     assert json.loads(out)["arrays"][0]["counts"] == [[2, 1, 1], [1, 2, 1], [1, 1, 2]]
+
+
+@pytest.mark.parametrize("rng_spec", ["auto", "abs", "-2:2"])
+def test_numpy_counting_equals_the_kernels(monkeypatch, rng_spec):
+    """The numpy engine's counting (small inputs, and a first run while the kernel compiles)
+    gives the kernel's integers: counts, under/overflow, zeros; quantiles still exact."""
+    r = np.random.default_rng(21)
+    x = (r.standard_normal((30, 4, 3, 5)) * 2).astype(np.float32)
+    x[0, 1, 1, 1] = np.nan
+    x[1, 2, 0, 0] = np.inf
+    x[2, 0, :, :] = 0.0
+    kw = dict(layout="NCHW", bins=32, range=rng_spec, quantiles=[0.01, 0.5, 0.99])
+    results = {}
+    for engine in ("numba", "numpy"):
+        monkeypatch.setenv("BNSTAT_ENGINE", engine)
+        with pytest.warns(bnstat.errors.BnstatWarning, match="NaN"):
+            (results[engine],) = bnstat.hist(x, **kw).values()
+    a, b = results["numba"], results["numpy"]
+    assert np.array_equal(a.counts, b.counts) and np.array_equal(a.edges, b.edges)
+    for key in ("underflow", "overflow", "zero_count"):
+        assert np.array_equal(getattr(a, key), getattr(b, key)), key
+    assert np.array_equal(a.quantile_values, b.quantile_values)
+    v = x.astype(np.float64).transpose(1, 0, 2, 3).reshape(4, -1)
+    for c in range(4):
+        vals = v[c][np.isfinite(v[c])]
+        if rng_spec == "abs":
+            vals = np.abs(vals)
+        edges = b.edges[c]
+        inside = vals[(vals >= edges[0]) & (vals <= edges[-1])]
+        assert b.counts[c].tolist() == np.histogram(inside, bins=edges)[0].tolist()

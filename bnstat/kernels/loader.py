@@ -34,6 +34,7 @@ KERNELS = {
     "moments4_units": ("bnstat.kernels.moments", "moments4_units"),
     "moments4_higher": ("bnstat.kernels.moments", "moments4_higher"),
     "normalize4": ("bnstat.kernels.normalize", "normalize4"),
+    "hist4": ("bnstat.kernels.hist", "hist4"),
 }
 
 
@@ -81,6 +82,11 @@ class Spec:
         if self.kernel == "normalize4":
             params = [np.zeros((1, 1)) for _ in range(3)]
             return (x, *params, np.zeros((1, 1, 1, 1), self.out or "float64"))
+        if self.kernel == "hist4":  # x, sa, su, absval, lo, hi, inv, margin, edges, counts, 5 more
+            lo, hi, inv, margin = np.zeros((1, 1)), np.ones((1, 1)), np.ones((1, 1)), np.ones((1, 1))
+            small = [np.zeros((1, 1, 1), np.int64) for _ in range(5)]
+            return (x, 1, 1, False, lo, hi, inv, margin, np.array([[[0.0, 1.0]]]),
+                    np.zeros((1, 1, 1, 1), np.int64), *small)
         n = 2 if self.kernel == "moments4_higher" else 0
         if self.kernel == "moments4_units":  # the kernel of B > 1 (the type is all that counts)
             x = np.zeros((1, 1, 1, 2), self.dtype)
@@ -225,7 +231,7 @@ def loaded(spec: Spec) -> bool:
 
 # warm_up's names for the kernels (bnstat.warm_up)
 GROUPS = {"moments": ("moments4_rows", "moments4_units"), "higher": ("moments4_higher",),
-          "normalize": ("normalize4",)}
+          "normalize": ("normalize4",), "hist": ("hist4",)}
 
 
 def warm_up(kernels=("moments", "normalize"), dtypes=("float32", "float64")) -> dict[str, float]:
