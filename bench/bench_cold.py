@@ -35,10 +35,25 @@ NUMPY_SCRIPT = ("import sys, numpy as np; a = np.load(sys.argv[1], mmap_mode='r'
                 "m = a.mean(axis=(0, 2, 3)); v = a.var(axis=(0, 2, 3)); print(float(m.sum() + v.sum()))")
 
 
-def drop_caches() -> None:
+def drop_caches(warm: list[str] | None = None, env: dict | None = None) -> None:
+    """Drop the page cache; then run ``warm`` (untimed): bnstat on a tiny file of the same
+    kind, which reads the interpreter, the libraries and the Numba cache back in."""
     subprocess.run(["sync"], check=True)
     with open("/proc/sys/vm/drop_caches", "w") as fh:
         fh.write("3\n")
+    if warm:
+        subprocess.run(warm, env=dict(env, BNSTAT_ENGINE="numba"), stdout=subprocess.DEVNULL,
+                       check=True)
+
+
+def cached_bytes(path: str) -> int:
+    """The bytes of ``path`` in the page cache (util-linux ``fincore``), -1 if unknown."""
+    try:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", path],
+                             capture_output=True, text=True, check=True).stdout
+        return int(out.split()[0])
+    except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
+        return -1
 
 
 def make_npy(path: str, nbytes: int) -> tuple[int, ...]:
@@ -147,6 +162,8 @@ def main() -> None:
                     help="the bnstat checkout to run (default: this one)")
     ap.add_argument("--only", default="", help="comma-separated file kinds: npy,h5,gzip")
     ap.add_argument("--no-numpy", action="store_true", help="skip the numpy script")
+    ap.add_argument("--libs-cold", action="store_true",
+                    help="do not read the libraries back in after dropping the page cache")
     ap.add_argument("--keep", action="store_true", help="keep the data files (else they are deleted)")
     ap.add_argument("--out", help="also write every run as JSON here")
     args = ap.parse_args()
@@ -165,6 +182,13 @@ def main() -> None:
         files.append(("gzip", gz))
     if args.only:
         files = [f for f in files if f[0] in args.only.split(",")]
+    tiny = {"npy": os.path.join(args.dir, "tiny.npy"), "h5": os.path.join(args.dir, "tiny.h5")}
+    tiny["gzip"] = tiny["h5"]
+    np.save(tiny["npy"], np.ones((4, 64, 8, 8), np.float32))
+    import h5py
+
+    with h5py.File(tiny["h5"], "w") as f:
+        f.create_dataset("x", data=np.ones((4, 64, 8, 8), np.float32), chunks=(1, 64, 8, 8))
     env = dict(os.environ, PYTHONPATH=args.pythonpath, KERAS_BACKEND="torch")
     env.pop("BNSTAT_ENGINE", None)
     bnstat = [sys.executable, "-m", "bnstat", "moments"]
@@ -184,12 +208,18 @@ def main() -> None:
                 if limited is not None:
                     cases.append((f"bnstat, {args.limit} memory limit", limited.prefix() + cases[1][1]))
                 for name, cmd in cases:
-                    drop_caches()
+                    warm = None
+                    if not args.libs_cold and name != "cat":
+                        warm = bnstat + [tiny[kind], "--layout", "NCHW", "--format", "json", "-q"]
+                        if name.startswith("numpy"):
+                            warm = [sys.executable, "-c", NUMPY_SCRIPT, tiny[kind]]
+                    drop_caches(warm, env)
+                    before = cached_bytes(path)
                     if limited is not None:
                         limited.reset_peak()
                     dt, rss, out = timed(cmd, env)
                     row = {"file": kind, "tool": name, "rep": rep, "seconds": dt, "rss_kib": rss,
-                           "load": uptime()}
+                           "load": uptime(), "cached_before": before}
                     if name.startswith("bnstat"):
                         row["result"] = json.loads(out)["arrays"][0]["mean"][:4]
                         row["out"] = out.decode()
@@ -203,7 +233,7 @@ def main() -> None:
         if limited is not None:
             limited.close()
         if not args.keep:
-            for _, path in [("npy", npy), ("h5", h5), ("gzip", gz)]:
+            for path in [npy, h5, gz, tiny["npy"], tiny["h5"]]:
                 if os.path.exists(path):
                     os.remove(path)
             if not os.listdir(args.dir):
@@ -219,8 +249,11 @@ def report(runs, files, shape, args, loads) -> None:
     size = {"npy": np.prod(shape) * 4}
     size["h5"] = size["npy"]
     size["gzip"] = int(args.gzip_gb * 1e9) // (64 * 56 * 56 * 4) * 64 * 56 * 56 * 4 if args.gzip_gb else 0
-    print(f"{size['npy'] / 1e9:.2f} GB float32 NCHW {shape}, page cache dropped before every run, "
-          f"{args.reps} rounds; load average {' -> '.join(loads)}\n")
+    libs = "" if args.libs_cold else (" (then the libraries read back in by a run on a tiny file: "
+                                      "the data file alone is cold)")
+    print(f"{size['npy'] / 1e9:.2f} GB float32 NCHW {shape}, page cache dropped before every run"
+          f"{libs}, {args.reps} rounds; load average {' -> '.join(loads)}; data file bytes cached "
+          f"before a run: at most {max(r['cached_before'] for r in runs):,}\n")
     print("| file | tool | median s | min-max s | GB/s | x cat | peak RSS MiB | note |")
     print("|---|---|---:|---:|---:|---:|---:|---|")
     for kind, _ in files:
