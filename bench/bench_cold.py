@@ -160,6 +160,8 @@ def main() -> None:
     ap.add_argument("--limit", default="1G", help="memory.limit_in_bytes of the limited run ('' = none)")
     ap.add_argument("--pythonpath", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                     help="the bnstat checkout to run (default: this one)")
+    ap.add_argument("--compare", default="",
+                    help="another checkout: its bnstat runs too, in the same rounds (before/after)")
     ap.add_argument("--only", default="", help="comma-separated file kinds: npy,h5,gzip")
     ap.add_argument("--no-numpy", action="store_true", help="skip the numpy script")
     ap.add_argument("--libs-cold", action="store_true",
@@ -206,7 +208,13 @@ def main() -> None:
                 if kind == "npy" and not args.no_numpy:
                     cases.append(("numpy mean+var (mmap)", [sys.executable, "-c", NUMPY_SCRIPT, path]))
                 if limited is not None:
+                    cases.append((f"cat, {args.limit} memory limit", limited.prefix() + cases[0][1]))
                     cases.append((f"bnstat, {args.limit} memory limit", limited.prefix() + cases[1][1]))
+                if args.compare:
+                    cases.append((f"bnstat of {args.compare}", cases[1][1]))
+                    if limited is not None:
+                        cases.append((f"bnstat of {args.compare}, {args.limit} memory limit",
+                                      limited.prefix() + cases[1][1]))
                 for name, cmd in cases:
                     warm = None
                     if not args.libs_cold and name != "cat":
@@ -217,13 +225,14 @@ def main() -> None:
                     before = cached_bytes(path)
                     if limited is not None:
                         limited.reset_peak()
-                    dt, rss, out = timed(cmd, env)
+                    cenv = dict(env, PYTHONPATH=args.compare) if " of " in name else env
+                    dt, rss, out = timed(cmd, cenv)
                     row = {"file": kind, "tool": name, "rep": rep, "seconds": dt, "rss_kib": rss,
                            "load": uptime(), "cached_before": before}
                     if name.startswith("bnstat"):
                         row["result"] = json.loads(out)["arrays"][0]["mean"][:4]
                         row["out"] = out.decode()
-                    if "limit" in name:
+                    if "limit" in name and name.startswith("bnstat"):
                         row["cgroup_peak"] = limited.peak()
                     runs.append(row)
                     print(f"  {kind} {name} round {rep + 1}: {dt:.2f} s, {rss // 1024} MiB, "
@@ -254,22 +263,27 @@ def report(runs, files, shape, args, loads) -> None:
     print(f"{size['npy'] / 1e9:.2f} GB float32 NCHW {shape}, page cache dropped before every run"
           f"{libs}, {args.reps} rounds; load average {' -> '.join(loads)}; data file bytes cached "
           f"before a run: at most {max(r['cached_before'] for r in runs):,}\n")
-    print("| file | tool | median s | min-max s | GB/s | x cat | peak RSS MiB | note |")
+    print("| file | tool | median s | min-max s | GB/s | x cat | peak RSS MiB | note |")  # x cat: median of the rounds' ratios
     print("|---|---|---:|---:|---:|---:|---:|---|")
     for kind, _ in files:
         mine = [r for r in runs if r["file"] == kind]
         cat = {r["rep"]: r["seconds"] for r in mine if r["tool"] == "cat"}
-        unlimited = {r["rep"]: r.get("out") for r in mine if r["tool"] == "bnstat"}
+        cat_limited = {r["rep"]: r["seconds"] for r in mine if r["tool"].startswith("cat,")}
+        unlimited = {r["rep"]: r.get("out") for r in mine if r["tool"] == "bnstat"}  # this checkout's
         for tool in dict.fromkeys(r["tool"] for r in mine):
             rows = [r for r in mine if r["tool"] == tool]
             secs = [r["seconds"] for r in rows]
             med = statistics.median(secs)
-            ratio = statistics.median(cat[r["rep"]] / r["seconds"] for r in rows)
+            base = cat_limited if "limit" in tool else cat  # limited rows: against the limited cat
+            ratio = statistics.median(base[r["rep"]] / r["seconds"] for r in rows)
             note = ""
-            if "limit" in tool:
+            if "limit" in tool and tool.startswith("bnstat"):
                 same = all(r["out"] == unlimited[r["rep"]] for r in rows)
                 note = (f"cgroup peak {max(r['cgroup_peak'] for r in rows) / 2**20:.0f} MiB (page cache "
                         f"included); output {'identical to' if same else 'DIFFERS from'} the unlimited run")
+            elif " of " in tool:
+                same = all(r["out"] == unlimited[r["rep"]] for r in rows)
+                note = f"output {'identical to' if same else 'DIFFERS from'} this checkout's"
             print(f"| {kind} | {tool} | {med:.2f} | {min(secs):.2f}-{max(secs):.2f} | "
                   f"{size[kind] / med / 1e9:.2f} | {ratio:.2f} | {max(r['rss_kib'] for r in rows) // 1024} | {note} |")
 
