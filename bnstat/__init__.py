@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from bnstat.stats import Stats
 
 __all__ = ["__version__", "moments", "hist", "normalize", "fold", "load_stats", "save_stats",
-           "running", "recalibrate", "diff", "Accumulator"]
+           "running", "recalibrate", "diff", "Accumulator", "warm_up"]
 
 
 def moments(source, *, layout: str | None = None, channel_axis: int | None = None,
@@ -204,6 +204,22 @@ def diff(a, b, *, map=(), fail_over=(), layout=None, channel_axis=None, norm="ba
     return _diff(a, b, map=map, fail_over=fail_over, layout=layout, channel_axis=channel_axis,
                  norm=norm, groups=groups, reduce=reduce, dataset=dataset, chunk_size=chunk_size,
                  threads=threads, engine=engine, check_crc=check_crc)
+
+
+def warm_up(kernels: Iterable[str] = ("moments", "normalize"),
+            dtypes: Iterable[str] = ("float32", "float64")) -> dict[str, float]:
+    """Load the Numba kernels now, compiling them into numba's cache the first time.
+
+    For a notebook or a service that wants its first call fast: ``kernels``
+    among "moments", "higher" (``higher=True``), "normalize"; ``dtypes`` of
+    the inputs to come. Returns the seconds each variant took (a few seconds
+    each the first time, milliseconds from the cache). Without it, the first
+    call of a large input computes with numpy while the kernels compile apart
+    (README, "The first run").
+    """
+    from bnstat.kernels import loader
+
+    return loader.warm_up(tuple(kernels), tuple(dtypes))
 
 
 def __getattr__(name):

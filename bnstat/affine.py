@@ -92,7 +92,7 @@ def apply_params(chunk: np.ndarray, splan: Plan, params: UnitParams, out: np.nda
            engine: str = "numba") -> np.ndarray:
     """Normalize one chunk with flat per-unit params of its units into ``out`` (a buffer)."""
     from bnstat.kernels.numpy_engine import blocks
-    from bnstat.stream import kernel_input
+    from bnstat.stream import kernel_engine, kernel_input, read_only
 
     shape4, perm = splan.kernel_view(chunk.shape)
     x4 = kernel_input(chunk, splan)
@@ -101,6 +101,8 @@ def apply_params(chunk: np.ndarray, splan: Plan, params: UnitParams, out: np.nda
     result = out[:chunk.size].reshape(chunk.shape)
     target = result if (perm is None and kdtype == out.dtype) else np.empty(shape4, kdtype)
     mean, scale, shift = (a.reshape(P, 1, U, 1) for a in (params.mean, params.scale, params.shift))
+    x4 = read_only(x4)
+    engine = kernel_engine("normalize4", x4, engine, out=target)
     if engine == "numpy":  # the kernel's arithmetic, in float64, a block at a time
         t4 = target.reshape(shape4)
         for ps, as_ in blocks(shape4):

@@ -177,9 +177,11 @@ def batch_moments(sources: list[ArraySource], plan: Plan, batch_size: int, *, ch
     for src in sources:
         check_c_order(src)
         # as in stream.source_moments: a reader with its own thread gets a core
-        spare = engine == "numba" and threads > 1 and src.double_buffered
+        # ("auto" sets numba's count per chunk, stream.kernel_engine)
+        spare = engine in ("numba", "auto") and threads > 1 and src.double_buffered
         if spare:
-            set_threads(threads - 1)
+            if engine == "numba":
+                set_threads(threads - 1)
             collect.threads = threads - 1
         try:
             for _r0, chunk in src.iter_chunks(batch_rows(src, batch_size, chunk_size)):
@@ -189,6 +191,7 @@ def batch_moments(sources: list[ArraySource], plan: Plan, batch_size: int, *, ch
                     progress(chunk.nbytes)
         finally:
             if spare:
-                set_threads(threads)
+                if engine == "numba":
+                    set_threads(threads)
                 collect.threads = threads
     return collect.finish()

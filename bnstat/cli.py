@@ -168,6 +168,13 @@ def _print_error(message: str) -> None:
         pass
 
 
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def _warning_printer(state: options.RunState):
     """warnings.showwarning for one run: one line on stderr, nothing under --quiet.
 
@@ -177,12 +184,25 @@ def _warning_printer(state: options.RunState):
     def showwarning(message, category, filename, lineno, file=None, line=None):
         if state.quiet:
             return
-        try:
-            click.echo(f"bnstat: warning: {message}", err=True)
-        except (BrokenPipeError, OSError):
-            pass
+        _say(f"bnstat: warning: {message}")
 
     return showwarning
+
+
+def _note_printer(state: options.RunState):
+    """errors.note for one run: stderr when it is a terminal or with -v, nothing under --quiet."""
+    def note(message):
+        if not state.quiet and (state.verbose or _stderr_is_terminal()):
+            _say(f"bnstat: note: {message}")
+
+    return note
+
+
+def _say(line: str) -> None:
+    try:
+        click.echo(line, err=True)
+    except (BrokenPipeError, OSError):
+        pass
 
 
 def _silence_stdout() -> None:
@@ -288,9 +308,11 @@ def main(argv: list[str] | None = None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("always", BnstatWarning)
         warnings.showwarning = _warning_printer(state)
+        errors.note_printer = _note_printer(state)
         try:
             code = _run(args, state)
         finally:
+            errors.note_printer = None
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             sys.unraisablehook = previous_hook

@@ -63,6 +63,21 @@ def warn(message: str) -> None:
     warnings.warn(message, BnstatWarning, stacklevel=3)
 
 
+# Where notes go: set by the command line for its run (stderr when it is a terminal, or
+# with -v); a library caller's notes go to the "bnstat" logger at level INFO.
+note_printer = None
+
+
+def note(message: str) -> None:
+    """Say what bnstat is doing that is worth a line but is not a problem (a first compile)."""
+    if note_printer is not None:
+        note_printer(message)
+    else:
+        import logging
+
+        logging.getLogger("bnstat").info(message)
+
+
 class Terminated(BaseException):
     """Raised by the command line's SIGTERM handler so that cleanup runs (exit 143)."""
 

@@ -400,11 +400,11 @@ def _write_job(job: Job, run: Run, box) -> np.ndarray | None:
 
 def _start(jobs: list[Job], run: Run, threads: int | None, engine: str | None) -> None:
     """The engine and the thread counts of the kernels and of the readers' helpers."""
-    from bnstat.stream import pick_engine, set_threads
+    from bnstat.stream import pick_engine, start_threads
 
-    run.engine = pick_engine(sum(job.src.nbytes for job in jobs), engine)
+    run.engine = pick_engine(sum(job.src.nbytes for job in jobs), engine, switch=True)
     zlibx.set_threads(threads)  # the readers' helper threads (CRC-32, gzip inflate)
-    run.threads = set_threads(threads) if run.engine == "numba" else 1
+    run.threads = start_threads(threads, run.engine)
 
 
 def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None, per_batch=None,

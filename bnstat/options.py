@@ -21,6 +21,7 @@ class RunState:
 
     quiet: bool = False
     debug: bool = False
+    verbose: bool = False
 
 NORMS = ("batch", "layer", "instance", "group")
 FORMATS = ("table", "json", "csv", "npz")
@@ -87,6 +88,12 @@ def _quiet_callback(ctx, param, value):
     return value
 
 
+def _verbose_callback(ctx, param, value):
+    if value:
+        ctx.ensure_object(RunState).verbose = True
+    return value
+
+
 def _debug_callback(ctx, param, value):
     if value:
         ctx.ensure_object(RunState).debug = True
@@ -106,6 +113,9 @@ force_option = click.option("--force", is_flag=True, help="Replace an existing o
 quiet_option = click.option(
     "-q", "--quiet", is_flag=True, callback=_quiet_callback,
     help="No warnings and no progress bar.")
+verbose_option = click.option(
+    "-v", "--verbose", is_flag=True, expose_value=False, callback=_verbose_callback,
+    help="Notes on stderr (a first compile of the kernels) even when it is not a terminal.")
 threads_option = click.option(
     "--threads", type=click.IntRange(min=1), default=None, metavar="N", callback=_threads_callback,
     help="Number of compute threads (default: all cores).")
@@ -122,8 +132,9 @@ scheduler_option = click.option(
 
 
 def common_options(func, output=None):
-    """-o, --force, --quiet, --debug (every command); ``output``: another -o option."""
-    for deco in reversed((output or output_option, force_option, quiet_option, debug_option)):
+    """-o, --force, --quiet, --verbose, --debug (every command); ``output``: another -o option."""
+    for deco in reversed((output or output_option, force_option, quiet_option, verbose_option,
+                          debug_option)):
         func = deco(func)
     return func
 
@@ -232,10 +243,27 @@ def table_options(func):
         click.option("--top", type=click.IntRange(min=1), default=None, metavar="N",
                      help="Show N rows per array (default: all up to 32, else 20 and the flagged units)."),
         click.option("--all", "show_all", is_flag=True, help="Show every unit of every array."),
+        click.option("--summary", is_flag=True,
+                     help="One line per array (shape, layout, units, mean and std ranges, flags) "
+                          "instead of its table."),
     )
     for deco in reversed(decos):
         func = deco(func)
     return func
+
+
+def check_summary(summary: bool, fmt: str, sort: str, top, show_all: bool) -> None:
+    """--summary is a text view: refused with --format json|csv|npz, --sort, --top and --all
+    (README, `bnstat moments`). Raises click.UsageError."""
+    if not summary:
+        return
+    if fmt != "table":
+        raise click.UsageError(f"--summary is a text view and --format is {fmt}: drop --summary "
+                               f"(the {fmt} output has every unit), or drop --format")
+    given = [flag for flag, on in (("--sort", sort != "unit"), ("--top", top is not None),
+                                   ("--all", show_all)) if on]
+    if given:
+        raise click.UsageError(f"--summary shows no unit rows: drop {' and '.join(given)}, or --summary")
 
 
 def format_for(fmt: str | None, output: str | None) -> str:

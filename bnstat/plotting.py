@@ -6,14 +6,18 @@ and min/max whiskers against the unit index; past ``ENVELOPE_AT`` units the
 units are grouped into ``ENVELOPE_CELLS`` runs drawn as envelopes (the
 extremes of each run), so that 4096 units stay legible. A histogram file
 gives a units x bins heat map of log10(1 + count) and the histograms of
-chosen units (README "Plots").
+chosen units. A diff report (``bnstat diff A B --format json -o D.json``)
+gives, per array, the per-unit shift and log variance ratio with the
+``--fail-over`` thresholds it was made with (README "Plots").
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-from bnstat.errors import BnstatError, UsageProblem
+from bnstat.errors import BnstatError, InputError, UsageProblem
 
 FORMATS = ("png", "svg", "pdf")
 ENVELOPE_AT = 512
@@ -136,23 +140,134 @@ def _hist_panels(ax_map, ax_units, path: str, h, units) -> None:
     ax_units.grid(alpha=0.3)
 
 
-def plot_file(path: str, output: str, *, fmt: str | None = None, units=(), dataset=None,
-              force: bool = False) -> None:
-    """Draw the stats or histogram file ``path`` into ``output`` (atomically). Raises BnstatError."""
+# a diff report larger than this is not one bnstat wrote for a picture (4096 units of 32
+# arrays take about 40 MB)
+MAX_REPORT = 256 * 1024**2
+
+
+def load_diff_report(path: str) -> dict | None:
+    """The arrays of a ``bnstat diff --format json`` report at ``path``, or None when the file
+    is not JSON (a stats or histogram file). Raises InputError for JSON that is not one."""
+    import json
+
+    from bnstat.io.base import input_error
+
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(1) != b"{":
+                return None
+            if os.fstat(fh.fileno()).st_size > MAX_REPORT:
+                raise InputError(f"{path}: a JSON file of over {MAX_REPORT >> 20} MB is not a "
+                                 "bnstat diff report")
+            fh.seek(0)
+            doc = json.loads(fh.read())
+    except OSError as exc:
+        raise input_error(path, exc) from None
+    except (ValueError, RecursionError):
+        doc = None
+    keys = ("name", "unit_shape", "shift", "log_var_ratio")
+    if not (isinstance(doc, dict) and "bnstat" in doc and isinstance(doc.get("arrays"), list)
+            and all(isinstance(a, dict) and all(k in a for k in keys) for a in doc["arrays"])):
+        raise InputError(f"{path}: a JSON file but not a bnstat diff report",
+                         "bnstat plot draws stats and histogram files (.npz) and the JSON of "
+                         "bnstat diff A B --format json.")
+    return doc
+
+
+def _metric(values) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], np.float64)
+
+
+def _diff_panel(ax, doc: dict, arr: dict, key: str, label: str, metric: str) -> None:
+    """One metric of one array of a diff report against the unit index, with its threshold."""
+    y = _metric(arr[key])
+    n = y.size
+    x = np.arange(n)
+    if n <= ENVELOPE_AT:
+        ax.bar(x, y, width=1.0 if n > 64 else 0.8, color="tab:blue", alpha=0.8)
+    else:
+        starts = _runs(n)
+        with np.errstate(invalid="ignore"):
+            lo = np.fmin.reduceat(y, starts)
+            hi = np.fmax.reduceat(y, starts)
+        xs = starts + (np.diff(np.append(starts, n)) - 1) / 2
+        ax.fill_between(xs, np.fmin(lo, 0), np.fmax(hi, 0), color="tab:blue", alpha=0.8,
+                        label="range per run of units")
+        ax.set_xlim(-0.5, n - 0.5)
+    ax.axhline(0, color="0.3", linewidth=0.6)
+    limit = (doc.get("fail_over") or {}).get(metric)
+    if isinstance(limit, (int, float)):
+        for sign in (1, -1):
+            ax.axhline(sign * limit, color="tab:red", linestyle="--", linewidth=1,
+                       label=f"--fail-over {metric}={limit:g}" if sign > 0 else None)
+        over = int(np.count_nonzero(np.abs(np.nan_to_num(y)) > limit))
+        label += f" · {over} unit(s) over {limit:g}"
+    a, b = doc.get("a", {}), doc.get("b", {})
+    ax.set_title(f"{arr['name']} · {label}\nA {a.get('path', '?')} ({a.get('kind', '?')}) · "
+                 f"B {b.get('path', '?')} ({b.get('kind', '?')}) · {n:,} units", fontsize=9,
+                 loc="left")
+    ax.set_xlabel("unit (flat index)")
+    ax.set_ylabel(label.split(" · ")[0])
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper right")
+    ax.grid(alpha=0.3)
+
+
+def _select(path: str, items: dict, dataset) -> dict:
     import fnmatch
 
-    from bnstat.histogram import kind_of_files, load_hist
+    if not dataset:
+        return items
+    pats = [dataset] if isinstance(dataset, str) else list(dataset)
+    items = {k: v for k, v in items.items() if any(fnmatch.fnmatchcase(k, p) for p in pats)}
+    if not items:
+        raise UsageProblem(f"{path}: no array matches -d {' '.join(pats)}")
+    return items
+
+
+def _save(fig, plt, output: str, fmt: str, path: str, force: bool) -> None:
     from bnstat.io.atomic import atomic_open
+
+    try:
+        with atomic_open(output, "wb", force=force, inputs=[path]) as fh:
+            fig.savefig(fh, format=fmt)
+    finally:
+        plt.close(fig)
+
+
+def plot_diff(path: str, doc: dict, output: str, fmt: str, *, dataset=None,
+              force: bool = False) -> None:
+    """Per array of the diff report ``doc``: shift and log variance ratio per unit."""
+    items = _select(path, {a["name"]: a for a in doc["arrays"]}, dataset)
+    if not items:
+        raise InputError(f"{path}: the diff report holds no matched array")
+    names = list(items)[:MAX_ARRAYS]
+    plt = _pyplot()
+    fig = plt.figure(figsize=(13, 3.4 * len(names)), dpi=DPI, layout="constrained")
+    axes = fig.subplots(len(names), 2, squeeze=False)
+    for r, name in enumerate(names):
+        _diff_panel(axes[r][0], doc, items[name], "shift", "shift (mean_b - mean_a) / std_a",
+                    "shift")
+        _diff_panel(axes[r][1], doc, items[name], "log_var_ratio", "log var ratio ln(var_b / var_a)",
+                    "logvar")
+    if len(items) > MAX_ARRAYS:
+        fig.suptitle(f"the first {MAX_ARRAYS} of {len(items)} arrays (-d PATTERN chooses)", fontsize=9)
+    _save(fig, plt, output, fmt, path, force)
+
+
+def plot_file(path: str, output: str, *, fmt: str | None = None, units=(), dataset=None,
+              force: bool = False) -> None:
+    """Draw the stats, histogram or diff file ``path`` into ``output`` (atomically).
+    Raises BnstatError."""
+    from bnstat.histogram import kind_of_files, load_hist
     from bnstat.stats import load_stats
 
     fmt = plot_format(output, fmt)
+    report = load_diff_report(path)
+    if report is not None:
+        return plot_diff(path, report, output, fmt, dataset=dataset, force=force)
     hist = kind_of_files([path]) == "histogram"
-    items = load_hist(path) if hist else load_stats(path)
-    if dataset:
-        pats = [dataset] if isinstance(dataset, str) else list(dataset)
-        items = {k: v for k, v in items.items() if any(fnmatch.fnmatchcase(k, p) for p in pats)}
-        if not items:
-            raise UsageProblem(f"{path}: no array matches -d {' '.join(pats)}")
+    items = _select(path, load_hist(path) if hist else load_stats(path), dataset)
     names = list(items)[:MAX_ARRAYS]
     plt = _pyplot()
     rows = len(names)
@@ -166,8 +281,4 @@ def plot_file(path: str, output: str, *, fmt: str | None = None, units=(), datas
             _stats_panel(axes[r][0], path, items[name])
     if len(items) > MAX_ARRAYS:
         fig.suptitle(f"the first {MAX_ARRAYS} of {len(items)} arrays (-d PATTERN chooses)", fontsize=9)
-    try:
-        with atomic_open(output, "wb", force=force, inputs=[path]) as fh:
-            fig.savefig(fh, format=fmt)
-    finally:
-        plt.close(fig)
+    _save(fig, plt, output, fmt, path, force)

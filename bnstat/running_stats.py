@@ -165,8 +165,8 @@ def collect_batches(source, batch_size: int, *, drop_last=False, layout=None, ch
     """
     from bnstat.io import zlibx
     from bnstat.io import open_any
-    from bnstat.kernels._jit import set_threads
-    from bnstat.stream import DEFAULT_CHUNK_SIZE, check_group_shapes, group_sources, pick_engine
+    from bnstat.stream import (DEFAULT_CHUNK_SIZE, check_group_shapes, group_sources, pick_engine,
+                               start_threads)
 
     if isinstance(source, list | tuple) and source and all(isinstance(s, ArraySource) for s in source):
         sources = list(source)  # opened already (the command, for its progress bar)
@@ -187,10 +187,10 @@ def collect_batches(source, batch_size: int, *, drop_last=False, layout=None, ch
         from bnstat.errors import warn
 
         warn(f"no --layout given: assuming the PyTorch layout (channel axis 1) for {', '.join(assumed)}")
-    engine = pick_engine(sum(s.nbytes for s in sources), engine)
+    engine = pick_engine(sum(s.nbytes for s in sources), engine, switch=scheduler is None)
     if scheduler is None:
         zlibx.set_threads(threads)
-        n_threads = set_threads(threads) if engine == "numba" else 1
+        n_threads = start_threads(threads, engine)
     chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
     if scheduler is not None:
         from bnstat.dask_batches import batch_moments_distributed

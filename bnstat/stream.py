@@ -20,7 +20,7 @@ from bnstat.errors import DataError, InputError, UsageProblem, check_interrupt, 
 from bnstat.io import zlibx
 from bnstat.io.base import ArraySource
 from bnstat.layout import Plan, make_plan
-from bnstat.kernels._jit import set_threads
+from bnstat.kernels._jit import planned_threads, set_threads
 from bnstat.kernels.numpy_engine import numpy_moments
 from bnstat.stats import Moments, Stats, merge_all, warn_degenerate
 
@@ -128,14 +128,52 @@ def available_memory() -> int:
         return 1 << 62
 
 
-def pick_engine(nbytes: int, engine: str | None = None) -> str:
-    """The engine for ``nbytes`` of input: ``engine`` if given, else BNSTAT_ENGINE, else by size."""
+def pick_engine(nbytes: int, engine: str | None = None, *, switch: bool = False) -> str:
+    """The engine for ``nbytes`` of input: ``engine`` if given, else BNSTAT_ENGINE, else by size.
+
+    ``switch``: the caller takes "auto" for a large input: the Numba kernels once they are
+    loaded, numpy while they are compiled the first time (``kernels.loader``).
+    """
     engine = engine or os.environ.get("BNSTAT_ENGINE") or "auto"
     if engine in ENGINES:
         return engine
     if engine != "auto":
         raise UsageProblem(f"BNSTAT_ENGINE={engine}: must be numba, numpy or auto")
-    return "numpy" if nbytes < SMALL_INPUT else "numba"
+    if nbytes < SMALL_INPUT:
+        return "numpy"
+    return "auto" if switch else "numba"
+
+
+def start_threads(threads: int | None, engine: str) -> int:
+    """The kernels' thread count for ``engine``, set in numba for "numba" (which loads it);
+    for "auto" the count numba will take, without loading it."""
+    if engine == "numba":
+        return set_threads(threads)
+    if engine == "auto":
+        _Auto.threads = planned_threads(threads)
+        return _Auto.threads
+    return 1
+
+
+class _Auto:
+    """The thread count ``start_threads`` planned for "auto", set in numba at the switch."""
+
+    threads: int | None = None
+
+
+def kernel_engine(kernel: str, x: np.ndarray, engine: str, threads: int | None = None,
+                  out: np.ndarray | None = None) -> str:
+    """"numba" or "numpy" for one chunk's kernel view ``x``: "auto" is numba once the kernel is
+    loaded (with ``threads``, or those ``start_threads`` planned, set in numba), numpy while it
+    is compiled the first time."""
+    if engine != "auto":
+        return engine
+    from bnstat.kernels import loader
+
+    if not loader.loaded(loader.Spec.of(kernel, x, out)):
+        return "numpy"
+    set_threads(threads or _Auto.threads)
+    return "numba"
 
 
 def split_tasks(shape4: tuple[int, int, int, int], threads: int) -> tuple[int, int]:
@@ -158,6 +196,19 @@ def split_tasks(shape4: tuple[int, int, int, int], threads: int) -> tuple[int, i
         if sa < need and U >= 256:
             su = max(1, min(U // 128, -(-need // sa)))
     return sa, su
+
+
+def read_only(x: np.ndarray) -> np.ndarray:
+    """``x``, as a read-only view if it is writable.
+
+    Numba compiles a kernel once per signature, and writability is part of an
+    array's type: memory-mapped files are read-only, in-memory arrays writable.
+    The kernels only read their input, so giving it to them read-only always
+    halves the variants to compile (and to keep in the cache)."""
+    if x.flags.writeable:
+        x = x.view()
+        x.flags.writeable = False
+    return x
 
 
 def kernel_input(chunk: np.ndarray, plan: Plan) -> np.ndarray:
@@ -201,6 +252,10 @@ def count_infs(x: np.ndarray, part: Moments) -> Moments:
 def view_moments(x: np.ndarray, *, higher: bool = False, threads: int = 1,
                  engine: str = "numba") -> Moments:
     """Moments of every unit of a (P, A, U, B) kernel view, flat in C order over (P, U)."""
+    from bnstat.kernels.loader import moments_kernel
+
+    x = read_only(x)
+    engine = kernel_engine(moments_kernel(x, higher), x, engine, threads)
     if engine == "numpy":
         return count_infs(x, numpy_moments(x, higher))
     from bnstat.kernels import moments as kernels
@@ -272,8 +327,9 @@ def source_moments(source: ArraySource, plan: Plan, *, chunk_size: int, higher: 
     # A reader with a thread of its own (HDF5: read_direct or inflating the next slab)
     # gets a core: the kernels run on one thread fewer, instead of a parallel region
     # waiting for a thread that shares its core with the reader (bench/README.md).
-    spare = engine == "numba" and threads > 1 and source.double_buffered
+    spare = engine in ("numba", "auto") and threads > 1 and source.double_buffered
     kthreads = threads - 1 if spare else threads
+    spare = spare and engine == "numba"  # "auto" sets numba's count per chunk (kernel_engine)
     if spare:
         set_threads(kthreads)
     try:
@@ -386,9 +442,9 @@ def compute_stats(sources: list[ArraySource], *, layout=None, channel_axis=None,
     chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
     array_groups, plans = plan_groups(sources, layout=layout, channel_axis=channel_axis, norm=norm,
                                       groups=groups, reduce=reduce, per_file=per_file)
-    engine = pick_engine(sum(s.nbytes for s in sources), engine)
+    engine = pick_engine(sum(s.nbytes for s in sources), engine, switch=visit is None)
     zlibx.set_threads(threads)  # the readers' helper threads (CRC-32, gzip inflate)
-    n_threads = set_threads(threads) if engine == "numba" else 1
+    n_threads = start_threads(threads, engine)
     results = {}
     for g, ps in zip(array_groups, plans):
         parts = []

@@ -89,3 +89,74 @@ def test_errors():
     with pytest.raises(UsageProblem, match="nan="):
         bnstat.Accumulator(nan="raise")
     assert acc.batches == 1
+
+
+# ---- histograms of batches (bins= and range=) ---------------------------------------------
+
+
+def test_histograms_of_batches_equal_np_histogram_of_all(rng):
+    x = rng.standard_normal((30, 3, 5, 4)).astype(np.float32) * 2
+    x[3, 1, 2, 2] = 9.0  # over the range: overflow
+    x[7, 0, 0, 0] = np.nan
+    acc = bnstat.Accumulator(layout="NCHW", bins=16, range=(-4, 4))
+    for i in range(0, 30, 7):
+        if i == 7:
+            with pytest.warns(bnstat.errors.BnstatWarning, match="1 NaN value"):
+                acc.update(x[i:i + 7])
+        else:
+            acc.update(x[i:i + 7])
+    h = acc.hist
+    edges = np.linspace(-4.0, 4.0, 17)
+    for c in range(3):
+        v = x[:, c].astype(np.float64).ravel()
+        v = v[~np.isnan(v)]
+        want, _ = np.histogram(v, bins=edges)
+        assert h.counts[c].tolist() == want.tolist()
+        assert h.overflow[c] == np.count_nonzero(v > 4) and h.underflow[c] == np.count_nonzero(v < -4)
+        np.testing.assert_allclose(h.edges[c], edges)
+    with pytest.warns(bnstat.errors.BnstatWarning, match="1 NaN value"):
+        (whole,) = bnstat.hist(x, layout="NCHW", bins=16, range="-4:4").values()
+    assert np.array_equal(whole.counts, h.counts)
+    np.testing.assert_allclose(h.stats.mean, whole.stats.mean, rtol=1e-12)
+    assert acc.stats.count.tolist() == whole.stats.count.tolist()
+    per_channel = x.astype(np.float64).transpose(1, 0, 2, 3).reshape(3, -1)
+    np.testing.assert_allclose(acc.stats.var, np.nanvar(per_channel, axis=1), rtol=1e-10)
+    np.testing.assert_allclose(acc.stats.mean, np.nanmean(per_channel, axis=1), rtol=1e-12)
+
+
+def test_histogram_accumulators_merge_and_save(rng, tmp_path):
+    x = rng.standard_normal((20, 4)).astype(np.float32)
+    a = bnstat.Accumulator(layout="NC", bins=8, range="-3:3", name="fc")
+    b = bnstat.Accumulator(layout="NC", bins=8, range="-3:3", name="fc")
+    a.update(x[:12])
+    b.update(x[12:])
+    both = a.merge(b)
+    edges = np.linspace(-3.0, 3.0, 9)
+    for c in range(4):
+        assert both.hist.counts[c].tolist() == np.histogram(x[:, c], bins=edges)[0].tolist()
+    both.save(tmp_path / "h.npz")
+    from bnstat.histogram import load_hist
+
+    loaded = load_hist(str(tmp_path / "h.npz"))["fc"]
+    assert np.array_equal(loaded.counts, both.hist.counts)
+    other = bnstat.Accumulator(layout="NC", bins=4, range="-3:3", name="fc").update(x)
+    with pytest.raises(bnstat.errors.DataError, match="cannot merge"):
+        a.merge(other)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(bins=8), "need range"),
+    (dict(bins=8, range="auto"), "edges must be fixed"),
+    (dict(bins=8, range="abs"), "edges must be fixed"),
+    (dict(bins=0, range=(0, 1)), "bins"),
+    (dict(bins=8, range=(1, 0)), "LO must be smaller"),
+])
+def test_histogram_options_refused(kw, match):
+    with pytest.raises(bnstat.errors.UsageProblem, match=match):
+        bnstat.Accumulator(layout="NC", **kw)
+
+
+def test_hist_of_a_plain_accumulator_is_refused(rng):
+    acc = bnstat.Accumulator(layout="NC").update(rng.standard_normal((4, 2)))
+    with pytest.raises(bnstat.errors.DataError, match="counts no histogram"):
+        acc.hist

@@ -536,7 +536,7 @@ def test_ddof1_single_value_csv(tmp_path):
                               "--format", "csv")
     assert rc == 0 and "Traceback" not in err and "--ddof 1 is NaN" in err
     rows = out.splitlines()
-    assert rows[1] == "one,0,1,0.0,nan,nan,0.0,0.0,0,0"  # ..., nan_count, inf_count
+    assert rows[1] == "one,0,1,0.0,nan,nan,0.0,0.0,0,0,0"  # ..., nan_count, inf_count, c
     assert "inf" not in "\n".join(rows[1:])
 
 

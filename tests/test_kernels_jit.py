@@ -75,8 +75,11 @@ def test_cli_ready_loads_the_target_without_scipy_and_lifts_the_block():
 
 
 def test_api_ready_does_not_block_scipy():
-    """A library user's process (no setup(cli=True)): numba's BLAS probe runs as usual."""
+    """A library user's process (no setup(cli=True)): numba's BLAS probe runs as usual when
+    numba loads its whole target (here for the user's own np.dot)."""
     code = ("from bnstat.kernels import _jit; _jit.ready()\n"
+            "import numpy as np, numba\n"
+            "assert numba.njit(lambda a: np.sum(a * a))(np.ones(3)) == 3.0\n"
             "import importlib.util\n"
             "has_scipy = importlib.util.find_spec('scipy') is not None\n"
             "assert ('scipy.linalg' in sys.modules) == has_scipy, has_scipy\n")

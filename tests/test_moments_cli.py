@@ -219,11 +219,13 @@ def test_csv_header_and_rows(tmp_path, rng):
                                 "instance", "--format", "csv")
     assert code == 0, err
     rows = list(csv.reader(io.StringIO(out)))
-    assert rows[0] == ["name", "unit", "count", "mean", "var", "std", "min", "max", "nan_count", "inf_count"]
+    assert rows[0] == ["name", "unit", "count", "mean", "var", "std", "min", "max", "nan_count", "inf_count",
+                       "n", "c"]
     ref = ref_moments(x, "NCL", "instance")
     assert len(rows) == 1 + 24
     for i, row in enumerate(rows[1:]):
         assert row[0] == "x" and int(row[1]) == i
+        assert (int(row[-2]), int(row[-1])) == np.unravel_index(i, (4, 6))
         assert int(row[2]) == ref.count.ravel()[i]
         assert float(row[3]) == pytest.approx(ref.mean.ravel()[i], rel=1e-12, abs=1e-14)
         assert float(row[4]) == pytest.approx(ref.var.ravel()[i], rel=1e-12)
@@ -239,10 +241,10 @@ def test_csv_with_higher_adds_columns(tmp_path, rng):
                                 "--format", "csv")
     assert code == 0, err
     rows = list(csv.reader(io.StringIO(out)))
-    assert rows[0][-2:] == ["skew", "kurtosis"]
+    assert rows[0][-3:] == ["skew", "kurtosis", "c"]  # the unit's coordinates come last
     ref = ref_moments(x, "NC")
-    np.testing.assert_allclose([float(r[-2]) for r in rows[1:]], ref.skew, rtol=1e-9)
-    np.testing.assert_allclose([float(r[-1]) for r in rows[1:]], ref.kurtosis, rtol=1e-9)
+    np.testing.assert_allclose([float(r[-3]) for r in rows[1:]], ref.skew, rtol=1e-9)
+    np.testing.assert_allclose([float(r[-2]) for r in rows[1:]], ref.kurtosis, rtol=1e-9)
 
 
 def test_json_output_file_follows_extension(tmp_path, rng):

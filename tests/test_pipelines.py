@@ -73,7 +73,7 @@ def acts(tmp_path):
 def _csv_head(rc, out, err, d, a):
     assert rc == 0, err
     lines = out.splitlines()
-    assert lines[0] == "name,unit,count,mean,var,std,min,max,nan_count,inf_count"
+    assert lines[0] == "name,unit,count,mean,var,std,min,max,nan_count,inf_count,c"
     assert len(lines) == 3 and lines[1].startswith("acts,0,256,")
     assert err == ""
 
@@ -91,7 +91,7 @@ def _json_python(rc, out, err, d, a):
 
 def _stdin_csv(rc, out, err, d, a):
     assert rc == 0, err
-    assert out.splitlines()[1:] == [f"stdin,{c},8,1.0,0.0,0.0,1.0,1.0,0,0" for c in range(3)]
+    assert out.splitlines()[1:] == [f"stdin,{c},8,1.0,0.0,0.0,1.0,1.0,0,0,{c}" for c in range(3)]
 
 
 def _normalize_stdout(rc, out, err, d, a):

@@ -77,3 +77,54 @@ def test_missing_matplotlib(cli, files, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     code, _, err = cli("plot", files / "small.npz", "-o", files / "z.png")
     assert code == 1 and "pip install 'bnstat[plot]'" in err and "Traceback" not in err
+
+
+@pytest.fixture
+def report(cli, files):
+    """A diff report of two 600-unit stats files (envelopes) and one of 3 units (bars)."""
+    r = np.random.default_rng(11)
+    a = r.standard_normal((50, 600, 4)).astype(np.float32)
+    shift = np.where(np.arange(600) % 7 == 0, 1.5, 0.0)  # every 7th unit moved by 1.5 of its std
+    b = (a * 1.0 + shift[None, :, None]).astype(np.float32)
+    for name, x in (("a", a), ("b", b)):
+        np.save(files / f"{name}.npy", x)
+        assert cli("moments", files / f"{name}.npy", "--layout", "NCL", "-o", files / f"{name}.npz")[0] == 0
+    code, _, err = cli("diff", files / "a.npz", files / "b.npz", "--map", "a=b", "--format", "json",
+                       "--fail-over", "shift=0.5", "-o", files / "d.json")
+    assert code == 3, err  # over the threshold: the report is written all the same
+    xa = a.astype(np.float64)
+    xb = b.astype(np.float64)
+    want = (xb.mean(axis=(0, 2)) - xa.mean(axis=(0, 2))) / xa.std(axis=(0, 2))
+    return files / "d.json", int(np.count_nonzero(np.abs(want) > 0.5))
+
+
+def test_diff_report_png_and_svg(cli, files, report):
+    path, over = report
+    assert over == len(range(0, 600, 7))
+    code, _, err = cli("plot", path, "-o", files / "d.png")
+    assert code == 0, err
+    shape, inked = plot_area_pixels(files / "d.png")
+    assert shape[1] >= 1000 and inked > 0.02
+    assert cli("plot", path, "-o", files / "d.svg")[0] == 0
+    text = (files / "d.svg").read_text()
+    ET.parse(files / "d.svg")
+    assert f"{over} unit(s) over 0.5" in text and "fail-over shift=0.5" in text
+    assert "log var ratio" in text
+
+
+def test_diff_report_errors_and_inputs_kept(cli, files, report):
+    path, _ = report
+    before = path.read_bytes()
+    code, _, err = cli("plot", path, "-o", path, "--format", "png", "--force")
+    assert code == 1 and "Traceback" not in err and path.read_bytes() == before
+    (files / "other.json").write_text('{"some": "json"}')
+    code, _, err = cli("plot", files / "other.json", "-o", files / "o.png")
+    assert code == 1 and "not a bnstat diff report" in err and not (files / "o.png").exists()
+    (files / "cut.json").write_bytes(before[: len(before) // 2])
+    code, _, err = cli("plot", files / "cut.json", "-o", files / "c.png")
+    assert code == 1 and "not a bnstat diff report" in err and "Traceback" not in err
+    (files / "deep.json").write_text("{" + '"a":[' * 100000 + "]" * 100000 + "}")
+    code, _, err = cli("plot", files / "deep.json", "-o", files / "e.png")
+    assert code == 1 and "not a bnstat diff report" in err and "Traceback" not in err
+    code, _, err = cli("plot", path, "-o", files / "n.png", "-d", "nothing*")
+    assert code == 2 and "no array matches" in err

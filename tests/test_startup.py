@@ -59,3 +59,47 @@ def test_root_help_lists_every_command():
     result, out = probe("--help")
     for name in COMMANDS:
         assert name in out
+
+
+UNUSED = ("h5py", "rich", "bnstat.kernels.normalize", "bnstat.kernels.hist", "bnstat.io.models",
+          "bnstat.io.hdf5", "scipy.linalg", "numba.np.arraymath")
+
+
+def probe_modules(args, names, **env):
+    code = PROBE.format(args=list(args), heavy=names)
+    environ = _env()
+    environ.update(env)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=environ, timeout=300)
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("PROBE ")]
+    assert line, proc.stderr
+    return json.loads(line[-1][6:]), proc.stdout
+
+
+@pytest.mark.parametrize("engine", ["numba", "numpy"])
+def test_moments_of_a_npy_to_a_pipe_imports_only_what_it_uses(tmp_path, engine):
+    """JSON to a pipe from a .npy: no h5py, no rich, no normalize/hist kernels, no model
+    readers, no scipy.linalg; with the Numba engine a cached kernel loads without numba's numpy
+    implementations (numba.np.arraymath)."""
+    import numpy as np
+
+    np.save(tmp_path / "a.npy", np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4))
+    args = ["moments", str(tmp_path / "a.npy"), "--layout", "NCHW", "--format", "json"]
+    probe_modules(args, UNUSED, BNSTAT_ENGINE=engine)  # fills numba's cache if it must
+    result, out = probe_modules(args, UNUSED + ("numba",), BNSTAT_ENGINE=engine)
+    assert result["code"] == 0
+    assert json.loads(out)  # the statistics were printed
+    want = ["numba"] if engine == "numba" else []
+    assert result["heavy"] == want
+
+
+def test_moments_table_to_a_terminal_imports_rich_and_hdf5_imports_h5py(tmp_path):
+    """The probe sees the modules a command does use: h5py for an HDF5 input, rich for a table."""
+    import h5py
+    import numpy as np
+
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f["x"] = np.ones((2, 3), np.float32)
+    result, _ = probe_modules(["moments", str(tmp_path / "a.h5"), "--layout", "NC"],
+                              ("h5py", "rich"), BNSTAT_ENGINE="numpy")
+    assert result["code"] == 0 and result["heavy"] == ["h5py", "rich"]

@@ -19,7 +19,7 @@ def check_target(output: str | None, fmt: str, force: bool, inputs) -> None:
 
 
 def emit(stats: dict, fmt: str, output: str | None, *, force: bool = False, inputs=(),
-         sort: str = "unit", top=None, show_all: bool = False) -> None:
+         sort: str = "unit", top=None, show_all: bool = False, summary: bool = False) -> None:
     """Render ``stats`` in ``fmt`` to ``output`` (None or '-': stdout), atomically."""
     from bnstat import render
     from bnstat.io.atomic import atomic_open
@@ -45,4 +45,4 @@ def emit(stats: dict, fmt: str, output: str | None, *, force: bool = False, inpu
         elif fmt == "csv":
             render.write_csv(stats, fh)
         else:
-            render.print_tables(stats, file=fh, sort=sort, top=top, show_all=show_all)
+            render.print_tables(stats, file=fh, sort=sort, top=top, show_all=show_all, summary=summary)

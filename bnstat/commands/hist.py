@@ -66,7 +66,7 @@ def _amax(ctx, param, value):
 @options.compute_options
 def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, per_file, skip_crc,
             nan_policy, bins, range_, quantiles, amax, per_tensor, num_bits, unsigned, fmt, sort, top,
-            show_all, output, force, quiet, threads, chunk_size):
+            show_all, summary, output, force, quiet, threads, chunk_size):
     """Exact per-unit histograms, quantiles and INT8 calibration ranges.
 
     Counts are exact integers in the bins np.histogram would use (the last
@@ -91,6 +91,7 @@ def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, 
     if amax and range_ == "auto":
         range_ = "abs"
     fmt = options.format_for(fmt, output)
+    options.check_summary(summary, fmt, sort, top, show_all)
     check_target(output, fmt, force, inputs)
     sources = open_sources(inputs, datasets, check_crc=not skip_crc)
     total = sum(s.nbytes for s in sources)
@@ -99,4 +100,5 @@ def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, 
                              amax=amax, per_tensor=per_tensor, num_bits=num_bits, unsigned=unsigned,
                              nan_policy=nan_policy, chunk_size=chunk_size, threads=threads,
                              per_file=per_file, progress=advance, **spec)
-    emit(hists, fmt, output, force=force, inputs=inputs, sort=sort, top=top, show_all=show_all)
+    emit(hists, fmt, output, force=force, inputs=inputs, sort=sort, top=top, show_all=show_all,
+         summary=summary)

@@ -22,9 +22,8 @@ from bnstat import options
 @options.common_options
 @options.compute_options
 def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, per_file,
-            skip_crc, nan_policy, higher, fmt, sort, top, show_all, scheduler, allow_duplicates, output,
-            force, quiet,
-            threads, chunk_size):
+            skip_crc, nan_policy, higher, fmt, sort, top, show_all, summary, scheduler,
+            allow_duplicates, output, force, quiet, threads, chunk_size):
     """Exact per-unit count, mean, var, std, min, max and NaN count.
 
     PATH is a .npy, .npz or HDF5 file, or '-' for a .npy stream on standard
@@ -48,6 +47,7 @@ def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, 
 
     spec = options.layout_spec(layout, channel_axis, norm, groups, reduce)
     fmt = options.format_for(fmt, output)
+    options.check_summary(summary, fmt, sort, top, show_all)
     check_target(output, fmt, force, inputs)
     refuse_same_file_twice(inputs, allow_duplicates)
     sources = open_sources(inputs, datasets, check_crc=not skip_crc)
@@ -62,4 +62,5 @@ def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, 
                                               check_crc=not skip_crc, **kwargs)
         else:
             stats = compute_stats(sources, progress=advance, **kwargs)
-    emit(stats, fmt, output, force=force, inputs=inputs, sort=sort, top=top, show_all=show_all)
+    emit(stats, fmt, output, force=force, inputs=inputs, sort=sort, top=top, show_all=show_all,
+         summary=summary)

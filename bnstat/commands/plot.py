@@ -18,7 +18,7 @@ def _units(ctx, param, value):
 
 
 @click.command("plot")
-@click.argument("stats_file", metavar="FILE.npz")
+@click.argument("stats_file", metavar="FILE")
 @click.option("-o", "--output", required=True, metavar="PICTURE", help="The picture: .png, .svg or .pdf.")
 @click.option("--format", "fmt", type=click.Choice(["png", "svg", "pdf"]), default=None,
               help="Picture format (default: from the extension of -o).")
@@ -28,17 +28,20 @@ def _units(ctx, param, value):
 @options.force_option
 @options.quiet_option
 def command(stats_file, output, fmt, units, datasets, force, quiet):
-    """Plot a stats file (moments) or a histogram file (bnstat hist -o FILE.npz).
+    """Plot a stats file (moments), a histogram file (hist) or a diff report (diff --format json).
 
     A stats file: per array, the per-unit mean with a ±std band and min/max
     whiskers against the unit index (envelopes past 512 units). A histogram
     file: a units x bins heat map of log counts and the histograms of
-    --units. Needs matplotlib: pip install 'bnstat[plot]'.
+    --units. A diff report: per array, the shift and log variance ratio per
+    unit, with the --fail-over thresholds it was made with. Needs matplotlib:
+    pip install 'bnstat[plot]'.
 
     \b
     Examples:
       bnstat plot stats.npz -o stats.png
       bnstat plot hist.npz -o hist.svg --units 0,7
+      bnstat diff a.npz b.npz --format json -o d.json; bnstat plot d.json -o d.png
     """
     from bnstat.plotting import plot_file
 

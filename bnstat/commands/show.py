@@ -12,7 +12,7 @@ from bnstat import options
 @options.format_option
 @options.table_options
 @options.common_options
-def command(stats_file, fmt, sort, top, show_all, output, force, quiet):
+def command(stats_file, fmt, sort, top, show_all, summary, output, force, quiet):
     """Render a stats file saved by `bnstat moments -o FILE.npz`.
 
     \b
@@ -25,6 +25,7 @@ def command(stats_file, fmt, sort, top, show_all, output, force, quiet):
     from bnstat.stats import load_stats
 
     fmt = options.format_for(fmt, output)
+    options.check_summary(summary, fmt, sort, top, show_all)
     check_target(output, fmt, force, [stats_file])
     from bnstat.histogram import kind_of_files
 
@@ -32,4 +33,5 @@ def command(stats_file, fmt, sort, top, show_all, output, force, quiet):
         from bnstat.histogram import load_hist as load_stats
         from bnstat.render.hist import emit
     stats = load_stats(stats_file)
-    emit(stats, fmt, output, force=force, inputs=[stats_file], sort=sort, top=top, show_all=show_all)
+    emit(stats, fmt, output, force=force, inputs=[stats_file], sort=sort, top=top, show_all=show_all,
+         summary=summary)

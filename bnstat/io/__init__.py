@@ -70,10 +70,11 @@ def open_path(path: str, patterns=(), *, check_crc: bool = True) -> list[ArraySo
             from bnstat.io.models.torch_zip import open_safetensors
 
             return open_safetensors(path, selected)
-        from bnstat.io.models.torch_zip import is_torch_zip, open_torch
+        if kind == "npz":
+            from bnstat.io.models.torch_zip import is_torch_zip, open_torch
 
-        if kind == "npz" and is_torch_zip(path):
-            return open_torch(path, selected)
+            if is_torch_zip(path):
+                return open_torch(path, selected)
         from bnstat.io.npy import open_npy, open_npz
 
         sources = open_npy(path) if kind == "npy" else open_npz(path, check_crc=check_crc)

@@ -7,8 +7,8 @@ a call:
 - ``setup(cli=True)``: by ``bnstat.cli.main``, first thing; imports nothing
   (``bnstat --help`` stays fast).
 - ``ready()``: by every kernel entry point (``entry``) and ``set_threads``,
-  before numba first runs anything; ``setup()`` and the load of numba's CPU
-  target, once per process.
+  before numba first runs anything; ``setup()`` and numba made to load
+  cached kernels without loading its whole CPU target, once per process.
 """
 
 from __future__ import annotations
@@ -50,9 +50,8 @@ def setup(cli: bool = False) -> None:
     costs them nothing.
 
     ``cli=True`` marks the process as the command line tool: numba's CPU
-    target will then be loaded without its probe of scipy's BLAS (``ready``).
-    A library user's own numba code in the same process may want np.dot, so
-    the API never asks for that.
+    target will then be loaded without its probe of scipy's BLAS
+    (``_no_blas_probe``).
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     if cli:
@@ -60,32 +59,69 @@ def setup(cli: bool = False) -> None:
 
 
 def ready() -> None:
-    """``setup()``, then numba's CPU target loaded (once per process).
+    """``setup()``, then numba made to load cached kernels without its whole target (once).
 
-    A cached kernel still needs numba's target context, whose first load
-    imports every numba.np implementation module; numba.np.arraymath probes
-    for scipy.linalg.cython_blas there (for np.dot and friends, which no kernel
-    here uses). Where scipy is installed that import alone took 0.25 s of a
-    1.2 s run (bench/README.md). The probe takes an ImportError as "no BLAS",
-    which is what it gets while scipy.linalg is blocked; the block is lifted
-    as soon as the target is loaded. Only after ``setup(cli=True)``; nothing
-    is blocked when scipy.linalg or numba's array module is already imported.
+    Numba's load of a cached kernel first refreshes its CPU target, which
+    imports and installs every numba.np implementation module (the typing and
+    lowering of all of NumPy's API), about 0.15-0.25 s of a small run
+    (bench/README.md, start-up); a kernel loaded from the cache is machine
+    code and needs none of it, only numba's runtime (NRT). So the refresh
+    that ``Cache.load_overload`` asks for initializes the NRT alone; every
+    other refresh, the compiler's among them, is numba's own. Where numba's
+    internals are not as expected, nothing is changed.
     """
     if _Setup.target_loaded:
         return
     setup()
-    block = (_Setup.cli and "scipy.linalg" not in sys.modules
-             and "numba.np.arraymath" not in sys.modules)
-    if block:
-        sys.modules["scipy.linalg"] = None
-    try:
-        from numba.core.registry import cpu_target
-
-        cpu_target.target_context.refresh()
-    finally:
-        if block and "scipy.linalg" in sys.modules and sys.modules["scipy.linalg"] is None:
-            del sys.modules["scipy.linalg"]
+    _light_cache_loads()
     _Setup.target_loaded = True
+
+
+def _light_cache_loads() -> None:
+    try:
+        from numba.core import caching
+        from numba.core.registry import cpu_target
+        from numba.core.runtime import rtsys
+
+        ctx = cpu_target.target_context
+        loading = caching.Cache.load_overload.__code__
+        full = type(ctx).refresh
+    except (ImportError, AttributeError):  # another numba: its own refresh everywhere
+        return
+
+    def refresh():
+        if sys._getframe(1).f_code is loading:
+            rtsys.initialize(ctx)
+        else:
+            with _no_blas_probe():
+                full(ctx)
+
+    ctx.refresh = refresh
+
+
+class _no_blas_probe:
+    """scipy.linalg blocked while numba loads its target, after ``setup(cli=True)``.
+
+    The first full refresh of numba's target imports every numba.np module;
+    numba.np.arraymath probes for scipy.linalg.cython_blas there (for np.dot
+    and friends, which no kernel here uses). Where scipy is installed that
+    import alone took 0.25 s (bench/README.md). The probe takes an ImportError
+    as "no BLAS", which is what it gets while scipy.linalg is blocked; the
+    block is lifted as soon as the target is loaded. Only for the command line:
+    a library user's own numba code in the same process may want np.dot, so
+    the API never asks for that; nothing is blocked when scipy.linalg or
+    numba's array module is already imported.
+    """
+
+    def __enter__(self):
+        self.block = (_Setup.cli and "scipy.linalg" not in sys.modules
+                      and "numba.np.arraymath" not in sys.modules)
+        if self.block:
+            sys.modules["scipy.linalg"] = None
+
+    def __exit__(self, *exc):
+        if self.block and "scipy.linalg" in sys.modules and sys.modules["scipy.linalg"] is None:
+            del sys.modules["scipy.linalg"]
 
 
 def entry(kernel):
@@ -102,6 +138,19 @@ def entry(kernel):
 
     call.kernel = kernel
     return call
+
+
+def planned_threads(threads: int | None) -> int:
+    """What ``set_threads(threads)`` will return, without loading numba: numba's default
+    count is NUMBA_NUM_THREADS or the cores this process may use."""
+    try:
+        limit = int(os.environ["NUMBA_NUM_THREADS"])
+    except (KeyError, ValueError):
+        try:
+            limit = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            limit = os.cpu_count() or 1
+    return max(1, min(threads or limit, limit))
 
 
 def set_threads(threads: int | None) -> int:

@@ -232,9 +232,13 @@ def _task_bounds(t, A, U, sa, su):
     return p, ia, (A * ia) // sa, (A * (ia + 1)) // sa, (U * iu) // su, (U * (iu + 1)) // su
 
 
+# B == 1 (NHWC, NC: a unit's values are strided) and B > 1 (NCHW: runs of B contiguous
+# values) are two kernels, not one branching on B: a run compiles only the one its layout
+# needs (each task function is about 40 % of the compile time, bench/README.md).
+
 @njit(**PARALLEL_JIT)
-def _moments4(x, sa, su, cnt, mean, m2, mn, mx, nanc):
-    """Count, mean, m2, min, max, NaN count of a (P, A, U, B) view.
+def _moments4_rows(x, sa, su, cnt, mean, m2, mn, mx, nanc):
+    """Count, mean, m2, min, max, NaN count of a (P, A, U, 1) view.
 
     Outputs have shape (sa, P, U); slot ia holds the moments of the ia-th
     of sa ranges of A (a task with an empty range leaves its slot as given:
@@ -245,12 +249,20 @@ def _moments4(x, sa, su, cnt, mean, m2, mn, mx, nanc):
         p, ia, a0, a1, u0, u1 = _task_bounds(t, A, U, sa, su)
         if a1 <= a0 or u1 <= u0:
             continue
-        if B == 1:
-            _rows_task(x, p, a0, a1, u0, u1, cnt[ia, p], mean[ia, p], m2[ia, p], mn[ia, p],
-                       mx[ia, p], nanc[ia, p])
-        else:
-            _units_task(x, p, a0, a1, u0, u1, cnt[ia, p], mean[ia, p], m2[ia, p], mn[ia, p],
-                        mx[ia, p], nanc[ia, p])
+        _rows_task(x, p, a0, a1, u0, u1, cnt[ia, p], mean[ia, p], m2[ia, p], mn[ia, p],
+                   mx[ia, p], nanc[ia, p])
+
+
+@njit(**PARALLEL_JIT)
+def _moments4_units(x, sa, su, cnt, mean, m2, mn, mx, nanc):
+    """As ``_moments4_rows``, for a (P, A, U, B) view with B > 1."""
+    P, A, U, B = x.shape
+    for t in prange(P * sa * su):
+        p, ia, a0, a1, u0, u1 = _task_bounds(t, A, U, sa, su)
+        if a1 <= a0 or u1 <= u0:
+            continue
+        _units_task(x, p, a0, a1, u0, u1, cnt[ia, p], mean[ia, p], m2[ia, p], mn[ia, p],
+                    mx[ia, p], nanc[ia, p])
 
 
 # ---- higher moments (skewness, kurtosis) ------------------------------------
@@ -348,5 +360,12 @@ def _moments4_higher(x, sa, su, cnt, mean, m2, m3, m4, mn, mx, nanc):
                      m4[ia, p], mn[ia, p], mx[ia, p], nanc[ia, p])
 
 
-moments4 = entry(_moments4)
+moments4_rows = entry(_moments4_rows)
+moments4_units = entry(_moments4_units)
 moments4_higher = entry(_moments4_higher)
+
+
+def moments4(x, sa, su, cnt, mean, m2, mn, mx, nanc):
+    """Count, mean, m2, min, max, NaN count of a (P, A, U, B) view (``_moments4_rows``)."""
+    kernel = moments4_rows if x.shape[3] == 1 else moments4_units
+    kernel(x, sa, su, cnt, mean, m2, mn, mx, nanc)

@@ -52,52 +52,48 @@ def print_json(result: FoldResult, *, file=None) -> None:
     (file or sys.stdout).write(json.dumps(result.report_dict(), indent=1, allow_nan=False) + "\n")
 
 
-def plan_table(result: FoldResult):
-    from rich.table import Table
+def plan_columns(result: FoldResult) -> list:
+    """The columns of the plan: one row per pair, conv and bn leading every piece."""
     from rich.text import Text
 
-    checked = result.checked or any(p.check_rel is not None for p in result.pairs)
-    title = (f"{result.source}: {CONVENTION_LABEL[result.convention]} naming, "
-             f"{len(result.pairs)} BatchNorm layer(s) to fold, --bn {result.bn_mode}")
-    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False,
-                  caption=f"{_eps_line(result)}; pairing order: {result.order_source}",
-                  caption_justify="left")
-    grouped = any(p.reading.groups != 1 for p in result.pairs)
-    heads = ("conv", "bn", "kind", "layout", "channels") + (("groups",) if grouped else ()) + (
-        "eps", "by", "evidence")
-    for head in heads:
-        table.add_column(head, justify="right" if head in ("channels", "groups", "eps") else "left",
-                         overflow="fold", no_wrap=head not in ("conv", "bn", "evidence"))
+    from bnstat.render.fit import Column
+
+    pairs = result.pairs
+    checked = result.checked or any(p.check_rel is not None for p in pairs)
+    grouped = any(p.reading.groups != 1 for p in pairs)
+    columns = [Column("conv", [p.conv.display for p in pairs], kind="text", key=True, justify="left"),
+               Column("bn", [p.bn.display for p in pairs], kind="text", key=True, justify="left"),
+               Column("kind", [p.reading.label for p in pairs], kind="text", justify="left"),
+               Column("layout", [p.reading.layout for p in pairs], kind="text", justify="left"),
+               Column("channels", [p.reading.channels for p in pairs], kind="int")]
+    if grouped:
+        columns.append(Column("groups", [p.reading.groups for p in pairs], kind="int"))
+    columns += [Column("eps", [f"{p.eps:g}" for p in pairs], kind="text"),
+                Column("by", [p.by for p in pairs], kind="text", justify="left"),
+                Column("evidence", [_evidence(p) for p in pairs], kind="text", wrap=True,
+                       justify="left")]
     if checked:
-        table.add_column("max abs err", justify="right")
-        table.add_column("max rel err", justify="right")
-        table.add_column("check", justify="left")
-    table.add_column("note", overflow="fold")
-    for p in result.pairs:
-        row = [p.conv.display, p.bn.display, p.reading.label, p.reading.layout,
-               str(p.reading.channels)] + ([str(p.reading.groups)] if grouped else []) + [
-               f"{p.eps:g}", p.by, _evidence(p)]
-        if checked:
-            status = Text("ok", style="green") if p.ok else Text(
-                f"FAIL > {p.tolerance:.1e}", style="bold red")
+        def status(p):
             if p.check_rel is None:
-                status = Text("-")
-            row += [_err(p.check_abs), _err(p.check_rel), status]
-        row.append(p.note)
-        table.add_row(*row)
-    return table
+                return Text("-")
+            return Text("ok", style="green") if p.ok else Text(f"FAIL > {p.tolerance:.1e}", style="bold red")
+
+        columns += [Column("max abs err", [_err(p.check_abs) for p in pairs], kind="text"),
+                    Column("max rel err", [_err(p.check_rel) for p in pairs], kind="text"),
+                    Column("check", [status(p) for p in pairs], kind="text", justify="left")]
+    columns.append(Column("note", [p.note for p in pairs], kind="text", wrap=True, justify="left"))
+    return columns
 
 
-def unpaired_table(result: FoldResult):
-    from rich.table import Table
+def unpaired_columns(result: FoldResult) -> list:
+    from bnstat.render.fit import Column
 
-    table = Table(title=f"{len(result.unpaired)} BatchNorm layer(s) left unfolded",
-                  title_justify="left", show_edge=False, pad_edge=False)
-    for head in ("bn", "channels", "why", "candidates"):
-        table.add_column(head, justify="right" if head == "channels" else "left", overflow="fold")
-    for u in result.unpaired:
-        table.add_row(u.bn.display, str(u.bn.channels), u.reason, ", ".join(u.candidates) or "-")
-    return table
+    un = result.unpaired
+    return [Column("bn", [u.bn.display for u in un], kind="text", key=True, justify="left"),
+            Column("channels", [u.bn.channels for u in un], kind="int"),
+            Column("why", [u.reason for u in un], kind="text", wrap=True, justify="left"),
+            Column("candidates", [", ".join(u.candidates) or "-" for u in un], kind="text",
+                   wrap=True, justify="left")]
 
 
 def print_plan(result: FoldResult, *, file=None) -> None:
@@ -106,17 +102,25 @@ def print_plan(result: FoldResult, *, file=None) -> None:
 
 
 def _print_plan(result: FoldResult, console) -> None:
+    from rich.markup import escape
+
+    from bnstat.render.fit import draw_table
+
     if result.checked:
         console.print(f"--check verifies {CHECK_SCOPE}")
     if result.pairs:
-        console.print(plan_table(result))
+        console.print(f"{result.source}: {CONVENTION_LABEL[result.convention]} naming, "
+                      f"{len(result.pairs)} BatchNorm layer(s) to fold, --bn {result.bn_mode}")
+        draw_table(console, plan_columns(result),
+                   escape(f"{_eps_line(result)}; pairing order: {result.order_source}"))
     else:
         what = "could be paired" if result.unpaired else "found"
         console.print(f"{result.source}: {CONVENTION_LABEL[result.convention]} naming; no BatchNorm "
                       f"layer to fold {what}")
     if result.unpaired:
         console.print()
-        console.print(unpaired_table(result))
+        console.print(f"{len(result.unpaired)} BatchNorm layer(s) left unfolded")
+        draw_table(console, unpaired_columns(result))
     lines = []
     if result.output:
         what = f"{len(result.pairs)} BN folded"

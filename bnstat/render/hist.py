@@ -8,8 +8,9 @@ import numpy as np
 
 from bnstat._version import __version__
 from bnstat.histogram import Histogram, fmt_range
-from bnstat.render.records import _floats, _ints, dumps, stats_record
-from bnstat.render.tables import flags, fmt_num, not_shown, select_rows, unit_label
+from bnstat.render.records import _floats, _ints, coordinate_heads, coordinates, dumps, stats_record
+from bnstat.render.fit import Column
+from bnstat.render.tables import flags, not_shown, select_rows, unit_column
 
 BLOCKS = " ▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 32
@@ -60,79 +61,76 @@ def to_json(hists: dict[str, Histogram]) -> str:
 
 
 def write_csv(hists: dict[str, Histogram], fh) -> None:
-    """One row per unit: the moments, zero fraction, under/overflow, quantiles, amax (no counts)."""
+    """One row per unit: the moments, zero fraction, under/overflow, quantiles, amax (no counts),
+    then the unit's coordinates as in ``records.write_csv``."""
     writer = csv.writer(fh, lineterminator="\n")
     first = next(iter(hists.values()))
     qcols = [f"q{q!r}" for q in first.quantile_q]
     acols = [f"amax_{m}" for m in first.amax_values]
+    heads = coordinate_heads(h.stats for h in hists.values())
     writer.writerow(["name", "unit", "count", "mean", "std", "min", "max", "nan_count", "inf_count",
-                     "zero_fraction", "underflow", "overflow"] + qcols + acols)
+                     "zero_fraction", "underflow", "overflow"] + qcols + acols + heads)
     for h in hists.values():
         cols = {k: np.asarray(v).ravel() for k, v in h.stats.columns().items()}
         zf = h.zero_fraction.ravel()
         qv = None if h.quantile_values is None else h.quantile_values.reshape(zf.size, -1)
-        for i in range(zf.size):
+        for i, at in enumerate(coordinates(h.stats, heads)):
             row = [h.name, i, int(cols["count"][i])]
             row += [repr(float(cols[k][i])) for k in ("mean", "std", "min", "max")]
             row += [int(cols["nan_count"][i]), int(cols["inf_count"][i]), repr(float(zf[i])),
                     int(h.underflow.ravel()[i]), int(h.overflow.ravel()[i])]
             row += [repr(float(v)) for v in (qv[i] if qv is not None and len(qcols) == qv.shape[1] else [])]
             row += [repr(float(h.amax_values[m].ravel()[i])) for m in first.amax_values if m in h.amax_values]
-            writer.writerow(row)
+            writer.writerow(row + at)
 
 
 def _summary_q(h: Histogram) -> list[float]:
     return list(h.quantile_q) if h.quantile_values is not None else []
 
 
+def _percent(v, digits) -> str:
+    return f"{100 * v:.{min(digits, 3)}g}" if np.isfinite(v) else "-"
+
+
 def hist_table(h: Histogram, sort="unit", top=None, show_all=False):
-    from rich.table import Table
-    from rich.text import Text
+    """``(title, columns, caption)`` of the histogram table of one array."""
+    from rich.markup import escape
 
     s = h.stats
     f = hist_flags(h)
     rows, hidden = select_rows(s, f, sort, top, show_all)
-    title = (f"[bold]{s.name}[/bold]  {tuple(s.shape)} {s.dtype} · layout {s.layout} · reduce {s.reduce} · "
+    title = (f"[bold]{escape(s.name)}[/bold]  {tuple(s.shape)} {s.dtype} · layout {s.layout} · reduce {s.reduce} · "
              f"{h.bins} bins, range {fmt_range(h.range)}" + (" · per tensor" if h.per_tensor else ""))
     dead = int(h.dead.sum())
     caption = (f"{int(np.prod(h.unit_shape)):,} units · {dead} dead (all zero) · "
                f"{int((np.asarray(s.inf_count) > 0).sum())} with inf · {int((np.asarray(s.nan_count) > 0).sum())} with NaN")
     if hidden:
         caption += f"\n{not_shown(hidden)} (--all shows every unit; --sort/--top choose)"
-    table = Table(caption=caption, caption_justify="left", show_edge=False, pad_edge=False)
-    table.add_column("/".join(a.lower() for a in s.unit_axes), justify="right", style="cyan")
-    for head in ("count", "min", "max"):
-        table.add_column(head, justify="right")
-    qs = _summary_q(h)
-    for q in qs:
-        table.add_column(f"q{q:g}", justify="right")
-    for m in h.amax_values:
-        table.add_column(f"amax {m}", justify="right")
-    table.add_column("zero %", justify="right")
-    table.add_column(f"counts ({fmt_range(h.range)})", no_wrap=True)
-    table.add_column("flags", style="yellow")
     cols = {k: np.asarray(v).ravel() for k, v in s.columns().items()}
     counts = h.counts.reshape(-1, h.bins)
-    qv = None if not qs else h.quantile_values.reshape(counts.shape[0], -1)
-    zf = h.zero_fraction.ravel()
-    for i in rows:
-        cells = [unit_label(s, int(i)), fmt_num(int(cols["count"][i])), fmt_num(float(cols["min"][i])),
-                 fmt_num(float(cols["max"][i]))]
-        cells += [fmt_num(float(v)) for v in (qv[i] if qv is not None else [])]
-        cells += [fmt_num(float(v.ravel()[i])) for v in h.amax_values.values()]
-        cells += [f"{100 * zf[i]:.3g}" if np.isfinite(zf[i]) else "-", sparkline(counts[i]), Text(f[i])]
-        table.add_row(*cells)
-    return title, table
+    columns = [unit_column(s, rows), Column("count", cols["count"][rows], kind="int")]
+    columns += [Column(k, cols[k][rows]) for k in ("min", "max")]
+    if h.quantile_values is not None:
+        qv = h.quantile_values.reshape(counts.shape[0], -1)
+        columns += [Column(f"q{q:g}", qv[rows, k]) for k, q in enumerate(_summary_q(h))]
+    columns += [Column(f"amax {m}", v.ravel()[rows]) for m, v in h.amax_values.items()]
+    columns.append(Column("zero %", h.zero_fraction.ravel()[rows], fmt=_percent))
+    columns.append(Column(f"counts ({fmt_range(h.range)})", [sparkline(counts[i]) for i in rows],
+                          kind="text", justify="left"))
+    columns.append(Column("flags", list(f[rows]), kind="text", style="yellow", justify="left"))
+    return title, columns, caption
 
 
-def print_tables(hists: dict[str, Histogram], *, file=None, sort="unit", top=None, show_all=False) -> None:
+def print_tables(hists: dict[str, Histogram], *, file=None, sort="unit", top=None, show_all=False,
+                 summary=False) -> None:
     from bnstat.render.tables import print_tables as print_each
 
-    print_each(hists, file=file, sort=sort, top=top, show_all=show_all, table_of=hist_table)
+    print_each(hists, file=file, sort=sort, top=top, show_all=show_all, summary=summary,
+               table_of=hist_table, flags_of=lambda h: (h.stats, hist_flags(h)))
 
 
 def emit(hists: dict[str, Histogram], fmt: str, output: str | None, *, force=False, inputs=(),
-         sort="unit", top=None, show_all=False) -> None:
+         sort="unit", top=None, show_all=False, summary=False) -> None:
     """Render ``hists`` in ``fmt`` (table, json, csv, npz) to ``output`` (None/'-': stdout), atomically."""
     import io
     import sys
@@ -157,4 +155,4 @@ def emit(hists: dict[str, Histogram], fmt: str, output: str | None, *, force=Fal
         elif fmt == "csv":
             write_csv(hists, fh)
         else:
-            print_tables(hists, file=fh, sort=sort, top=top, show_all=show_all)
+            print_tables(hists, file=fh, sort=sort, top=top, show_all=show_all, summary=summary)

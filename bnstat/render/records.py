@@ -61,17 +61,33 @@ def to_json(stats: dict[str, Stats]) -> str:
 CSV_COLUMNS = ["name", "unit", "count", "mean", "var", "std", "min", "max", "nan_count", "inf_count"]
 
 
+def coordinate_heads(stats) -> list[str]:
+    """The CSV's coordinate columns: every array's unit axes, lower case, in order of appearance
+    (``c``; ``n``, ``c`` for instance norm; ``n``, ``g`` for group norm)."""
+    return list(dict.fromkeys(a.lower() for s in stats for a in s.unit_axes))
+
+
+def coordinates(s: Stats, heads: list[str]) -> list[list]:
+    """Per unit in C order (the flat ``unit`` index), its index along each of ``heads``; empty
+    where the array has no such axis."""
+    n = int(np.prod(s.unit_shape))
+    along = dict(zip((a.lower() for a in s.unit_axes), np.unravel_index(np.arange(n), s.unit_shape)))
+    return [[int(along[h][i]) if h in along else "" for h in heads] for i in range(n)]
+
+
 def write_csv(stats: dict[str, Stats], fh) -> None:
-    """One header line, one row per unit in C order (``unit`` is the flat index)."""
+    """One header line, one row per unit in C order: ``unit`` is the flat index, the last
+    columns the unit's coordinates (README "Output formats")."""
     higher = any(s.higher for s in stats.values())
+    heads = coordinate_heads(stats.values())
     writer = csv.writer(fh, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS + (["skew", "kurtosis"] if higher else []))
+    writer.writerow(CSV_COLUMNS + (["skew", "kurtosis"] if higher else []) + heads)
     for s in stats.values():
         cols = {k: np.asarray(v).ravel() for k, v in s.columns().items()}
-        for i in range(int(np.prod(s.unit_shape))):
+        for i, at in enumerate(coordinates(s, heads)):
             row = [s.name, i, int(cols["count"][i])]
             row += [repr(float(cols[k][i])) for k in ("mean", "var", "std", "min", "max")]
             row += [int(cols["nan_count"][i]), int(cols["inf_count"][i])]
             if higher:
                 row += [repr(float(cols[k][i])) if k in cols else "" for k in ("skew", "kurtosis")]
-            writer.writerow(row)
+            writer.writerow(row + at)

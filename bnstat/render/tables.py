@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 
 import numpy as np
 
 from bnstat.render.console import emit_rich
+from bnstat.render.fit import Column, draw_table, fmt_num
 from bnstat.stats import Stats
 
 SMALL_TABLE = 32  # arrays with at most this many units show every unit
 DEFAULT_TOP = 20
 DESCENDING = {"mean", "var", "std", "max", "nan", "absmean"}
-
-
-def fmt_num(v: float) -> str:
-    if isinstance(v, float | np.floating):
-        if math.isnan(v):
-            return "NaN"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return f"{v:.6g}"
-    return f"{v:,}"
 
 
 def not_shown(hidden: int, noun: str = "unit") -> str:
@@ -92,35 +82,54 @@ def select_rows(s: Stats, unit_flags: np.ndarray, sort: str = "unit", top: int |
     return np.array(chosen, dtype=int), n - len(chosen)
 
 
+FLAG_LABELS = {"const": "zero variance", "nan": "with NaN", "inf": "with inf", "mean": "extreme mean",
+               "empty": "empty", "dead": "dead (all zero)"}
+
+
+def flag_counts(f: np.ndarray) -> str:
+    """How many units carry each flag: "1 zero variance, 2 with NaN", or "none"."""
+    counts = {k: sum(1 for x in f if k in x.split(",")) for k in FLAG_LABELS}
+    return ", ".join(f"{c} {FLAG_LABELS[k]}" for k, c in counts.items() if c) or "none"
+
+
+def value_range(values) -> str | None:
+    """"lo .. hi" of the values that are not NaN, or None when every one is NaN or inf."""
+    v = np.asarray(values, float).ravel()
+    if not np.isfinite(v).any():
+        return None
+    v = v[~np.isnan(v)]
+    return f"{fmt_num(float(v.min()))} .. {fmt_num(float(v.max()))}"
+
+
 def summary_line(s: Stats, f: np.ndarray) -> str:
+    """The caption of a table: units, values, mean and std ranges, min and max, flags."""
     cols = s.columns()
-    mean = np.asarray(cols["mean"], float)
-    std = np.asarray(cols["std"], float)
     n = int(np.prod(s.unit_shape))
     parts = [f"{n:,} units of {int(np.asarray(s.count).max(initial=0)):,} values"]
+    for name in ("mean", "std"):
+        if (r := value_range(cols[name])) is not None:
+            parts.append(f"{name} {r}")
     # np.nanmin/nanmax of an all-NaN column (every unit empty) warn "All-NaN slice": a
     # RuntimeWarning that reached the user as a bnstat warning (an error under -W error)
     with np.errstate(all="ignore"), warnings.catch_warnings(), contextlib.suppress(ValueError):
         warnings.simplefilter("ignore", RuntimeWarning)
-        if np.isfinite(mean).any():
-            parts.append(f"mean {fmt_num(float(np.nanmin(mean)))} .. {fmt_num(float(np.nanmax(mean)))}")
-        if np.isfinite(std).any():
-            parts.append(f"std {fmt_num(float(np.nanmin(std)))} .. {fmt_num(float(np.nanmax(std)))}")
         parts.append(f"min {fmt_num(float(np.nanmin(cols['min'])))}, max {fmt_num(float(np.nanmax(cols['max'])))}")
-    counts = {name: sum(1 for x in f if name in x.split(",")) for name in ("const", "nan", "inf", "mean", "empty")}
-    labels = {"const": "zero variance", "nan": "with NaN", "inf": "with inf", "mean": "extreme mean",
-              "empty": "empty"}
-    flagged = [f"{c} {labels[k]}" for k, c in counts.items() if c]
-    parts.append("flags: " + (", ".join(flagged) if flagged else "none"))
+    parts.append("flags: " + flag_counts(f))
     return " · ".join(parts)
 
 
+def unit_column(s: Stats, rows) -> Column:
+    """The key column of a table: the unit labels (``n0 c3``) under the unit axes' letters."""
+    head = "/".join(a.lower() for a in s.unit_axes)
+    return Column(head, [unit_label(s, int(i)) for i in rows], kind="text", key=True, style="cyan")
+
+
 def stats_table(s: Stats, sort: str = "unit", top: int | None = None, show_all: bool = False):
-    from rich.table import Table
-    from rich.text import Text
+    """``(title, columns, caption)`` of the table of one array."""
+    from rich.markup import escape
 
     layout = s.layout + (" (assumed, PyTorch default)" if s.assumed_layout else "")
-    title = (f"[bold]{s.name}[/bold]  {tuple(s.shape)} {s.dtype} · layout {layout} · reduce "
+    title = (f"[bold]{escape(s.name)}[/bold]  {tuple(s.shape)} {s.dtype} · layout {layout} · reduce "
              f"{s.reduce} · {s.elements:,} elements")
     f = flags(s)
     rows, hidden = select_rows(s, f, sort, top, show_all)
@@ -128,55 +137,83 @@ def stats_table(s: Stats, sort: str = "unit", top: int | None = None, show_all: 
     if hidden:
         caption += (f"\n{not_shown(hidden)} (--all shows every unit; --sort var|mean|... "
                     "--top N choose)")
-    table = Table(caption=caption, caption_justify="left", show_edge=False, pad_edge=False)
-    unit_head = "/".join(a.lower() for a in s.unit_axes) if len(s.unit_axes) > 1 else s.unit_axes[0].lower()
-    table.add_column(unit_head, justify="right", style="cyan")
     names = ["count", "mean", "std", "var", "min", "max", "nan_count"]
     if s.higher:
         names += ["skew", "kurtosis"]
     heads = {"nan_count": "NaN"}
-    for name in names:
-        table.add_column(heads.get(name, name), justify="right")
-    table.add_column("flags", style="yellow")
     cols = {k: np.asarray(v).ravel() for k, v in s.columns().items()}
-    for i in rows:
-        cells = [unit_label(s, int(i))]
-        for name in names:
-            v = cols[name][i]
-            cells.append(fmt_num(int(v)) if name in ("count", "nan_count") else fmt_num(float(v)))
-        cells.append(Text(f[i]))
-        table.add_row(*cells)
-    return title, table
+    columns = [unit_column(s, rows)]
+    columns += [Column(heads.get(k, k), cols[k][rows], kind="int" if k in ("count", "nan_count") else "float")
+                for k in names]
+    columns.append(Column("flags", list(f[rows]), kind="text", style="yellow", justify="left"))
+    return title, columns, caption
 
 
-def print_tables(stats: dict[str, Stats], *, file=None, sort="unit", top=None, show_all=False,
-                 table_of=None) -> None:
-    """One table per array (``table_of(item, sort, top, show_all) -> (title, table)``,
-    ``stats_table`` by default; histograms pass theirs)."""
+def print_tables(stats: dict, *, file=None, sort="unit", top=None, show_all=False, summary=False,
+                 table_of=None, flags_of=None) -> None:
+    """One table per array (``table_of(item, sort, top, show_all) -> (title, columns, caption)``,
+    ``stats_table`` by default; histograms pass theirs), or with ``summary`` one line per
+    array (``flags_of(item) -> (Stats, flags)``)."""
+    if summary:
+        print_summary(stats, file=file, flags_of=flags_of)
+        return
+    from rich.markup import escape
+
     table_of = table_of or stats_table
 
     def draw(console):
         for i, s in enumerate(stats.values()):
             if i:
                 console.print()
-            title, table = table_of(s, sort, top, show_all)
+            title, columns, caption = table_of(s, sort, top, show_all)
             console.print(title)
-            console.print(table)
+            draw_table(console, columns, escape(caption))
 
     emit_rich(draw, file=file)
 
 
-def print_info(rows: list[dict], *, file=None) -> None:
-    from rich.table import Table
+SUMMARY_HEADS = ("array", "shape", "layout", "reduce", "units", "mean", "std", "flags")
 
-    table = Table(show_edge=False, pad_edge=False)
-    for head in ("file", "array", "shape", "dtype", "order", "chunks", "compression", "size"):
-        table.add_column(head, justify="right" if head == "size" else "left")
-    for r in rows:
-        table.add_row(r["path"], r["name"], "x".join(map(str, r["shape"])) or "()", r["dtype"],
-                      r.get("order", "C"), "x".join(map(str, r["chunks"])) if r.get("chunks") else "-",
-                      r.get("compression") or "-", human_size(r["nbytes"]))
-    emit_rich(lambda console: console.print(table), file=file)
+
+def summary_row(s: Stats, f: np.ndarray) -> list[str]:
+    """One array in a line (README, `bnstat moments`: --summary)."""
+    cols = s.columns()
+    return [s.name, "x".join(map(str, s.shape)) or "()", s.layout, s.reduce,
+            f"{int(np.prod(s.unit_shape)):,}", value_range(cols["mean"]) or "-",
+            value_range(cols["std"]) or "-", flag_counts(f)]
+
+
+def print_summary(items: dict, *, file=None, flags_of=None) -> None:
+    """A header and one line per array, its columns aligned; plain text, never wrapped, so
+    N arrays are N + 1 lines."""
+    import sys
+
+    flags_of = flags_of or (lambda s: (s, flags(s)))
+    rows = [list(SUMMARY_HEADS)] + [summary_row(*flags_of(item)) for item in items.values()]
+    widths = [max(len(r[k]) for r in rows) for k in range(len(SUMMARY_HEADS))]
+    right = {SUMMARY_HEADS.index("units")}
+    lines = ["  ".join(c.rjust(w) if k in right else c.ljust(w) for k, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    target = file if file is not None else sys.stdout
+    target.write("".join(line.rstrip() + "\n" for line in lines))
+    target.flush()
+
+
+INFO_HEADS = ("file", "array", "shape", "dtype", "order", "chunks", "compression", "size")
+
+
+def print_info(rows: list[dict], *, file=None) -> None:
+    """The arrays of the files, one row each, fitted to the width as the statistics tables
+    (file and array lead every piece of a wrapped table)."""
+    cells = {"file": [r["path"] for r in rows], "array": [r["name"] for r in rows],
+             "shape": ["x".join(map(str, r["shape"])) or "()" for r in rows],
+             "dtype": [r["dtype"] for r in rows], "order": [r.get("order", "C") for r in rows],
+             "chunks": ["x".join(map(str, r["chunks"])) if r.get("chunks") else "-" for r in rows],
+             "compression": [r.get("compression") or "-" for r in rows],
+             "size": [human_size(r["nbytes"]) for r in rows]}
+    columns = [Column(h, cells[h], kind="text", key=h in ("file", "array"),
+                      justify="right" if h == "size" else "left") for h in INFO_HEADS]
+    emit_rich(lambda console: draw_table(console, columns), file=file)
 
 
 def print_lines(lines: list[str], *, file=None) -> None:

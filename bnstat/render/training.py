@@ -15,7 +15,8 @@ import numpy as np
 from bnstat._version import __version__
 from bnstat.render import emit_rich
 from bnstat.render.records import dumps
-from bnstat.render.tables import fmt_num, not_shown
+from bnstat.render.fit import Column, draw_table, fmt_num
+from bnstat.render.tables import not_shown
 
 SMALL_TABLE = 32
 DEFAULT_TOP = 20
@@ -146,14 +147,14 @@ def save_with_extra(stats: dict, extra: dict, key: str, fh) -> None:
 
 
 def running_tables(results: dict, *, file=None, top=None, show_all=False) -> None:
-    from rich.table import Table
+    from rich.markup import escape
 
     def draw(console):
         for n, r in enumerate(results.values()):
             if n:
                 console.print()
             mom = "cumulative (momentum=None)" if r.momentum is None else f"momentum {r.momentum:g}"
-            console.print(f"[bold]{r.name}[/bold]  {tuple(r.stats.shape)} {r.stats.dtype} · layout "
+            console.print(f"[bold]{escape(r.name)}[/bold]  {tuple(r.stats.shape)} {r.stats.dtype} · layout "
                           f"{r.stats.layout} · {r.framework} {mom} · batches of {r.batch_size}: "
                           f"{r.batches} per epoch x {r.epochs} epoch(s)"
                           f"{' (last dropped)' if r.drop_last else ''} · start {r.initial}")
@@ -164,13 +165,11 @@ def running_tables(results: dict, *, file=None, top=None, show_all=False) -> Non
             caption += f" · num_batches_tracked {r.num_batches_tracked}"
             if hidden:
                 caption += f"\n{not_shown(hidden, 'channel')} (--all shows every one; --top N)"
-            t = Table(caption=caption, caption_justify="left", show_edge=False, pad_edge=False)
-            for head in ("c", "running_mean", "mean", "mean gap", "running_var", "var", "var ratio"):
-                t.add_column(head, justify="right", style="cyan" if head == "c" else None)
-            for i in rows:
-                t.add_row(str(int(i)), *(fmt_num(float(v[i])) for v in
-                                         (r.running_mean, r.mean, gap, r.running_var, r.var, ratio)))
-            console.print(t)
+            columns = [Column("c", [str(int(i)) for i in rows], kind="text", key=True, style="cyan")]
+            columns += [Column(head, np.asarray(v).ravel()[rows]) for head, v in
+                        (("running_mean", r.running_mean), ("mean", r.mean), ("mean gap", gap),
+                         ("running_var", r.running_var), ("var", r.var), ("var ratio", ratio))]
+            draw_table(console, columns, caption)
 
     emit_rich(draw, file=file)
 
@@ -197,8 +196,6 @@ def recal_json(result) -> str:
 
 
 def recal_table(result, *, file=None) -> None:
-    from rich.table import Table
-
     what = ("population statistics" if result.estimator == "population"
             else "batch-mean (torch.optim.swa_utils.update_bn)")
     title = (f"{result.model}: {len(result.changed)} BatchNorm layer(s) recalibrated with the "
@@ -206,32 +203,36 @@ def recal_table(result, *, file=None) -> None:
     note = ("running_var in each model's convention (PyTorch m2/(count-1), Keras m2/count); "
             "num_batches_tracked left as is"
             + (f"; written to {result.output}" if result.output else "; nothing written"))
-    t = Table(show_edge=False, pad_edge=False)
-    for head in ("bn", "convention", "activations", "channels", "values/channel",
-                 "largest mean change: old -> new", "largest var change: old -> new"):
-        t.add_column(head, justify="right" if head in ("channels", "values/channel") else "left",
-                     overflow="fold")
-    for c in result.changes:
-        if c.source is None:
-            t.add_row(c.layer.name, c.layer.convention, "none: kept", str(c.old_mean.size), "-", "-", "-")
-            continue
-        shift, ratio = c.mean_shift, c.var_ratio
-        with np.errstate(invalid="ignore", divide="ignore"):
-            lr = np.abs(np.log(ratio))
-        i = int(np.nanargmax(np.abs(shift))) if not np.isnan(shift).all() else 0
-        j = int(np.nanargmax(lr)) if not np.isnan(lr).all() else 0
-        t.add_row(c.layer.name, c.layer.convention, c.source, str(c.old_mean.size), fmt_num(c.count),
-                  f"c {i}: {fmt_num(float(c.old_mean[i]))} -> {fmt_num(float(c.new_mean[i]))} "
-                  f"({fmt_num(float(shift[i]))} old std)",
-                  f"c {j}: {fmt_num(float(c.old_var[j]))} -> {fmt_num(float(c.new_var[j]))} "
-                  f"(x {fmt_num(float(ratio[j]))})")
+    rows = [_recal_row(c) for c in result.changes]
+    heads = ("bn", "convention", "activations", "channels", "values/channel",
+             "largest mean change: old -> new", "largest var change: old -> new")
+    columns = [Column(h, [r[k] for r in rows], kind="text", key=h == "bn", wrap=k >= 5,
+                      justify="right" if h in ("channels", "values/channel") else "left")
+               for k, h in enumerate(heads)]
 
     def draw(console):
         console.print(title, soft_wrap=True)
-        console.print(t)
+        draw_table(console, columns)
         console.print(note, soft_wrap=True)
 
     emit_rich(draw, file=file)
+
+
+def _recal_row(c) -> list[str]:
+    """One BN of the recalibrate table: the largest mean shift and variance ratio with the
+    channel where each is."""
+    if c.source is None:
+        return [c.layer.name, c.layer.convention, "none: kept", str(c.old_mean.size), "-", "-", "-"]
+    shift, ratio = c.mean_shift, c.var_ratio
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lr = np.abs(np.log(ratio))
+    i = int(np.nanargmax(np.abs(shift))) if not np.isnan(shift).all() else 0
+    j = int(np.nanargmax(lr)) if not np.isnan(lr).all() else 0
+    return [c.layer.name, c.layer.convention, c.source, str(c.old_mean.size), fmt_num(c.count),
+            f"c {i}: {fmt_num(float(c.old_mean[i]))} -> {fmt_num(float(c.new_mean[i]))} "
+            f"({fmt_num(float(shift[i]))} old std)",
+            f"c {j}: {fmt_num(float(c.old_var[j]))} -> {fmt_num(float(c.new_var[j]))} "
+            f"(x {fmt_num(float(ratio[j]))})"]
 
 
 # ---- diff -------------------------------------------------------------------------
@@ -290,7 +291,7 @@ def diff_summary(d) -> str:
 
 
 def diff_tables(result, *, file=None, sort="unit", top=None, show_all=False) -> None:
-    from rich.table import Table
+    from rich.markup import escape
 
     def draw(console):
         console.print(f"A: {result.a.path} ({result.a.kind}) · B: {result.b.path} ({result.b.kind})")
@@ -310,17 +311,15 @@ def diff_tables(result, *, file=None, sort="unit", top=None, show_all=False) -> 
             caption = diff_summary(d)
             if hidden:
                 caption += f"\n{not_shown(hidden)} (--all shows every one; --sort, --top N)"
-            t = Table(title=f"[bold]{d.name}[/bold]", title_justify="left", caption=caption,
-                      caption_justify="left", show_edge=False, pad_edge=False)
-            for head in ("unit", "mean A", "mean B", "std A", "std B", "shift", "log var ratio", "KL",
-                         "changed"):
-                t.add_column(head, justify="left" if head == "changed" else "right",
-                             style="cyan" if head == "unit" else None)
+            console.print(f"[bold]{escape(d.name)}[/bold]")
             changes = d.changes()
-            cols = (d.mean_a, d.mean_b, np.sqrt(d.var_a), np.sqrt(d.var_b), m["shift"], m["logvar"], m["kl"])
-            for i in rows:
-                t.add_row(str(int(i)), *(fmt_num(float(c[i])) for c in cols), changes[i])
-            console.print(t)
+            columns = [Column("unit", [str(int(i)) for i in rows], kind="text", key=True, style="cyan")]
+            columns += [Column(head, np.asarray(v).ravel()[rows]) for head, v in
+                        (("mean A", d.mean_a), ("mean B", d.mean_b), ("std A", np.sqrt(d.var_a)),
+                         ("std B", np.sqrt(d.var_b)), ("shift", m["shift"]),
+                         ("log var ratio", m["logvar"]), ("KL", m["kl"]))]
+            columns.append(Column("changed", [changes[i] for i in rows], kind="text", justify="left"))
+            draw_table(console, columns, escape(caption))
         for n, metric, limit, units, worst in result.exceeded():
             console.print(f"{n}: {units} unit(s) over --fail-over {metric}={limit:g} (worst {fmt_num(worst)})")
 

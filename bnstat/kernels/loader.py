@@ -1,0 +1,223 @@
+"""The kernels loaded in a thread of their own, and compiled apart the first time.
+
+Loading a cached kernel costs numba's import and its target (about 0.4 s);
+compiling one costs several seconds (bench/README.md, "The first run"). A
+run that finds its kernel in numba's cache waits for the load, so that every
+run of a cached install computes every chunk with the same kernel and its
+results are the same from run to run. A run that does not find it never waits
+for the compiler: the kernel is compiled by a detached ``python -m
+bnstat.kernels.loader`` process, which fills numba's cache even when this run
+ends first; meanwhile the chunks are computed by the numpy engine, and the
+run switches to the kernel as soon as the compiler is done and the kernel is
+loaded. The merges are exact, so the result is that of either engine up to
+float64 rounding (README, "The first run").
+
+``Spec`` names one compiled variant: the kernel and the dtype and
+writability of its input (the two things numba's signature of these kernels
+depends on). Nothing here imports numba at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+# kernel name -> (module, attribute) of its entry point
+KERNELS = {
+    "moments4_rows": ("bnstat.kernels.moments", "moments4_rows"),
+    "moments4_units": ("bnstat.kernels.moments", "moments4_units"),
+    "moments4_higher": ("bnstat.kernels.moments", "moments4_higher"),
+    "normalize4": ("bnstat.kernels.normalize", "normalize4"),
+}
+
+
+def moments_kernel(x: np.ndarray, higher: bool = False) -> str:
+    """The name of the moments kernel that takes the (P, A, U, B) view ``x``."""
+    if higher:
+        return "moments4_higher"
+    return "moments4_rows" if x.shape[3] == 1 else "moments4_units"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One compiled variant of a kernel: its name, input dtype and writability, output dtype."""
+
+    kernel: str
+    dtype: str
+    readonly: bool = False
+    out: str = ""  # normalize4's output dtype
+
+    @classmethod
+    def of(cls, kernel: str, x: np.ndarray, out: np.ndarray | None = None) -> Spec:
+        return cls(kernel, x.dtype.name, not x.flags.writeable, "" if out is None else out.dtype.name)
+
+    def text(self) -> str:
+        return ":".join((self.kernel, self.dtype, "ro" if self.readonly else "rw", self.out))
+
+    @classmethod
+    def parse(cls, text: str) -> Spec:
+        kernel, dtype, mode, out = text.split(":")
+        if kernel not in KERNELS:
+            raise ValueError(f"{kernel}: no such kernel")
+        return cls(kernel, np.dtype(dtype).name, mode == "ro", out and np.dtype(out).name)
+
+    def entry(self):
+        """The kernel's entry point (imports numba and the kernel's module)."""
+        import importlib
+
+        module, name = KERNELS[self.kernel]
+        return getattr(importlib.import_module(module), name)
+
+    def args(self) -> tuple:
+        """Arguments of one-element arrays with this variant's types (numba's signature)."""
+        x = np.zeros((1, 1, 1, 1), self.dtype)
+        x.setflags(write=not self.readonly)
+        if self.kernel == "normalize4":
+            params = [np.zeros((1, 1)) for _ in range(3)]
+            return (x, *params, np.zeros((1, 1, 1, 1), self.out or "float64"))
+        n = 2 if self.kernel == "moments4_higher" else 0
+        if self.kernel == "moments4_units":  # the kernel of B > 1 (the type is all that counts)
+            x = np.zeros((1, 1, 1, 2), self.dtype)
+            x.setflags(write=not self.readonly)
+        acc = [np.zeros((1, 1, 1)) for _ in range(2 + n)]
+        mn, mx = np.zeros((1, 1, 1)), np.zeros((1, 1, 1))
+        return (x, 1, 1, np.zeros((1, 1, 1), np.int64), *acc, mn, mx, np.zeros((1, 1, 1), np.int64))
+
+
+def in_cache(call, args: tuple) -> bool:
+    """Whether numba's cache holds ``call``'s kernel for ``args`` (False when it cannot tell)."""
+    try:
+        from numba.core.registry import cpu_target
+
+        dispatcher = call.kernel
+        sig = tuple(dispatcher.typeof_pyval(a) for a in args)
+        cache = dispatcher._cache
+        key = cache._index_key(sig, cpu_target.target_context.codegen())
+        return key in cache._cache_file._load_index()
+    except Exception:  # numba's cache internals moved, or caching is off: compile
+        return False
+
+
+def compile_apart(spec: Spec) -> subprocess.Popen:
+    """Start the detached process that compiles ``spec`` into numba's cache."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH", "")) if p))
+    return subprocess.Popen([sys.executable, "-m", "bnstat.kernels.loader", spec.text()],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+                            close_fds=True)
+
+
+class Job:
+    """The load of one ``Spec`` in a daemon thread: ``known`` once it is known whether the
+    kernel is cached, ``done`` once it is loaded (or failed: ``error``)."""
+
+    def __init__(self, spec: Spec, detach: bool = True):
+        self.spec = spec
+        self.detach = detach
+        self.known = threading.Event()
+        self.done = threading.Event()
+        self.cached: bool | None = None
+        self.error: BaseException | None = None
+        self.started = time.perf_counter()
+        threading.Thread(target=self._run, name=f"bnstat-load-{spec.kernel}", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            call = self.spec.entry()
+            args = self.spec.args()
+            self.cached = in_cache(call, args)
+            self.known.set()
+            if not self.cached and self.detach:
+                compile_apart(self.spec).wait()
+            call(*args)  # numba's target, then the kernel from the cache (or compiled here)
+        except BaseException as exc:  # re-raised by the thread that asks for the kernel
+            self.error = exc
+        finally:
+            self.known.set()
+            self.done.set()
+
+
+_jobs: dict[Spec, Job] = {}
+_lock = threading.Lock()
+
+
+def job(spec: Spec) -> Job:
+    """The (started) load of ``spec``, one per process."""
+    with _lock:
+        if spec not in _jobs:
+            _jobs[spec] = Job(spec)
+        return _jobs[spec]
+
+
+def _wait(event: threading.Event) -> None:
+    from bnstat.errors import check_interrupt
+
+    while not event.wait(0.05):
+        check_interrupt()
+
+
+def loaded(spec: Spec) -> bool:
+    """Whether the kernel of ``spec`` can run now: waits while it is loaded from numba's cache,
+    returns False while it is being compiled (the first time, with a note). Raises what the load
+    raised."""
+    j = job(spec)
+    first = not j.known.is_set()
+    _wait(j.known)
+    if j.cached:
+        _wait(j.done)
+    elif first:
+        from bnstat.errors import note
+
+        note(f"compiling the {spec.kernel} kernel for {spec.dtype} for the first time (a few "
+             "seconds, in the background; numpy computes meanwhile)")
+    if not j.done.is_set():
+        return False
+    if j.error is not None:
+        raise j.error
+    return True
+
+
+# warm_up's names for the kernels (bnstat.warm_up)
+GROUPS = {"moments": ("moments4_rows", "moments4_units"), "higher": ("moments4_higher",),
+          "normalize": ("normalize4",)}
+
+
+def warm_up(kernels=("moments", "normalize"), dtypes=("float32", "float64")) -> dict[str, float]:
+    """Load (compiling the first time) ``kernels`` for inputs of ``dtypes``, in this process
+    (inputs reach the kernels read-only: ``stream.read_only``). Returns the seconds per variant."""
+    names = [name for k in kernels for name in GROUPS.get(k, (k,))]
+    for name in names:
+        if name not in KERNELS:
+            raise ValueError(f"{name}: no such kernel (choose from {', '.join(GROUPS)})")
+    took = {}
+    for name in names:
+        for dtype in dtypes:
+            out = np.dtype(dtype).name if name == "normalize4" else ""
+            spec = Spec(name, np.dtype(dtype).name, True, out)
+            t0 = time.perf_counter()
+            spec.entry()(*spec.args())
+            took[spec.text()] = time.perf_counter() - t0
+    return took
+
+
+def main(argv: list[str]) -> int:
+    """``python -m bnstat.kernels.loader SPEC...``: compile each SPEC into numba's cache."""
+    from bnstat.kernels._jit import setup
+
+    setup(cli=True)
+    for text in argv:
+        spec = Spec.parse(text)
+        spec.entry()(*spec.args())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
