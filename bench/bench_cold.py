@@ -12,7 +12,7 @@ file: ``cat FILE > /dev/null``, ``bnstat moments FILE --layout NCHW --format jso
 (a whole process), a numpy script (``np.load(mmap_mode="r")``, ``mean`` and ``var``
 over (0, 2, 3); .npy only) and the same bnstat command under the memory limit.
 Rounds interleave the commands, so a burst of load on the shared machine hits one
-run of each. Printed: the median of the rounds with their spread, GB/s, the ratio
+run of each, and rotate their order. Printed: the median of the rounds with their spread, GB/s, the ratio
 to ``cat`` (median over rounds of the ratio within a round), peak RSS
 (``/usr/bin/time -f %M``) and, for the limited run, the cgroup's peak usage (page
 cache included) and whether its output equals the unlimited run's.
@@ -215,7 +215,10 @@ def main() -> None:
                     if limited is not None:
                         cases.append((f"bnstat of {args.compare}, {args.limit} memory limit",
                                       limited.prefix() + cases[1][1]))
-                for name, cmd in cases:
+                # a different order each round: a run's speed here depends on what ran before it
+                # (the free pages the VM has returned to the host, bench/README.md "Cold reads")
+                k = rep % len(cases)
+                for name, cmd in cases[k:] + cases[:k]:
                     warm = None
                     if not args.libs_cold and name != "cat":
                         warm = bnstat + [tiny[kind], "--layout", "NCHW", "--format", "json", "-q"]
