@@ -7,9 +7,9 @@ Two comparisons (README "On a Dask cluster"; figures in bench/README.md):
 1. Whole processes on the same shards (page cache warmed first):
    ``bnstat moments shard*.npy --layout NCHW`` (local, 2 threads) against
    ``bnstat moments ... --scheduler local:2`` (a LocalCluster of 2 worker
-   processes started by the run, 1 kernel thread each). The ratio is the
-   cost of the cluster: its start-up, the task round trips and the
-   per-worker kernel warm-up.
+   processes started by the run, 1 kernel thread each), the two runs
+   interleaved. The ratio is the cost of the cluster: importing distributed,
+   its start-up, the task round trips and the per-worker kernel warm-up.
 2. In one process, on one dask array of the same data (memory-mapped shards
    concatenated, chunks of 64 samples, the threaded scheduler):
    ``bnstat.dask.moments(x)`` against ``dask.compute(x.mean(a), x.var(a),
@@ -41,6 +41,16 @@ def _timed(fn, reps):
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), min(times), max(times)
+
+
+def _interleaved(fns, reps):
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [(statistics.median(ts), min(ts), max(ts)) for ts in times]
 
 
 def _cli(args):
@@ -75,8 +85,9 @@ def main(argv=None):
         base = ["moments", *paths, "--layout", "NCHW", "--format", "json", "-q", "-o", os.devnull,
                 "--force"]
         _cli(base)()  # numba cache warm
-        local = _timed(_cli(base), args.reps)
-        cluster = _timed(_cli(base + ["--scheduler", "local:2"]), args.reps)
+        # interleaved, so that the load of a shared machine falls on both alike
+        local, cluster = _interleaved([_cli(base), _cli(base + ["--scheduler", "local:2"])],
+                                      args.reps)
         arrays = [np.load(p, mmap_mode="r") for p in paths]
         x = da.concatenate([da.from_array(a, chunks=(64, C, H, W)) for a in arrays])
         axes = (0, 2, 3)

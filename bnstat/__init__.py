@@ -37,14 +37,16 @@ def moments(source, *, layout: str | None = None, channel_axis: int | None = Non
             chunk_size: int | str | None = None, threads: int | None = None, higher: bool = False,
             nan: str = "omit", per_file: bool = False,
             progress: Callable[[int], None] | None = None, engine: str | None = None,
-            check_crc: bool = True) -> dict[str, Stats]:
+            check_crc: bool = True, name: str | None = None) -> dict[str, Stats]:
     """Per-unit statistics of every selected array of ``source``: ``{name: Stats}``.
 
     ``source``: see the module docstring; several paths are one data set
     split along N. ``engine``: "numba" (the parallel kernels), "numpy", or
     None: numpy for inputs under 32 MiB, where loading the kernels would cost
     more. ``check_crc=False`` skips the CRC-32 check of .npz members
-    (``--skip-crc``). Raises InputError (unreadable input, nothing selected),
+    (``--skip-crc``). ``name``: the one array of each input is called ``name``
+    (``--name``): shards ``["s1.npy", "s2.npy"]`` with ``name="act"`` are one
+    array. Raises InputError (unreadable input, nothing selected),
     UsageProblem (a layout that does not fit an array, a bad ``chunk_size``),
     DataError (NaN values with ``nan="raise"``).
     """
@@ -53,7 +55,7 @@ def moments(source, *, layout: str | None = None, channel_axis: int | None = Non
     from bnstat.stream import DEFAULT_CHUNK_SIZE, compute_stats
 
     chunk = size_bytes(chunk_size, DEFAULT_CHUNK_SIZE)
-    sources = open_any(source, dataset, check_crc=check_crc)
+    sources = open_any(source, dataset, check_crc=check_crc, name=name)
     return compute_stats(sources, layout=layout, channel_axis=channel_axis, norm=norm,
                          groups=groups, reduce=reduce, ddof=ddof, higher=higher, nan_policy=nan,
                          chunk_size=chunk, threads=threads, per_file=per_file,
@@ -66,7 +68,7 @@ def normalize(source, output: str | None = None, *, stats=None, model=None, bn: 
               reduce: str | None = None, dataset: str | Iterable[str] | None = None,
               chunk_size: int | str | None = None, threads: int | None = None, nan: str = "omit",
               force: bool = False, progress: Callable[[int], None] | None = None,
-              engine: str | None = None, check_crc: bool = True):
+              engine: str | None = None, check_crc: bool = True, name: str | None = None):
     """Normalize the selected arrays of ``source`` as BN/LN/IN/GN would.
 
     y = (x - mean) / sqrt(var + eps) * gamma + beta. ``output``: a path in the
@@ -74,7 +76,8 @@ def normalize(source, output: str | None = None, *, stats=None, model=None, bn: 
     is returned normalized (an array, or a dict for a dict). Statistics:
     the input's own (default), ``per_batch=B``, ``stats`` (a stats file or
     ``{name: Stats}``), or ``model`` + ``bn`` (a model file and one of its
-    BatchNorm layers). Returns ``{name: what was applied}`` when writing.
+    BatchNorm layers). ``name``: as for ``moments`` (the name looked up in ``stats``).
+    Returns ``{name: what was applied}`` when writing.
     Raises InputError, OutputError (the output exists without ``force``, is
     an input), DataError (stats that do not fit, NaN with ``nan="raise"``, a
     bad BN layer), UsageProblem (conflicting arguments).
@@ -85,7 +88,7 @@ def normalize(source, output: str | None = None, *, stats=None, model=None, bn: 
                       per_batch=per_batch, layout=layout, channel_axis=channel_axis, norm=norm,
                       groups=groups, reduce=reduce, dataset=dataset, chunk_size=chunk_size,
                       threads=threads, nan=nan, force=force, progress=progress, engine=engine,
-                      check_crc=check_crc)
+                      check_crc=check_crc, name=name)
 
 
 def fold(source, *, output: str | None = None, pairs: Iterable = (), plan=None,
@@ -137,10 +140,10 @@ def save_stats(stats: Mapping[str, Stats], path, *, force: bool = False) -> None
 def hist(source, *, layout=None, channel_axis=None, norm="batch", groups=None, reduce=None, ddof=0,
          bins=2048, range="auto", quantiles=None, amax=None, per_tensor=False, num_bits=8,
          unsigned=False, dataset=None, chunk_size=None, threads=None, nan="omit", per_file=False,
-         progress=None, check_crc=True):
+         progress=None, check_crc=True, name=None):
     """Exact per-unit histograms of every selected array of ``source`` (README "Histograms").
 
-    ``source`` as for ``moments``. ``range``: "auto" (each unit's min..max), "abs"
+    ``source`` and ``name`` as for ``moments``. ``range``: "auto" (each unit's min..max), "abs"
     (|x| over 0..max |x|) or (lo, hi) / "LO:HI"; ``quantiles``: q values computed
     exactly (np.quantile, method "linear"); ``amax``: calibration methods (max,
     percentile:P, mse, entropy; with ``range="abs"``). Returns ``{name: Histogram}``,
@@ -159,16 +162,17 @@ def hist(source, *, layout=None, channel_axis=None, norm="batch", groups=None, r
                   per_file=per_file, progress=progress)
 
     def run(**changes):  # quantile(q) / amax(method) not computed: the passes again
-        return compute_hist(open_any(source, dataset, check_crc=check_crc), **{**kwargs, **changes})
+        return compute_hist(open_any(source, dataset, check_crc=check_crc, name=name),
+                            **{**kwargs, **changes})
 
-    return compute_hist(open_any(source, dataset, check_crc=check_crc), **kwargs, rerun=run)
+    return compute_hist(open_any(source, dataset, check_crc=check_crc, name=name), **kwargs, rerun=run)
 
 
 # ---- training vs inference (README.md, "Training and inference statistics") ----------
 
 def running(source, *, batch_size, framework="pytorch", momentum=None, cumulative=False, epochs=1,
             drop_last=False, from_model=None, bn=None, layout=None, channel_axis=None, dataset=None,
-            chunk_size=None, threads=None, engine=None, progress=None, check_crc=True):
+            chunk_size=None, threads=None, engine=None, progress=None, check_crc=True, name=None):
     """Running mean/var a framework's BN would hold after ``epochs`` passes over ``source``
     in batches of ``batch_size``: ``{name: RunningResult}``; see ``bnstat.running_stats.running``."""
     from bnstat.running_stats import running as _running
@@ -177,7 +181,7 @@ def running(source, *, batch_size, framework="pytorch", momentum=None, cumulativ
                     cumulative=cumulative, epochs=epochs, drop_last=drop_last, from_model=from_model,
                     bn=bn, layout=layout, channel_axis=channel_axis, dataset=dataset,
                     chunk_size=chunk_size, threads=threads, engine=engine, progress=progress,
-                    check_crc=check_crc)
+                    check_crc=check_crc, name=name)
 
 
 def recalibrate(model, source=None, *, stats=None, output=None, map=(), map_file=None,

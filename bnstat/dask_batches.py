@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-from bnstat.dask import Task, run_tasks, task_errors, open_task
+from bnstat.dask import Task, check_shared, open_task, run_tasks, task_errors
 
 
 def plan_batch_tasks(groups, batch_size: int, chunk_size: int) -> tuple[list[Task], list[int]]:
@@ -32,6 +32,7 @@ def plan_batch_tasks(groups, batch_size: int, chunk_size: int) -> tuple[list[Tas
     from bnstat.io.slabs import splittable
     from bnstat.stream import plan_rows
 
+    check_shared([s for g in groups for s in g.sources])
     tasks: list[Task] = []
     starts: list[int] = []
     for gi, group in enumerate(groups):
@@ -49,7 +50,7 @@ def plan_batch_tasks(groups, batch_size: int, chunk_size: int) -> tuple[list[Tas
             for span in spans:
                 rows = n if span is None else span[1] - span[0]
                 shape = (rows,) + tuple(src.shape[1:])
-                tasks.append(Task(len(tasks), gi, os.path.abspath(src.path), src.path, src.name,
+                tasks.append(Task(len(tasks), gi, os.path.abspath(src.path), src.path, src.key,
                                   span, shape, int(np.prod(shape)) * src.dtype.itemsize))
                 first = offset + (0 if span is None else span[0])
                 starts.append(first % batch_size)

@@ -111,32 +111,38 @@ def finite_range(stats: Stats, sources, plans, gidx, chunk_size: int, threads: i
     +-inf, whose finite range takes one more pass over those units alone."""
     from bnstat.stream import source_moments
 
-    mn = stats.moments.min.ravel().astype(np.float64)
-    mx = stats.moments.max.ravel().astype(np.float64)
     bad = stats.moments.inf_count.ravel() > 0
     if not bad.any():
-        return mn, mx
-    mn = np.where(bad, np.inf, mn)
-    mx = np.where(bad, -np.inf, mx)
-
-    def visitor(g):
-        def visit(x, lo, hi):
-            units = g[lo:hi]
-            U = x.shape[2]
-            for j in np.flatnonzero(bad[units]):
-                p, u = divmod(int(j), U)
-                v = x[p, :, u, :].astype(np.float64)
-                v = v[np.isfinite(v)]
-                if v.size:
-                    k = units[j]
-                    mn[k] = min(mn[k], v.min())
-                    mx[k] = max(mx[k], v.max())
-        return visit
-
+        return stats.moments.min.ravel().astype(np.float64), stats.moments.max.ravel().astype(np.float64)
+    mn, mx = np.full(bad.size, np.inf), np.full(bad.size, -np.inf)
     for i, (src, plan) in enumerate(zip(sources, plans)):
-        source_moments(src, plan, chunk_size=chunk_size, threads=threads, visit=visitor(gidx[i]),
-                       moments=False)
-    return mn, mx
+        source_moments(src, plan, chunk_size=chunk_size, threads=threads,
+                       visit=finite_visitor(bad, mn, mx, gidx[i]), moments=False)
+    return with_finite(stats, bad, mn, mx)
+
+
+def with_finite(stats: Stats, bad: np.ndarray, mn: np.ndarray, mx: np.ndarray):
+    """The moments' min and max (flat float64), those of the ``bad`` units replaced by
+    ``mn``/``mx`` (their finite range)."""
+    return (np.where(bad, mn, stats.moments.min.ravel().astype(np.float64)),
+            np.where(bad, mx, stats.moments.max.ravel().astype(np.float64)))
+
+
+def finite_visitor(bad: np.ndarray, mn: np.ndarray, mx: np.ndarray, g: np.ndarray):
+    """The chunk visitor of ``finite_range``: the finite min and max of the ``bad`` units
+    (flat over the array's units) into ``mn``/``mx``; ``g`` maps the chunks' units to them."""
+    def visit(x, lo, hi):
+        units = g[lo:hi]
+        U = x.shape[2]
+        for j in np.flatnonzero(bad[units]):
+            p, u = divmod(int(j), U)
+            v = x[p, :, u, :].astype(np.float64)
+            v = v[np.isfinite(v)]
+            if v.size:
+                k = units[j]
+                mn[k] = min(mn[k], v.min())
+                mx[k] = max(mx[k], v.max())
+    return visit
 
 
 def per_tensor_view(x: np.ndarray) -> np.ndarray:
@@ -175,4 +181,4 @@ def build(stats: Stats, state: UnitState, rng, per_tensor: bool, num_bits: int, 
                      range=rng, num_bits=num_bits, unsigned=unsigned, per_tensor=per_tensor)
 
 
-__all__ = ["UnitState", "unit_index", "finite_range", "tensor_stats", "build", "Moments"]
+__all__ = ["UnitState", "unit_index", "finite_range", "finite_visitor", "with_finite", "tensor_stats", "build", "Moments"]

@@ -52,33 +52,78 @@ class _Array:
         """The chunk visitor of source i for the current pass (None: nothing to do)."""
         if not (self.counting or self.selecting):
             return None
-        g = self.gidx[i]
-        tables = self._tables if self.selecting else None
-
-        def visit(x, lo, hi):
-            if x.dtype != self.dtype:
-                x = x.astype(self.dtype)
-            if self.per_tensor:
-                x, units = per_tensor_view(x), g
-            else:
-                units = g[lo:hi]
-            if self.counting:
-                self.state.count(x, units, self.threads)
-            if tables is not None:
-                _select(x, units, tables, self.threads)
-        return visit
+        return chunk_visitor(self.dtype, self.per_tensor, self.gidx[i],
+                             self.state if self.counting else None,
+                             self._tables if self.selecting else None, self.threads)
 
     def start_pass(self) -> None:
         if self.selecting:
-            self._tables = self.selector.tables()
-            self._tables["counts"] = np.zeros(max(1, self._tables["n_counts"]), np.int64)
-            self._tables["keys"] = np.zeros(max(1, self._tables["n_keys"]), np.uint64)
+            self._tables = pass_tables(self.selector)
+
+    def moments_done(self, stats) -> None:
+        """The moments pass is over: ``stats`` are the array's; the wanted ranks follow."""
+        self.stats = tensor_stats(stats) if self.per_tensor else stats
+        if self.selector is not None:
+            self.selector.set_counts(self.stats.count.ravel())
+        self.end_pass()
+
+    def unit_gidx(self) -> list:
+        """Per source, its units -> the array's flat units (also with --per-tensor, whose
+        counting passes see one unit)."""
+        return [unit_index(self.sources, self.plans, i) for i in range(len(self.sources))]
+
+    def set_range(self, rng, mn: np.ndarray, mx: np.ndarray) -> None:
+        """The edges of the counting pass from every unit's finite min and max (flat)."""
+        if self.per_tensor:
+            mn, mx = np.array([mn.min(initial=np.inf)]), np.array([mx.max(initial=-np.inf)])
+        s = self.stats
+        lo, hi = outer_edges(s, rng, mn.reshape(s.unit_shape), mx.reshape(s.unit_shape))
+        self.state.set_edges(lo, hi)
+        self.counting = True
 
     def end_pass(self) -> None:
         if self.selecting:
             self.selector.advance(self._tables["counts"], self._tables["keys"])
             self.selecting = not self.selector.done
         self.counting = False
+
+
+def chunk_visitor(dtype, per_tensor: bool, g: np.ndarray, state, tables, threads: int):
+    """A chunk visitor (``stream.source_moments``) counting into ``state`` (a UnitState, or
+    None) and the quantile pass's ``tables`` (or None); ``g`` maps the chunks' units to the
+    array's flat units, ``dtype`` is the kernels' input dtype."""
+    def visit(x, lo, hi):
+        if x.dtype != dtype:
+            x = x.astype(dtype)
+        if per_tensor:
+            x, units = per_tensor_view(x), g
+        else:
+            units = g[lo:hi]
+        if state is not None:
+            state.count(x, units, threads)
+        if tables is not None:
+            _select(x, units, tables, threads)
+    return visit
+
+
+def warm_kernels(dtype) -> None:
+    """Load (or compile) the counting kernels for inputs of ``dtype`` (a Dask worker's warm-up)."""
+    dtype = _kernel_dtype(dtype)
+    x = np.zeros((1, 2, 1, 2), dtype)
+    state = UnitState(1, 2)
+    state.set_edges(np.zeros(1), np.ones(1))
+    from bnstat.quantiles import Selector
+
+    tables = pass_tables(Selector(1, dtype, [0.5]))
+    chunk_visitor(dtype, False, np.zeros(1, np.int64), state, tables, 1)(x, 0, 1)
+
+
+def pass_tables(selector) -> dict:
+    """The tables of a quantile pass (``Selector.tables``) with its empty counts and keys."""
+    t = selector.tables()
+    t["counts"] = np.zeros(max(1, t["n_counts"]), np.int64)
+    t["keys"] = np.zeros(max(1, t["n_keys"]), np.uint64)
+    return t
 
 
 def _select(x, units, t, threads) -> None:
@@ -97,12 +142,13 @@ def _select(x, units, t, threads) -> None:
 
 
 def _plans(sources, per_file, layout, channel_axis, norm, groups, reduce):
-    from bnstat.layout import make_plan
+    from bnstat.layout import array_layout, make_plan
     from bnstat.stream import group_sources
 
     out = {}
     for g in group_sources(sources, per_file=per_file):
-        out[g.name] = (g.sources, [make_plan(s.shape, layout=layout, channel_axis=channel_axis, norm=norm,
+        out[g.name] = (g.sources, [make_plan(s.shape, layout=array_layout(s, layout, channel_axis),
+                                             channel_axis=channel_axis, norm=norm,
                                              groups=groups, reduce=reduce, name=s.where) for s in g.sources])
     return out
 
@@ -110,16 +156,19 @@ def _plans(sources, per_file, layout, channel_axis, norm, groups, reduce):
 def compute_hist(sources, *, layout=None, channel_axis=None, norm="batch", groups=None, reduce=None,
                  ddof=0, bins=None, range="auto", quantiles=None, amax=None, per_tensor=False,
                  num_bits=8, unsigned=False, nan_policy="omit", chunk_size=None, threads=None,
-                 per_file=False, progress=None, engine=None, rerun=None):
+                 per_file=False, progress=None, engine=None, rerun=None, scheduler=None,
+                 check_crc=True):
     """``{name: Histogram}`` of every array of ``sources``. Raises BnstatError subclasses.
 
     ``range``: "auto", "abs", "LO:HI" or (lo, hi); ``quantiles``: q values in [0, 1];
     ``amax``: methods (max, percentile:P, mse, entropy), computed on the |x| histogram
-    (so they need ``range="abs"``).
+    (so they need ``range="abs"``). ``scheduler``: a Dask address (``--scheduler``): every
+    pass runs there, as tasks over slabs (bnstat.dask_hist; ``check_crc`` for the workers'
+    reads); the counts, edges and quantiles are those of a local run.
     """
     from bnstat.amax import check_method
     from bnstat.quantiles import check_quantiles
-    from bnstat.stream import DEFAULT_CHUNK_SIZE, compute_stats, set_threads, source_moments
+    from bnstat.stream import DEFAULT_CHUNK_SIZE
 
     bins = default_bins(bins)
     try:
@@ -136,33 +185,21 @@ def compute_hist(sources, *, layout=None, channel_axis=None, norm="batch", group
     arrays = {name: _Array(srcs, plans, bins, rng, qs, per_tensor)
               for name, (srcs, plans) in _plans(sources, per_file, layout, channel_axis, norm, groups,
                                                 reduce).items()}
-    n_threads = set_threads(threads)
-    for a in arrays.values():
-        a.threads = n_threads
-        a.start_pass()
-    stats = compute_stats(sources, layout=layout, channel_axis=channel_axis, norm=norm, groups=groups,
-                          reduce=reduce, ddof=ddof, nan_policy=nan_policy, chunk_size=chunk_size,
-                          threads=threads, per_file=per_file, progress=progress, engine=engine,
-                          visit=lambda name, i, src, plan: arrays[name].visit(i))
-    n_threads = set_threads(threads)
+    if scheduler is not None:
+        from bnstat.dask_hist import hist_passes
+
+        hist_passes(scheduler, sources, arrays, rng, layout=layout, channel_axis=channel_axis,
+                    norm=norm, groups=groups, reduce=reduce, ddof=ddof, nan_policy=nan_policy,
+                    chunk_size=chunk_size, threads=threads, per_file=per_file, progress=progress,
+                    engine=engine, check_crc=check_crc)
+    else:
+        _local_passes(sources, arrays, rng, layout=layout, channel_axis=channel_axis, norm=norm,
+                      groups=groups, reduce=reduce, ddof=ddof, nan_policy=nan_policy,
+                      chunk_size=chunk_size, threads=threads, per_file=per_file, progress=progress,
+                      engine=engine)
     out = {}
     for name, a in arrays.items():
-        s = tensor_stats(stats[name]) if per_tensor else stats[name]
-        if a.selector is not None:
-            a.selector.set_counts(s.count.ravel())
-        a.end_pass()
-        if not isinstance(rng, tuple):
-            mn, mx = finite_range(stats[name], a.sources, a.plans, a.gidx, chunk_size, n_threads) \
-                if not per_tensor else _tensor_range(stats[name], a, chunk_size, n_threads)
-            lo, hi = outer_edges(s, rng, mn.reshape(s.unit_shape), mx.reshape(s.unit_shape))
-            a.state.set_edges(lo, hi)
-            a.counting = True
-        while a.counting or a.selecting:
-            a.start_pass()
-            for i, (src, plan) in enumerate(zip(a.sources, a.plans)):
-                source_moments(src, plan, chunk_size=chunk_size, threads=n_threads, visit=a.visit(i),
-                               moments=False)
-            a.end_pass()
+        s = a.stats
         h = build(s, a.state, rng, per_tensor, num_bits, unsigned)
         if qs:
             h.quantile_q = tuple(qs)
@@ -174,10 +211,28 @@ def compute_hist(sources, *, layout=None, channel_axis=None, norm="batch", group
     return out
 
 
-def _tensor_range(stats, a, chunk_size, threads):
-    mn, mx = finite_range(stats, a.sources, a.plans,
-                          [unit_index(a.sources, a.plans, i) for i in range(len(a.sources))], chunk_size, threads)
-    return np.array([mn.min(initial=np.inf)]), np.array([mx.max(initial=-np.inf)])
+def _local_passes(sources, arrays: dict, rng, *, chunk_size: int, threads, progress, **compute):
+    """The passes of ``compute_hist`` in this process, into ``arrays``."""
+    from bnstat.stream import compute_stats, set_threads, source_moments
+
+    n_threads = set_threads(threads)
+    for a in arrays.values():
+        a.threads = n_threads
+        a.start_pass()
+    stats = compute_stats(sources, chunk_size=chunk_size, threads=threads, progress=progress,
+                          visit=lambda name, i, src, plan: arrays[name].visit(i), **compute)
+    n_threads = set_threads(threads)
+    for name, a in arrays.items():
+        a.moments_done(stats[name])
+        if not isinstance(rng, tuple):
+            gidx = a.gidx if not a.per_tensor else a.unit_gidx()
+            a.set_range(rng, *finite_range(stats[name], a.sources, a.plans, gidx, chunk_size, n_threads))
+        while a.counting or a.selecting:
+            a.start_pass()
+            for i, (src, plan) in enumerate(zip(a.sources, a.plans)):
+                source_moments(src, plan, chunk_size=chunk_size, threads=n_threads, visit=a.visit(i),
+                               moments=False)
+            a.end_pass()
 
 
 def _rerun_one(rerun, name, **changes):

@@ -11,6 +11,7 @@ NHWC instance norm -> (N, H*W, C, 1).
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from dataclasses import dataclass, replace
 
@@ -152,6 +153,87 @@ def _split(sizes: list[int]) -> tuple[int, int]:
     return math.prod(sizes[:i]), b
 
 
+@dataclass(frozen=True)
+class LayoutRules:
+    """--layout given as rules (README, "Layouts per array"): ``PATTERN=LETTERS`` entries,
+    fnmatch on the array name, the first match wins; bare ``LETTERS`` apply to the arrays
+    of their rank that no pattern matches (one bare layout alone applies to every array)."""
+
+    patterns: tuple[tuple[str, str], ...] = ()
+    bare: tuple[str, ...] = ()
+
+    def pick(self, names: tuple[str, ...], ndim: int, where: str) -> str | None:
+        """The letters for an array called ``names`` (its name, its key in the file) of
+        ``ndim`` dimensions; None when no rule applies. Raises UsageProblem when bare
+        layouts of other ranks only are given."""
+        for pattern, letters in self.patterns:
+            if any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                return letters
+        for letters in self.bare:
+            if len(letters) == ndim:
+                return letters
+        if len(self.bare) == 1:
+            return self.bare[0]  # make_plan says it does not fit, as for one --layout
+        if self.bare:
+            raise UsageProblem(
+                f"{where}: no --layout for a {ndim}-D array: "
+                + ", ".join(f"{b} is {len(b)}-D" for b in self.bare),
+                f"Add a {ndim}-letter --layout, or PATTERN={'X' * ndim} for this array.")
+        return None
+
+
+def layout_rules(layout) -> LayoutRules | None:
+    """``layout`` (None, "NCHW", or a list of "LETTERS" / "PATTERN=LETTERS" entries) as rules.
+
+    Raises UsageProblem for an empty entry, or two entries that conflict: two bare layouts
+    of one rank, one pattern with two layouts."""
+    if layout is None or isinstance(layout, LayoutRules):
+        return layout
+    entries = [layout] if isinstance(layout, str) else list(layout)
+    if not entries:
+        return None
+    patterns: dict[str, str] = {}
+    bare: dict[int, str] = {}
+    for entry in entries:
+        pattern, sep, letters = str(entry).rpartition("=")
+        letters = letters.strip().upper()
+        if not letters or not letters.isalpha() or (sep and not pattern):
+            raise UsageProblem(f"--layout {entry!r}: give LETTERS (NCHW) or PATTERN=LETTERS ('fc*=NC')")
+        seen = patterns.get(pattern) if sep else bare.get(len(letters))
+        if seen is not None and seen != letters:
+            what = f"the pattern {pattern!r}" if sep else f"{len(letters)}-D arrays"
+            raise UsageProblem(f"--layout {seen} and --layout {letters}: both given for {what}",
+                               "Give one layout per rank, or PATTERN=LAYOUT entries for the others.")
+        if sep:
+            patterns[pattern] = letters
+        else:
+            bare[len(letters)] = letters
+    return LayoutRules(tuple(patterns.items()), tuple(bare.values()))
+
+
+def array_layout(source, layout=None, channel_axis=None, *, stored: bool = True) -> str | None:
+    """The layout letters of one array (an ArraySource): the --layout rules, else (with
+    ``stored``, and no --channel-axis) the layout stored with it, an HDF5 ``layout``
+    attribute; None when neither applies. Raises UsageProblem (rules), InputError (an
+    attribute that does not fit the array)."""
+    rules = layout_rules(layout)
+    names = (source.name, getattr(source, "key", source.name))
+    ndim = len(source.shape)
+    letters = rules.pick(names, ndim, source.where) if rules is not None else None
+    attr = getattr(source, "layout", None)
+    if letters is not None or not stored or channel_axis is not None or attr is None:
+        return letters
+    text = attr.upper() if isinstance(attr, str) else ""
+    if len(text) != ndim or text.count("C") != 1 or text.count("N") > 1 or len(set(text)) != ndim \
+            or not text.isalpha():
+        from bnstat.errors import InputError
+
+        raise InputError(f"{source.where}: its layout attribute {attr!r} does not fit the "
+                         f"{ndim}-D shape {tuple(source.shape)}",
+                         "Give --layout (which wins over the attribute), or fix the attribute.")
+    return text
+
+
 def make_plan(shape: tuple[int, ...], *, layout: str | None = None, channel_axis: int | None = None,
               norm: str = "batch", groups: int | None = None, reduce: str | None = None,
               name: str = "array") -> Plan:
@@ -162,6 +244,8 @@ def make_plan(shape: tuple[int, ...], *, layout: str | None = None, channel_axis
     ndim = len(shape)
     norm = norm or "batch"
     assumed = False
+    if layout is not None and not isinstance(layout, str):  # rules (a list): picked by ``name``
+        layout = layout_rules(layout).pick((name,), ndim, name) if layout else None
     if layout is not None:
         letters = layout.upper()
         if len(letters) != ndim:

@@ -27,7 +27,7 @@ from bnstat.affine import WRITE_PIECE, UnitParams, apply_params, out_dtype, unit
 from bnstat.errors import DataError, UsageProblem, check_interrupt, warn
 from bnstat.io import zlibx
 from bnstat.io.base import ArraySource
-from bnstat.layout import Plan, make_plan
+from bnstat.layout import Plan, array_layout, make_plan
 from bnstat.stats import Stats
 
 DEFAULT_EPS = 1e-5
@@ -177,7 +177,8 @@ def _saved_for(src: ArraySource, saved: dict[str, Stats], n_sources: int) -> Sta
     if st is None:
         raise DataError(f"{src.where}: the stats file has no statistics for {src.name!r} "
                         f"(it has: {', '.join(saved)})",
-                        "Select the arrays with -d/dataset=, or save statistics of this array.")
+                        "Select the arrays with -d/dataset=, give the array the saved name with "
+                        "--name/name=, or save statistics of this array.")
     return st
 
 
@@ -215,11 +216,14 @@ def _check_model_fit(src: ArraySource, plan: Plan, params: UnitParams, layer: st
 def _plan_job(src: ArraySource, spec: dict, saved, model, per_batch, n_sources: int) -> Job:
     """The plan and the statistics strategy of one array. Raises DataError, UsageProblem."""
     st = _saved_for(src, saved, n_sources) if saved is not None else None
-    given = any(spec[k] is not None for k in ("layout", "channel_axis", "reduce", "norm"))
+    explicit = array_layout(src, spec["layout"], spec["channel_axis"], stored=False)
+    given = explicit is not None or any(spec[k] is not None for k in ("channel_axis", "reduce", "norm"))
     if st is not None and not given:
-        plan = _saved_plan(src, st)
+        plan = _saved_plan(src, st)  # the saved statistics' layout wins over a stored attribute
     else:
-        plan = make_plan(src.shape, **{**spec, "norm": spec["norm"] or "batch"}, name=src.where)
+        letters = array_layout(src, spec["layout"], spec["channel_axis"])
+        plan = make_plan(src.shape, **{**spec, "layout": letters, "norm": spec["norm"] or "batch"},
+                         name=src.where)
     if st is not None:
         _check_saved_fit(src, plan, st)
         return Job(src, plan, "saved", stats=st, applied=st)
@@ -366,7 +370,7 @@ def _write_job(job: Job, run: Run, box) -> np.ndarray | None:
     pipelined = flat is not None and box is not None
     arr = _prepare(job, run, flat, pipelined)
     result = np.empty(arr.read_shape, arr.dtype) if box is None else None
-    writer_cm = box.array(src.name, src.shape, arr.dtype, src.fortran, like=src) if box is not None \
+    writer_cm = box.array(src.key, src.shape, arr.dtype, src.fortran, like=src) if box is not None \
         else contextlib.nullcontext(None)
     nans: list[int] = []
     row_out = math.prod(arr.read_shape[1:]) * arr.dtype.itemsize
@@ -410,7 +414,7 @@ def _start(jobs: list[Job], run: Run, threads: int | None, engine: str | None) -
 def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None, per_batch=None,
               layout=None, channel_axis=None, norm=None, groups=None, reduce=None, dataset=None,
               chunk_size=None, threads=None, nan="omit", force=False, progress=None, engine=None,
-              check_crc=True):
+              check_crc=True, name=None):
     """Normalize the selected arrays of ``source`` into ``output`` (same format).
 
     The parameters and what it raises: :func:`bnstat.normalize`. Returns
@@ -424,7 +428,7 @@ def normalize(source, output=None, *, stats=None, model=None, bn=None, eps=None,
 
     _check_arguments(stats, model, bn, per_batch)
     chunk = size_bytes(chunk_size, DEFAULT_CHUNK_SIZE)
-    sources = open_any(source, dataset, check_crc=check_crc)
+    sources = open_any(source, dataset, check_crc=check_crc, name=name)
     in_memory = all(s.kind == "memory" for s in sources)
     paths = [] if in_memory else sorted({s.path for s in sources})
     # the secondary inputs are never written over either (README "Nothing lost")

@@ -71,6 +71,26 @@ def check_layout_letters(text: str) -> str:
     return letters
 
 
+def check_layout_entry(text: str) -> str:
+    """Validate one --layout: LETTERS or PATTERN=LETTERS (README, "Layouts per array").
+    Raises ValueError."""
+    pattern, sep, letters = text.rpartition("=")
+    if sep and not pattern.strip():
+        raise ValueError(f"{text!r}: PATTERN=LAYOUT needs a pattern before '=', e.g. 'fc*=NC'")
+    if not sep:
+        return check_layout_letters(letters)
+    try:
+        return f"{pattern}={check_layout_letters(letters)}"
+    except ValueError as exc:
+        raise ValueError(f"{text!r}: {str(exc).split(': ', 1)[1]}") from None
+
+
+def _layouts_callback(ctx, param, value):
+    """Every --layout checked; () when none is given."""
+    check = _checked(check_layout_entry)
+    return tuple(check(ctx, param, v) for v in value or ())
+
+
 def _reduce_callback(ctx, param, value):
     if value is None:
         return None
@@ -161,6 +181,21 @@ per_file_option = click.option(
     help="Keep arrays of the same name in different files apart (default: merged along N).")
 
 
+def check_array_name(text: str) -> str:
+    """Validate an array name for --name (what -d patterns and stats files see). Raises ValueError."""
+    name = text.strip()
+    if not name or name != text or any(ch in name for ch in "*?[]") or name.startswith("__"):
+        raise ValueError(f"{text!r}: an array name is a non-empty string without spaces around it, "
+                         "wildcards (*?[]) or a leading __")
+    return name
+
+
+name_option = click.option(
+    "--name", type=str, default=None, metavar="NAME", callback=_checked(check_array_name),
+    help="Call the array of each input NAME (a .npy file, standard input, or one array "
+         "selected with -d): shards given the same NAME are one array, merged along N.")
+
+
 skip_crc_option = click.option(
     "--skip-crc", is_flag=True,
     help="Do not check the CRC-32 of .npz members: a stored member then reads as fast as a "
@@ -176,8 +211,12 @@ def selection_options(func):
 def layout_options(func):
     """--layout, --channel-axis, --norm, --groups, --reduce."""
     decos = (
-        click.option("--layout", type=str, default=None, callback=_checked(check_layout_letters),
-                     help="Axis letters, one per dimension, one C: NC, NCL, NLC, NCHW, NHWC, NCDHW..."),
+        click.option("--layout", type=str, multiple=True, callback=_layouts_callback,
+                     metavar="[PATTERN=]LETTERS",
+                     help="Axis letters, one per dimension, one C: NC, NCL, NLC, NCHW, NHWC, NCDHW... "
+                     "Repeatable: PATTERN=LETTERS for the arrays whose name matches (fnmatch, the "
+                     "first match wins), bare LETTERS for the other arrays of their rank. "
+                     "Default: an HDF5 dataset's layout attribute, else the PyTorch layout."),
         click.option("--channel-axis", type=int, default=None, metavar="K",
                      help="The channel axis, instead of --layout (negative counts from the end)."),
         click.option("--norm", type=click.Choice(NORMS), default=None,
@@ -196,25 +235,46 @@ def layout_options(func):
 def layout_spec(layout, channel_axis, norm, groups, reduce) -> dict:
     """Check the layout options against each other; keyword arguments for the library.
 
+    ``layout``: the --layout values (a tuple; one bare layout is passed on as a string).
     Raises click.UsageError on a conflict.
     """
+    layout = _layout_value(layout)
     if layout is not None and channel_axis is not None:
         raise click.UsageError("give --layout or --channel-axis, not both")
     if reduce is not None and norm is not None:
         raise click.UsageError("--reduce names the reduced axes itself; drop --norm")
     if reduce is not None and layout is None:
         raise click.UsageError("--reduce needs --layout, to know which letter is which axis")
-    if reduce is not None:
-        unknown = sorted(set(reduce) - set(layout))
+    for letters in ([layout] if isinstance(layout, str) else [e.rpartition("=")[2] for e in layout or ()]):
+        unknown = sorted(set(reduce or "") - set(letters))
         if unknown:
             raise click.UsageError(
-                f"--reduce {reduce}: {''.join(unknown)} is not an axis of --layout {layout}")
+                f"--reduce {reduce}: {''.join(unknown)} is not an axis of --layout {letters}")
     norm = norm or "batch"
     if norm == "group" and groups is None:
         raise click.UsageError("--norm group needs --groups G")
     if groups is not None and norm != "group":
         raise click.UsageError("--groups goes with --norm group")
     return dict(layout=layout, channel_axis=channel_axis, norm=norm, groups=groups, reduce=reduce)
+
+
+def _layout_value(layout):
+    """The --layout tuple for the library: None, one LETTERS string, or the entries (their
+    conflicts checked: click.UsageError)."""
+    if isinstance(layout, str) or layout is None:
+        return layout
+    if not layout:
+        return None
+    if len(layout) == 1 and "=" not in layout[0]:
+        return layout[0]
+    from bnstat.errors import UsageProblem
+    from bnstat.layout import layout_rules
+
+    try:
+        layout_rules(layout)
+    except UsageProblem as exc:
+        raise click.UsageError(exc.message) from None
+    return tuple(layout)
 
 
 ddof_option = click.option(

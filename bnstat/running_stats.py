@@ -155,7 +155,7 @@ def check_options(framework: str, momentum, cumulative: bool, epochs: int, batch
 
 def collect_batches(source, batch_size: int, *, drop_last=False, layout=None, channel_axis=None,
                     dataset=None, chunk_size=None, threads=None, engine=None, progress=None,
-                    check_crc=True, scheduler=None):
+                    check_crc=True, scheduler=None, name=None):
     """[(name, plan, group sources, BatchMoments of all batches, batches used)] per array.
 
     ``scheduler``: a Dask address (``--scheduler``): the batches are computed there
@@ -165,17 +165,19 @@ def collect_batches(source, batch_size: int, *, drop_last=False, layout=None, ch
     """
     from bnstat.io import zlibx
     from bnstat.io import open_any
+    from bnstat.layout import array_layout
     from bnstat.stream import (DEFAULT_CHUNK_SIZE, check_group_shapes, group_sources, pick_engine,
                                start_threads)
 
     if isinstance(source, list | tuple) and source and all(isinstance(s, ArraySource) for s in source):
         sources = list(source)  # opened already (the command, for its progress bar)
     else:
-        sources = open_any(source, dataset, check_crc=check_crc)
+        sources = open_any(source, dataset, check_crc=check_crc, name=name)
     groups = group_sources(sources)
     plans = []
     for g in groups:
-        ps = [batch_plan(s.shape, layout=layout, channel_axis=channel_axis, name=s.where) for s in g.sources]
+        ps = [batch_plan(s.shape, layout=array_layout(s, layout, channel_axis), channel_axis=channel_axis,
+                         name=s.where) for s in g.sources]
         check_group_shapes(g, ps)
         n = sum(s.shape[0] for s in g.sources)
         if batch_size > n:
@@ -226,13 +228,14 @@ def population_stats(name: str, plan, sources, bm: BatchMoments) -> Stats:
 def running(source, *, batch_size, framework="pytorch", momentum=None, cumulative=False, epochs=1,
             drop_last=False, from_model=None, bn=None, layout=None, channel_axis=None, dataset=None,
             chunk_size=None, threads=None, engine=None, progress=None,
-            check_crc=True, scheduler=None) -> dict[str, RunningResult]:
+            check_crc=True, scheduler=None, name=None) -> dict[str, RunningResult]:
     """Running mean/var of a BN trained on ``source`` in batches of ``batch_size`` along N.
 
     ``source``: a path, a list of paths (one data set, batches spanning files), a numpy
     array or a dict of arrays. ``momentum`` None: the framework's default (or, with
     ``cumulative=True``, PyTorch's momentum=None). ``from_model`` + ``bn``: start from that
-    BN's running statistics (and num_batches_tracked). ``scheduler``: run the pass on a Dask
+    BN's running statistics (and num_batches_tracked). ``name``: the array of each input is
+    called ``name`` (shards of one array, ``--name``). ``scheduler``: run the pass on a Dask
     cluster (``tcp://HOST:PORT``, ``local``, ``local:N``). Returns ``{name: RunningResult}``.
     Raises UsageProblem (options, B > N, layout) and DataError (NaN, a batch of one value
     under an unbiased convention, a BN of another channel count).
@@ -245,7 +248,7 @@ def running(source, *, batch_size, framework="pytorch", momentum=None, cumulativ
     for name, plan, srcs, bm, used in collect_batches(
             source, int(batch_size), drop_last=drop_last, layout=layout, channel_axis=channel_axis,
             dataset=dataset, chunk_size=chunk_size, threads=threads, engine=engine,
-            progress=progress, check_crc=check_crc, scheduler=scheduler):
+            progress=progress, check_crc=check_crc, scheduler=scheduler, name=name):
         stats = population_stats(name, plan, srcs, bm)
         seen = bm.take(used)
         variances = batch_variance(seen, conv.unbiased, name, framework)

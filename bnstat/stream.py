@@ -19,7 +19,7 @@ import numpy as np
 from bnstat.errors import DataError, InputError, UsageProblem, check_interrupt, warn
 from bnstat.io import zlibx
 from bnstat.io.base import ArraySource
-from bnstat.layout import Plan, make_plan
+from bnstat.layout import Plan, array_layout, make_plan
 from bnstat.kernels._jit import planned_threads, set_threads
 from bnstat.kernels.numpy_engine import numpy_moments
 from bnstat.stats import Moments, Stats, merge_all, warn_degenerate
@@ -407,7 +407,8 @@ def plan_groups(sources: list[ArraySource], *, layout=None, channel_axis=None, n
     array_groups = group_sources(sources, per_file=per_file)
     plans = []
     for g in array_groups:
-        ps = [make_plan(s.shape, layout=layout, channel_axis=channel_axis, norm=norm, groups=groups,
+        ps = [make_plan(s.shape, layout=array_layout(s, layout, channel_axis), channel_axis=channel_axis,
+                        norm=norm, groups=groups,
                         reduce=reduce, name=s.where) for s in g.sources]
         check_group_shapes(g, ps)
         plans.append(ps)

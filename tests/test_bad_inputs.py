@@ -253,9 +253,14 @@ def test_object_npy_is_never_unpickled(tmp_path):
 @pytest.mark.parametrize("kind", ["complex", "bool", "structured"])
 def test_unsupported_dtype_npz_member(tmp_path, kind):
     make, pattern = DTYPE_CASES[kind]
+    # selected with -d it is an error; unselected, it is skipped with a warning
+    # (tests/test_npz_members.py): issue 17
     np.savez(tmp_path / "x.npz", good=np.ones((4, 3), np.float32), bad=make())
-    run_and_check(tmp_path, ["moments", tmp_path / "x.npz", "-o", tmp_path / "out.json"], 1,
-                  r"x\.npz:bad: dtype .*" + pattern)
+    run_and_check(tmp_path, ["moments", tmp_path / "x.npz", "-d", "bad", "-o", tmp_path / "out.json"],
+                  1, r"x\.npz:bad: dtype .*" + pattern)
+    np.savez(tmp_path / "only.npz", bad=make())
+    run_and_check(tmp_path, ["moments", tmp_path / "only.npz", "-o", tmp_path / "out.json"], 1,
+                  r"only\.npz: no numeric array of 2 or more dimensions found; skipped bad \(")
 
 
 @pytest.mark.parametrize("shape, what", [((0, 3), "N = 0"), ((4, 0), "C = 0"),

@@ -315,3 +315,50 @@ def test_bad_input_in_a_dask_array_is_a_bnstat_error():
         bnstat.dask.moments(da.ones((5,), chunks=2))
     with pytest.raises(BnstatError):
         bnstat.dask.moments(da.ones((5, 3), chunks=2), layout="NCHW")
+
+
+def test_local_workers_are_forked_only_before_numba_threads_run():
+    """GNU OpenMP aborts a child forked after its threads started: then spawn."""
+    code = ("from bnstat.dask import start_method\nbefore = start_method()\n"
+            "from bnstat.stream import set_threads\nset_threads(1)\nprint(before, start_method())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["fork", "spawn"]
+
+
+@pytest.mark.slow
+def test_a_killed_forked_worker_changes_nothing(tmp_path, rng):
+    """``local:2`` forks its workers from the client (start_method): one is killed by its pid
+    after the first task; its tasks run again on the other (or its restarted self)."""
+    _files(tmp_path, rng)
+    path = tmp_path / "a.h5"
+    out = tmp_path / "got.npz"
+    code = f"""
+import multiprocessing, os, signal
+import numpy as np
+from bnstat.dask import compute_stats_distributed, start_method
+from bnstat.io import open_sources
+assert start_method() == "fork"
+killed = []
+def progress(nbytes):
+    if not killed:
+        workers = multiprocessing.active_children()
+        assert len(workers) == 2, workers
+        os.kill(workers[0].pid, signal.SIGKILL)
+        killed.append(workers[0].pid)
+stats = compute_stats_distributed("local:2", open_sources([{str(path)!r}]), layout="NCHW",
+                                  chunk_size=4096, progress=progress)
+assert killed
+np.savez({str(out)!r}, **{{f"{{n}}/{{f}}": getattr(s, f) for n, s in stats.items()
+                           for f in ("count", "mean", "var", "min", "max")}})
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=REPO), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = bnstat.moments(str(path), layout="NCHW")
+    with np.load(out) as got:
+        for name, w in want.items():
+            for f in ("count", "min", "max"):
+                np.testing.assert_array_equal(got[f"{name}/{f}"], getattr(w, f))
+            np.testing.assert_allclose(got[f"{name}/var"], w.var, rtol=1e-15, atol=0)

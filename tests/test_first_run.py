@@ -131,6 +131,7 @@ def test_first_run_computes_with_numpy_while_the_kernel_compiles_apart(tmp_path,
     args = ["moments", str(path), "--layout", "NCHW", "--format", "json", "-v"]
     first = run(args, tmp_path)
     assert "compiling the moments4_units kernel for float32 for the first time" in first.stderr
+    assert first.stderr.count("compiling") == 1  # one note, not one per chunk
     mean, var, mn, mx = reference(x)
     a = moments_json(first)
     np.testing.assert_allclose(a["mean"], mean, rtol=1e-12, atol=1e-15)
@@ -237,3 +238,34 @@ def test_planned_threads_is_what_numba_sets(monkeypatch):
     assert got == [_jit.set_threads(t) for t in (None, 1, 10_000)]
     _jit.set_threads(None)
     assert os.environ.get("NUMBA_NUM_THREADS") is None
+
+
+@pytest.mark.parametrize("user_dir", [False, True])
+def test_index_may_exist_looks_where_numba_writes(tmp_path, user_dir, monkeypatch):
+    """index_may_exist (no numba) finds the index file numba's own locator names, and is False
+    in an empty NUMBA_CACHE_DIR."""
+    code = ("import json, os\n"
+            "from bnstat.kernels import loader\n"
+            "out = {}\n"
+            "for k in sorted(loader.KERNELS):\n"
+            "    s = loader.Spec(k, 'float32', True, 'float32' if k == 'normalize4' else '')\n"
+            "    before = loader.index_may_exist(s)\n"
+            "    path = s.entry().kernel._cache._cache_file._index_path\n"
+            "    out[k] = [before, path, os.path.exists(path)]\n"
+            "print(json.dumps(out))\n")
+    env = _env()
+    if user_dir:
+        env["NUMBA_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for kernel, (before, path, exists) in json.loads(proc.stdout).items():
+        if user_dir:
+            assert before is False and path.startswith(str(tmp_path)), kernel
+        elif exists:
+            assert before is True, (kernel, path)
+        if user_dir:  # the file numba would write there: index_may_exist sees it
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            open(path, "wb").close()
+            monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+            assert loader.index_may_exist(loader.Spec(kernel, "float32", True))

@@ -44,6 +44,7 @@ def _amax(ctx, param, value):
 @options.layout_options
 @options.ddof_option
 @options.selection_options
+@options.name_option
 @options.skip_crc_option
 @options.nan_option
 @click.option("--bins", type=int, default=2048, show_default=True, callback=_bins, metavar="N",
@@ -62,11 +63,12 @@ def _amax(ctx, param, value):
 @click.option("--unsigned", is_flag=True, help="Unsigned quantization (non-negative data) for --amax.")
 @options.format_option
 @options.table_options
+@options.scheduler_option
 @options.common_options
 @options.compute_options
-def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, per_file, skip_crc,
+def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, per_file, name, skip_crc,
             nan_policy, bins, range_, quantiles, amax, per_tensor, num_bits, unsigned, fmt, sort, top,
-            show_all, summary, output, force, quiet, threads, chunk_size):
+            show_all, summary, scheduler, output, force, quiet, threads, chunk_size):
     """Exact per-unit histograms, quantiles and INT8 calibration ranges.
 
     Counts are exact integers in the bins np.histogram would use (the last
@@ -80,6 +82,7 @@ def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, 
       bnstat hist acts.h5 --amax entropy --amax percentile:99.99 -o calib.json
       bnstat hist acts.npy --range -4:4 --bins 64 -o hist.npz
       bnstat hist acts.npy --per-tensor --amax mse --unsigned
+      bnstat hist shards/*.h5 --layout NCHW --quantiles 0.5 --scheduler local:2 -o hist.npz
     """
     from bnstat.commands._output import check_target
     from bnstat.histrun import compute_hist
@@ -93,12 +96,13 @@ def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, 
     fmt = options.format_for(fmt, output)
     options.check_summary(summary, fmt, sort, top, show_all)
     check_target(output, fmt, force, inputs)
-    sources = open_sources(inputs, datasets, check_crc=not skip_crc)
+    sources = open_sources(inputs, datasets, check_crc=not skip_crc, name=name)
     total = sum(s.nbytes for s in sources)
     with progress(total, "hist", enabled=not quiet) as advance:
         hists = compute_hist(sources, ddof=ddof, bins=bins, range=range_, quantiles=quantiles,
                              amax=amax, per_tensor=per_tensor, num_bits=num_bits, unsigned=unsigned,
                              nan_policy=nan_policy, chunk_size=chunk_size, threads=threads,
-                             per_file=per_file, progress=advance, **spec)
+                             per_file=per_file, progress=advance, scheduler=scheduler,
+                             check_crc=not skip_crc, **spec)
     emit(hists, fmt, output, force=force, inputs=inputs, sort=sort, top=top, show_all=show_all,
          summary=summary)

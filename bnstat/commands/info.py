@@ -37,8 +37,10 @@ def command(inputs, datasets, fmt, keras_config, output, force, quiet):
     # ONNX models and .keras zips are model files only: no array rows, their layers below
     onnx_lines = [ln for path in inputs if is_onnx(path) for ln in describe_onnx(path)]
     arrays_in = [p for p in inputs if not is_onnx(p) and not (p != "-" and is_keras_archive(p))]
-    sources = open_sources(arrays_in, datasets, check=False) if arrays_in else []
-    rows = [s.describe() for s in sources]
+    skipped: list = []
+    sources = open_sources(arrays_in, datasets, check=False, skipped=skipped) if arrays_in else []
+    rows = _rows(sources, skipped, arrays_in)
+    unusable = [f"{r['name']} ({r['skip']})" for r in rows if r["skip"]]
     with config_from(keras_config):
         model_lines = onnx_lines + _model_lines([p for p in inputs if not is_onnx(p)])
     with atomic_open(output or "-", "w", force=force, inputs=inputs) as fh:
@@ -49,9 +51,23 @@ def command(inputs, datasets, fmt, keras_config, output, force, quiet):
         else:
             if rows:
                 render.print_info(rows, file=fh)
+            if unusable:
+                render.print_lines([f"moments cannot use (skipped without -d, an error when "
+                                    f"selected or alone): {', '.join(unusable)}"], file=fh)
             if model_lines:
                 render.print_lines(["", "layers fold would see:"] + [f"  {ln}" for ln in model_lines],
                                    file=fh)
+
+
+def _rows(sources, skipped, paths) -> list[dict]:
+    """Every array of the files, in command-line order, each with ``skip``: why moments
+    cannot use it (None when they can)."""
+    from bnstat.io.base import dtype_problem, shape_problem
+
+    rows = [{**s.describe(), "skip": shape_problem(s.shape) or dtype_problem(s.dtype)} for s in sources]
+    rows += [s.describe() for s in skipped]
+    order = {p: i for i, p in enumerate(paths)}
+    return sorted(rows, key=lambda r: order.get(r["path"], len(order)))
 
 
 def _model_lines(inputs) -> list[str]:

@@ -12,6 +12,7 @@ from bnstat import options
 @options.layout_options
 @options.ddof_option
 @options.selection_options
+@options.name_option
 @options.skip_crc_option
 @options.nan_option
 @options.higher_option
@@ -21,7 +22,7 @@ from bnstat import options
 @options.allow_duplicates_option
 @options.common_options
 @options.compute_options
-def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, per_file,
+def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, per_file, name,
             skip_crc, nan_policy, higher, fmt, sort, top, show_all, summary, scheduler,
             allow_duplicates, output, force, quiet, threads, chunk_size):
     """Exact per-unit count, mean, var, std, min, max and NaN count.
@@ -37,6 +38,7 @@ def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, 
       bnstat moments acts.npy --layout NHWC --norm group --groups 8
       bnstat moments tokens.npy --layout NLC --reduce C --format csv
       bnstat moments part1.h5 part2.h5 -d 'features/*' -o stats.npz
+      bnstat moments shard1.npy shard2.npy --name act -o stats.npz
       python make.py | bnstat moments - --format json
       bnstat moments shards/*.h5 --scheduler local:2 -o stats.npz
     """
@@ -50,7 +52,7 @@ def command(inputs, layout, channel_axis, norm, groups, reduce, ddof, datasets, 
     options.check_summary(summary, fmt, sort, top, show_all)
     check_target(output, fmt, force, inputs)
     refuse_same_file_twice(inputs, allow_duplicates)
-    sources = open_sources(inputs, datasets, check_crc=not skip_crc)
+    sources = open_sources(inputs, datasets, check_crc=not skip_crc, name=name)
     total = sum(s.nbytes for s in sources)
     kwargs = dict(ddof=ddof, higher=higher, nan_policy=nan_policy, chunk_size=chunk_size,
                   threads=threads, per_file=per_file, **spec)

@@ -21,12 +21,13 @@ from bnstat import options
               help="Normalize each run of B samples along N with its own statistics (BN training).")
 @options.layout_options
 @options.dataset_option
+@options.name_option
 @options.skip_crc_option
 @options.nan_option
 @options.common_options
 @options.compute_options
 def command(input_path, stats_file, model, bn_name, eps, per_batch, layout, channel_axis, norm,
-            groups, reduce, datasets, skip_crc, nan_policy, output, force, quiet, threads, chunk_size):
+            groups, reduce, datasets, name, skip_crc, nan_policy, output, force, quiet, threads, chunk_size):
     """Write PATH normalized: y = (x - mean) / sqrt(var + eps) * gamma + beta.
 
     The output has the input's format (.npy, .npz members, HDF5 datasets with
@@ -40,6 +41,7 @@ def command(input_path, stats_file, model, bn_name, eps, per_batch, layout, chan
       bnstat normalize acts.npy -o normed.npy --layout NCHW
       bnstat normalize acts.h5 -o normed.h5 --norm group --groups 8
       bnstat normalize acts.npy -o normed.npy --stats stats.npz
+      bnstat normalize shard2.npy -o normed2.npy --stats stats.npz --name act
       bnstat normalize acts.npy -o normed.npy --per-batch 32
       bnstat normalize acts.npy -o - --model model.npz --bn features.1 | ...
     """
@@ -57,9 +59,11 @@ def command(input_path, stats_file, model, bn_name, eps, per_batch, layout, chan
     from bnstat.io.atomic import check_output
 
     check_output(output, force=force, inputs=[input_path, *filter(None, (stats_file, model))])
-    total = sum(s.nbytes for s in open_sources([input_path], datasets)) if input_path != "-" else 0
+    # the progress total only: the library opens (and checks, and warns about) the input itself
+    total = sum(s.nbytes for s in open_sources([input_path], datasets, check=False)) \
+        if input_path != "-" else 0
     passes = 2 if (stats_file is None and model is None and per_batch is None) else 1
     with progress(total * passes, "normalize", enabled=not quiet and total > 0) as advance:
         normalize(input_path, output, stats=stats_file, model=model, bn=bn_name, eps=eps,
                   per_batch=per_batch, dataset=datasets, chunk_size=chunk_size, threads=threads,
-                  nan=nan_policy, force=force, progress=advance, check_crc=not skip_crc, **spec)
+                  nan=nan_policy, force=force, progress=advance, check_crc=not skip_crc, name=name, **spec)

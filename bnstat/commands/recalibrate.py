@@ -57,6 +57,7 @@ def command(model, inputs, stats_file, maps, map_file, estimator, batch_size, dr
 
     if norm not in (None, "batch") or groups is not None or reduce is not None:
         raise click.UsageError("BatchNorm statistics are per channel: drop --norm/--groups/--reduce")
+    layout = options.layout_spec(layout, channel_axis, None, None, None)["layout"]
     if output is None and not dry_run:
         raise click.UsageError("recalibrate needs -o OUTPUT (or --dry-run)")
     if output == "-":

@@ -29,6 +29,7 @@ FRAMEWORK_CHOICES = ("pytorch", "keras", "tf-fused", "mxnet")
               help="The BatchNorm layer of --from-model, e.g. features.1.")
 @options.layout_options
 @options.dataset_option
+@options.name_option
 @options.skip_crc_option
 @options.format_option
 @options.scheduler_option
@@ -38,7 +39,7 @@ FRAMEWORK_CHOICES = ("pytorch", "keras", "tf-fused", "mxnet")
 @options.common_options
 @options.compute_options
 def command(inputs, batch_size, framework, momentum, cumulative, epochs, drop_last, from_model,
-            bn_name, layout, channel_axis, norm, groups, reduce, datasets, skip_crc, fmt, scheduler, top,
+            bn_name, layout, channel_axis, norm, groups, reduce, datasets, name, skip_crc, fmt, scheduler, top,
             show_all, output, force, quiet, threads, chunk_size):
     """Per channel, the running mean and variance FRAMEWORK's BatchNorm would hold
     after E epochs of batches of B samples, beside the exact population mean and
@@ -68,11 +69,12 @@ def command(inputs, batch_size, framework, momentum, cumulative, epochs, drop_la
         raise click.UsageError("give --momentum or --cumulative, not both")
     if (from_model is None) != (bn_name is None):
         raise click.UsageError("--from-model and --bn go together")
+    layout = options.layout_spec(layout, channel_axis, None, None, None)["layout"]
     fmt = options.format_for(fmt, output)
     check_target(output, fmt, force, list(inputs) + ([from_model] if from_model else []))
     from bnstat.io import open_sources
 
-    sources = open_sources(inputs, datasets, check_crc=not skip_crc)
+    sources = open_sources(inputs, datasets, check_crc=not skip_crc, name=name)
     with progress(sum(s.nbytes for s in sources), "running", enabled=not quiet) as advance:
         results = running(sources, batch_size=batch_size, framework=framework, momentum=momentum,
                           cumulative=cumulative, epochs=epochs, drop_last=drop_last,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from collections.abc import Iterator
 
 import numpy as np
@@ -41,16 +42,46 @@ def read_head(path: str, n: int, directory_hint: str = "Give the files inside it
             raise input_error(path, exc) from exc
 
 
-def check_dtype(dtype: np.dtype, where: str) -> None:
-    """Refuse dtypes whose moments mean nothing here. Raises InputError."""
+class UnsupportedArray(InputError):
+    """An array moments cannot use (its dtype or shape), with what its header told.
+
+    A ``.npz`` member of this kind is skipped (with a warning) when no -d
+    pattern selects it, and listed by ``bnstat info`` (README, inputs)."""
+
+    def __init__(self, message: str, hint: str | None = None, *, shape=None, dtype=None,
+                 reason: str = ""):
+        super().__init__(message, hint)
+        self.shape, self.dtype, self.reason = shape, dtype, reason
+
+
+_DTYPE_KINDS = {"b": "bool", "c": "complex", "O": "object", "V": "structured/void", "U": "string",
+                "S": "bytes", "M": "datetime", "m": "timedelta"}
+
+
+def dtype_problem(dtype: np.dtype) -> str | None:
+    """Why moments cannot use ``dtype`` ("string dtype <U1"), or None for integers and floats."""
     if dtype.kind in SUPPORTED_KINDS and dtype.fields is None and dtype.subdtype is None:
+        return None
+    return f"{_DTYPE_KINDS.get(dtype.kind, dtype.kind)} dtype {dtype}"
+
+
+def shape_problem(shape: tuple[int, ...]) -> str | None:
+    """Why moments cannot use an array of ``shape`` ("1-D", "empty"), or None."""
+    if len(shape) < 2:
+        return f"{len(shape)}-D"
+    return "empty" if math.prod(shape) == 0 else None
+
+
+def check_dtype(dtype: np.dtype, where: str, shape=None) -> None:
+    """Refuse dtypes whose moments mean nothing here. Raises UnsupportedArray."""
+    problem = dtype_problem(dtype)
+    if problem is None:
         return
-    kinds = {"b": "bool", "c": "complex", "O": "object", "V": "structured/void", "U": "string",
-             "S": "bytes", "M": "datetime", "m": "timedelta"}
-    kind = kinds.get(dtype.kind, dtype.kind)
-    raise InputError(
+    kind = _DTYPE_KINDS.get(dtype.kind, dtype.kind)
+    raise UnsupportedArray(
         f"{where}: dtype {dtype} ({kind}) is not supported; bnstat reads integer and float arrays",
-        "Convert it first, e.g. with numpy's astype(np.float32).")
+        "Convert it first, e.g. with numpy's astype(np.float32).", shape=shape, dtype=dtype,
+        reason=problem)
 
 
 def check_shape(shape: tuple[int, ...], where: str) -> None:
@@ -61,6 +92,30 @@ def check_shape(shape: tuple[int, ...], where: str) -> None:
             "dimensions (N and C)", "Reshape it, e.g. to (N, 1) or (1, C).")
     if math.prod(shape) == 0:
         raise InputError(f"{where}: the array of shape {tuple(shape)} is empty; nothing to compute")
+
+
+@dataclass
+class SkippedArray:
+    """An array of a container that moments skip: its name, what its header told, and why."""
+
+    path: str
+    name: str
+    shape: tuple[int, ...] | None
+    dtype: np.dtype | None
+    reason: str
+    warn: bool = True  # moments warn of it (HDF5 skips its non-array datasets quietly)
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.name}"
+
+    def describe(self) -> dict:
+        return {"name": self.name, "path": self.path,
+                "shape": [] if self.shape is None else list(self.shape),
+                "dtype": None if self.dtype is None else str(self.dtype), "order": "C",
+                "chunks": None, "compression": None, "kind": "npz", "skip": self.reason,
+                "nbytes": 0 if None in (self.shape, self.dtype) else
+                math.prod(self.shape) * self.dtype.itemsize}
 
 
 class ArraySource:
@@ -83,10 +138,21 @@ class ArraySource:
     compression: str | None = None
     row_align: int = 1  # read rows in multiples of this (HDF5 chunk rows)
     repeatable: bool = True  # can be read more than once (not stdin)
+    layout: str | None = None  # the layout stored with the array (an HDF5 ``layout`` attribute)
 
     @property
     def where(self) -> str:
-        return f"{self.path}:{self.name}" if self.kind != "npy" else self.path
+        return f"{self.path}:{self.key}" if self.kind != "npy" else self.path
+
+    @property
+    def key(self) -> str:
+        """The array's name in its file: ``name`` unless --name/name= gave it another."""
+        return self.__dict__.get("_key", self.name)
+
+    def rename(self, name: str) -> None:
+        """Call the array ``name`` in results (--name/name=); ``key`` keeps its name in the file."""
+        self._key = self.key
+        self.name = name
 
     @property
     def read_shape(self) -> tuple[int, ...]:
@@ -120,7 +186,8 @@ class ArraySource:
         return {"name": self.name, "path": self.path, "shape": list(self.shape), "dtype": str(self.dtype),
                 "order": "F" if self.fortran else "C",
                 "chunks": list(self.chunks) if self.chunks else None,
-                "compression": self.compression, "nbytes": self.nbytes, "kind": self.kind}
+                "compression": self.compression, "nbytes": self.nbytes, "kind": self.kind,
+                "layout": self.layout}
 
 
 def native(arr: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from bnstat.errors import InputError
-from bnstat.io.base import ArraySource, check_dtype
+from bnstat.io.base import ArraySource, SkippedArray, check_dtype, dtype_problem, shape_problem
 
 
 def _h5py():
@@ -121,6 +121,18 @@ def check_filters(dataset, where: str) -> None:
                          "in HDF5_PLUGIN_PATH.")
 
 
+def stored_layout(dataset):
+    """The dataset's ``layout`` attribute (``"NCHW"``) as text, None without one; a value
+    that is no text comes back as it is, for ``layout.array_layout`` to refuse."""
+    try:
+        value = dataset.attrs.get("layout")
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError):
+        return None  # an attribute HDF5 cannot read: as if there were none
+    if isinstance(value, bytes | np.bytes_):
+        value = value.decode("utf-8", "replace")
+    return str(value) if isinstance(value, str) else value
+
+
 class Hdf5Source(ArraySource):
     kind = "hdf5"
 
@@ -136,6 +148,7 @@ class Hdf5Source(ArraySource):
         self.double_buffered = True
         check_dtype(self.dtype, self.where)
         check_filters(dataset, self.where)
+        self.layout = stored_layout(dataset)
 
     def iter_chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """Slabs of ``rows`` rows (aligned to the dataset's chunks by the caller).
@@ -310,12 +323,13 @@ def _corrupt(path: str):
         raise InputError(f"{path}: corrupt HDF5 file ({first})") from exc
 
 
-def open_hdf5(path: str, selected) -> list[ArraySource]:
+def open_hdf5(path: str, selected, skipped: list | None = None) -> list[ArraySource]:
     """The numeric datasets of ``path`` of 2+ dimensions that ``selected(name)`` accepts.
 
     A selected dataset that cannot be read (non-numeric, broken link) is an
     error only when named by a pattern; when walking everything, non-numeric
-    and scalar datasets are skipped (README, inputs) but broken links are errors.
+    and scalar datasets are skipped (README, inputs), quietly (``skipped``
+    collects them, for ``bnstat info``), but broken links are errors.
     """
     sources = []
     with open_h5(path) as f, _corrupt(path):
@@ -328,6 +342,11 @@ def open_hdf5(path: str, selected) -> list[ArraySource]:
                                  "Fix the link, or leave the dataset out with -d.")
             numeric = ds.dtype.kind in "fiu" and ds.dtype.fields is None
             if explicit is None and (not numeric or ds.ndim < 2):
-                continue  # walking everything: only numeric arrays of 2+ dimensions
+                if skipped is not None:  # walking everything: only numeric arrays of 2+ dimensions
+                    shape = tuple(ds.shape) if ds.shape is not None else None
+                    reason = dtype_problem(ds.dtype) or (shape_problem(shape) if shape is not None
+                                                         else "no dataspace")
+                    skipped.append(SkippedArray(path, name, shape, ds.dtype, reason, warn=False))
+                continue
             sources.append(Hdf5Source(path, name, ds))
     return sources

@@ -24,7 +24,7 @@ import numpy as np
 
 from bnstat.errors import InputError
 from bnstat.io import zlibx
-from bnstat.io.base import ArraySource, check_dtype, native, open_input
+from bnstat.io.base import ArraySource, SkippedArray, UnsupportedArray, check_dtype, native, open_input
 from bnstat.io.readahead import MADV_POPULATE_READ, MapPrefetcher
 from bnstat.stream import slabs
 
@@ -66,10 +66,12 @@ def read_npy_header(fh, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
         # numpy's messages run to three lines (the header-size limit): the first one
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise InputError(f"{where}: corrupt .npy header ({first})") from exc
-    if dtype.hasobject:
-        raise InputError(f"{where}: dtype {dtype} holds Python objects; bnstat reads numeric arrays only")
     shape = tuple(int(s) for s in shape)
     check_declared_shape(shape, dtype, where)
+    if dtype.hasobject:  # its data is a pickle, which bnstat never loads
+        raise UnsupportedArray(f"{where}: dtype {dtype} holds Python objects; bnstat reads numeric "
+                               "arrays only", shape=shape, dtype=dtype,
+                               reason="object dtype: a pickle, never loaded")
     return shape, bool(fortran), dtype
 
 
@@ -121,7 +123,7 @@ class NpyStreamSource(ArraySource):
         try:
             self.shape, self.fortran, self.dtype = read_npy_header(fh, self.where)
             self.data_offset = fh.tell() if fh.seekable() else None
-            check_dtype(self.dtype, self.where)
+            check_dtype(self.dtype, self.where, self.shape)
             if data_size is not None and self.data_offset is not None:
                 have = data_size - self.data_offset
                 if have < self.nbytes:
@@ -478,10 +480,15 @@ def _stored_offset(path: str, info: zipfile.ZipInfo) -> int:
     return info.header_offset + _ZIP_LOCAL_HEADER + name_len + extra_len
 
 
-def open_npz(path: str, *, check_crc: bool = True) -> list[ArraySource]:
-    """Every member of a .npz, streamed (stored members read straight from the file).
+def open_npz(path: str, *, check_crc: bool = True, selected: Callable | None = None,
+             skipped: list | None = None) -> list[ArraySource]:
+    """The members of a .npz, streamed (stored members read straight from the file).
 
     Each member's CRC-32 is checked as it is read, unless ``check_crc`` is False.
+    ``selected(name)`` False: the member is left out unread (only the zip's listing
+    names it). A member of a dtype moments cannot use (string, object...) that no
+    pattern selected (``selected`` None) goes to ``skipped`` as a SkippedArray when a
+    list is given; otherwise it raises UnsupportedArray, like a corrupt member InputError.
     """
     try:
         with _open_file(path) as fh, zipfile.ZipFile(fh) as zf:
@@ -493,33 +500,45 @@ def open_npz(path: str, *, check_crc: bool = True) -> list[ArraySource]:
         if info.is_dir():
             continue
         name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
-        where = f"{path}:{name}"
-        if info.flag_bits & 0x1:
-            raise InputError(f"{where}: the zip member is encrypted; bnstat cannot read it")
-        if info.compress_type == zipfile.ZIP_STORED:
-            offset = _stored_offset(path, info)
-
-            def opener(offset=offset, info=info):
-                return _Window(path, offset, info.file_size)
-
-            sources.append(NpyStreamSource(opener, name, path, "npz", data_size=info.file_size,
-                                           crc=info.CRC if check_crc else None))
-        elif info.compress_type == zipfile.ZIP_DEFLATED:
-            offset = _stored_offset(path, info)
-
-            def opener(offset=offset, info=info):
-                return _Inflated(path, offset, info.compress_size)
-
-            try:
-                src = NpyStreamSource(opener, name, path, "npz", data_size=info.file_size,
-                                      crc=info.CRC if check_crc else None)
-            except (zlib.error, EOFError) as exc:
-                raise InputError(f"{where}: corrupt zip member ({exc})") from exc
-            src.compression = "deflate"
-            sources.append(src)
-        else:
-            raise InputError(f"{where}: zip compression method {info.compress_type} is not supported")
+        explicit = selected(name) if selected is not None else None
+        if explicit is False:
+            continue
+        try:
+            sources.append(_npz_member(path, info, name, check_crc))
+        except UnsupportedArray as exc:
+            if explicit or skipped is None:
+                raise
+            skipped.append(SkippedArray(path, name, exc.shape, exc.dtype, exc.reason))
     return sources
+
+
+def _npz_member(path: str, info: zipfile.ZipInfo, name: str, check_crc: bool) -> ArraySource:
+    """The source of one member of a .npz (its header parsed). Raises InputError."""
+    where = f"{path}:{name}"
+    if info.flag_bits & 0x1:
+        raise InputError(f"{where}: the zip member is encrypted; bnstat cannot read it")
+    if info.compress_type == zipfile.ZIP_STORED:
+        offset = _stored_offset(path, info)
+
+        def opener(offset=offset, info=info):
+            return _Window(path, offset, info.file_size)
+
+        return NpyStreamSource(opener, name, path, "npz", data_size=info.file_size,
+                               crc=info.CRC if check_crc else None)
+    if info.compress_type == zipfile.ZIP_DEFLATED:
+        offset = _stored_offset(path, info)
+
+        def opener(offset=offset, info=info):
+            return _Inflated(path, offset, info.compress_size)
+
+        try:
+            src = NpyStreamSource(opener, name, path, "npz", data_size=info.file_size,
+                                  crc=info.CRC if check_crc else None)
+        except (zlib.error, EOFError) as exc:
+            raise InputError(f"{where}: corrupt zip member ({exc})") from exc
+        src.compression = "deflate"
+        return src
+    raise InputError(f"{where}: zip compression method {info.compress_type} is not supported")
 
 
 def open_stdin() -> list[ArraySource]:

@@ -62,7 +62,7 @@ def read_rows(source: ArraySource, r0: int, r1: int) -> np.ndarray:
     row_bytes = source.row_bytes
     try:
         if source.kind in ("npy", "npz"):
-            base = 0 if source.kind == "npy" else _member_offset(source.path, source.name)
+            base = 0 if source.kind == "npy" else _member_offset(source.path, source.key)
             offset = base + source.data_offset + r0 * row_bytes
             return np.memmap(source.path, dtype=source.dtype, mode="r", offset=offset, shape=shape)
         if source.kind == "hdf5":
@@ -71,7 +71,7 @@ def read_rows(source: ArraySource, r0: int, r1: int) -> np.ndarray:
             h5py = _h5py()
             out = np.empty(shape, source.dtype.newbyteorder("="))
             with h5py.File(source.path, "r") as f:
-                f[source.name].read_direct(out, np.s_[r0:r1], np.s_[0:r1 - r0])
+                f[source.key].read_direct(out, np.s_[r0:r1], np.s_[0:r1 - r0])
             return out
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"{source.where}: cannot read rows {r0}:{r1} ({exc})") from exc

@@ -99,7 +99,7 @@ class _Hdf5File:
             import h5py
 
             with h5py.File(like.path, "r") as src:
-                ds = src[like.name]
+                ds = src[like.key]
                 if ds.chunks:
                     kwargs["chunks"] = ds.chunks
                 for key in ("compression", "compression_opts", "shuffle", "fletcher32", "scaleoffset"):

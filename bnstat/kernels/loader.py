@@ -104,6 +104,32 @@ def in_cache(call, args: tuple) -> bool:
         return False
 
 
+def index_may_exist(spec: Spec) -> bool:
+    """False when no index of numba's cache for ``spec``'s kernel exists where numba looks:
+    NUMBA_CACHE_DIR, the package's __pycache__, the user-wide cache (numba's locators for a
+    file; a test checks them against numba's own path). Needs no numba: a run whose kernel
+    was never compiled starts computing at once. True when it cannot tell."""
+    import glob
+    import hashlib
+
+    if os.environ.get("NUMBA_CACHE_LOCATOR_CLASSES"):
+        return True
+    module, attr = KERNELS[spec.kernel]
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          module.rsplit(".", 1)[-1] + ".py")
+    here = os.path.dirname(source)
+    sub = f"{os.path.basename(here)}_{hashlib.sha1(here.encode()).hexdigest()}"
+    dirs = [os.path.join(here, "__pycache__")]
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        dirs = [os.path.join(os.environ["NUMBA_CACHE_DIR"], sub)]
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        dirs.append(os.path.join(base, "numba", sub))
+    name = f"{os.path.splitext(os.path.basename(source))[0]}._{attr}-*.py{sys.version_info[0]}" \
+           f"{sys.version_info[1]}.nbi"
+    return any(glob.glob(os.path.join(glob.escape(d), name)) for d in dirs)
+
+
 def compile_apart(spec: Spec) -> subprocess.Popen:
     """Start the detached process that compiles ``spec`` into numba's cache."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -117,26 +143,38 @@ def compile_apart(spec: Spec) -> subprocess.Popen:
 
 class Job:
     """The load of one ``Spec`` in a daemon thread: ``known`` once it is known whether the
-    kernel is cached, ``done`` once it is loaded (or failed: ``error``)."""
+    kernel is cached, ``done`` once it is loaded (or failed: ``error``).
 
-    def __init__(self, spec: Spec, detach: bool = True):
+    ``apart``: the kernel is known not to be cached (``index_may_exist``): the detached
+    compiler is started at once, by the caller, so that it runs even if this process ends
+    before its thread has imported numba. Otherwise the thread starts it, before ``known``
+    is set, when numba's cache has no such kernel.
+    """
+
+    def __init__(self, spec: Spec, apart: bool = False, detach: bool = True):
         self.spec = spec
         self.detach = detach
         self.known = threading.Event()
         self.done = threading.Event()
-        self.cached: bool | None = None
+        self.cached: bool | None = False if apart else None
         self.error: BaseException | None = None
-        self.started = time.perf_counter()
+        self.noted = False  # the first-compile note was given
+        self.proc = compile_apart(spec) if apart and detach else None
+        if apart:
+            self.known.set()
         threading.Thread(target=self._run, name=f"bnstat-load-{spec.kernel}", daemon=True).start()
 
     def _run(self) -> None:
         try:
             call = self.spec.entry()
             args = self.spec.args()
-            self.cached = in_cache(call, args)
-            self.known.set()
-            if not self.cached and self.detach:
-                compile_apart(self.spec).wait()
+            if not self.known.is_set():
+                self.cached = in_cache(call, args)
+                if not self.cached and self.detach:
+                    self.proc = compile_apart(self.spec)
+                self.known.set()
+            if self.proc is not None:
+                self.proc.wait()
             call(*args)  # numba's target, then the kernel from the cache (or compiled here)
         except BaseException as exc:  # re-raised by the thread that asks for the kernel
             self.error = exc
@@ -153,7 +191,7 @@ def job(spec: Spec) -> Job:
     """The (started) load of ``spec``, one per process."""
     with _lock:
         if spec not in _jobs:
-            _jobs[spec] = Job(spec)
+            _jobs[spec] = Job(spec, apart=not index_may_exist(spec))
         return _jobs[spec]
 
 
@@ -169,13 +207,13 @@ def loaded(spec: Spec) -> bool:
     returns False while it is being compiled (the first time, with a note). Raises what the load
     raised."""
     j = job(spec)
-    first = not j.known.is_set()
     _wait(j.known)
     if j.cached:
         _wait(j.done)
-    elif first:
+    elif not j.noted:
         from bnstat.errors import note
 
+        j.noted = True
         note(f"compiling the {spec.kernel} kernel for {spec.dtype} for the first time (a few "
              "seconds, in the background; numpy computes meanwhile)")
     if not j.done.is_set():
