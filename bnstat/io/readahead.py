@@ -23,7 +23,11 @@ from __future__ import annotations
 import threading
 
 MADV_POPULATE_READ = 22  # Linux 5.14+ (not in Python's mmap module)
-STEP = 8 << 20  # bytes per populate call: one 8 MiB piece, the device's readahead size here
+# Bytes per populate call: the device's readahead size here (8 MiB). CPython's
+# mmap.madvise keeps the GIL during the call, so the consumer's Python code (not the
+# kernels, which run without it) may wait for one step: a few ms cold, well under 1 ms
+# page-cached. A madvise through ctypes would release it (not measured yet).
+STEP = 8 << 20
 
 
 class MapPrefetcher:
