@@ -113,14 +113,22 @@ def test_stdin_same_as_file(tmp_path):
     np.testing.assert_allclose(f["mean"], a.astype(np.float64).mean(axis=(0, 2)), rtol=1e-12)
 
 
-def test_thread_gone_when_the_consumer_stops_early(tmp_path):
+def test_thread_gone_when_the_consumer_stops_early(tmp_path, monkeypatch):
+    started = []
+
+    class Recorded(readahead.MapPrefetcher):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            started.append(self.thread)
+
+    monkeypatch.setattr("bnstat.io.npy.MapPrefetcher", Recorded)
     np.save(tmp_path / "a.npy", np.ones((500, 1024), np.float32))
     (src,) = open_path(str(tmp_path / "a.npy"))
     it = src.iter_chunks(10)
     next(it)
-    assert alive() != []  # populating ahead
+    assert len(started) == 1  # a thread populates ahead (it waits: 20 rows ahead at most)
     it.close()
-    assert alive() == []
+    assert not started[0].is_alive() and alive() == []
 
 
 def test_thread_gone_on_an_error_mid_read(tmp_path, monkeypatch):
