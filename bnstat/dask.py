@@ -342,11 +342,44 @@ def session(address: str, *, sources=(), warm: bool = False, hist: bool = False)
     """``connect(address)``, the workers warmed (kernels loaded) for the dtypes of ``sources``
     when ``warm`` (and the histogram kernels too when ``hist``)."""
     preload = _preload(sources, hist=hist) if warm or hist else None
+    check = _CrcCheck(sources)
     with connect(address, preload=preload) as client:
         if warm or hist:
             client.run(_warm, sorted({np.dtype(s.dtype).newbyteorder("=").str for s in sources}),
                        moments=warm, hist=hist)
         yield client
+    check.result()
+
+
+class _CrcCheck:
+    """The CRC-32 of every stored .npz member among ``sources``, checked by the client in a
+    thread while the cluster computes: the workers read slabs of a member, and a CRC covers
+    the whole member. ``result()`` raises the InputError of a damaged one (before any output
+    is written)."""
+
+    def __init__(self, sources):
+        import threading
+
+        self.members = [s for s in sources if getattr(s, "crc", None) is not None
+                        and hasattr(s, "verify_crc")]
+        self.error = None
+        self.thread = None
+        if self.members:
+            self.thread = threading.Thread(target=self._run, name="bnstat-crc-check", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for src in self.members:
+                src.verify_crc()
+        except BaseException as exc:
+            self.error = exc
+
+    def result(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _gather(client, futures, tasks, progress) -> dict:

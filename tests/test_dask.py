@@ -362,3 +362,28 @@ np.savez({str(out)!r}, **{{f"{{n}}/{{f}}": getattr(s, f) for n, s in stats.items
             for f in ("count", "min", "max"):
                 np.testing.assert_array_equal(got[f"{name}/{f}"], getattr(w, f))
             np.testing.assert_allclose(got[f"{name}/var"], w.var, rtol=1e-15, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [["moments"], ["hist", "--bins", "16"],
+                                     ["running", "-b", "8"]])
+def test_a_damaged_stored_npz_member_fails_under_the_scheduler(cluster, tmp_path, rng, command):
+    """The workers read slabs of a stored member and none sees it whole: the client checks its
+    CRC-32 while they compute, so a damaged byte fails the run (exit 1, nothing written) as a
+    local run does; --skip-crc computes it."""
+    x = rng.standard_normal((64, 4, 6)).astype(np.float32)
+    np.savez(tmp_path / "a.npz", acts=x)
+    data = bytearray((tmp_path / "a.npz").read_bytes())
+    at = data.find(x[40].tobytes())
+    assert at > 0
+    data[at + 5] ^= 0x10  # one bit of sample 40: the values change, the header does not
+    (tmp_path / "a.npz").write_bytes(bytes(data))
+    out = tmp_path / "out.json"
+    args = [*command, tmp_path / "a.npz", "--layout", "NCL", "--chunk-size", "1KiB",
+            "--format", "json", "--scheduler", cluster.scheduler_address]
+    code, _, err = _cli(*args, "-o", out)
+    assert code == 1, err
+    assert "bad CRC-32" in err and "a.npz:acts" in err and "Traceback" not in err
+    assert not out.exists()
+    code, _, err = _cli(*args, "--skip-crc", "-o", out)
+    assert code == 0, err

@@ -191,6 +191,21 @@ class NpyStreamSource(ArraySource):
             raise InputError(f"{self.where}: corrupt zip member (bad CRC-32: the data was damaged)",
                              "numpy's np.load refuses it too; restore the file from its source.")
 
+    def verify_crc(self) -> None:
+        """Check the whole member's CRC-32 now, reading it in blocks: for a member whose slabs
+        other processes compute (``--scheduler``), which no single reader sees whole.
+        Raises InputError."""
+        if self.crc is None:
+            return
+        crc, left = 0, self.data_size
+        with self.opener() as fh:
+            while left > 0 and (block := fh.read(min(left, 4 << 20))):
+                crc = zlibx.crc32(block, crc)
+                left -= len(block)
+        if left or crc != self.crc:
+            raise InputError(f"{self.where}: corrupt zip member (bad CRC-32: the data was damaged)",
+                             "numpy's np.load refuses it too; restore the file from its source.")
+
     def _iter_mapped(self, fh, offset: int, rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """Chunks as windows of one read-only memory map of the file.
 
