@@ -25,14 +25,20 @@ import numpy as np
 from bnstat.errors import InputError
 from bnstat.io import zlibx
 from bnstat.io.base import ArraySource, SkippedArray, UnsupportedArray, check_dtype, native, open_input
+from bnstat.io.readahead import MADV_POPULATE_READ, MapPrefetcher
 from bnstat.stream import slabs
 
 _ZIP_LOCAL_HEADER = 30
-# Linux 5.14+: populate the page tables of a range (not in Python's mmap module).
-# Two kernel threads faulting the same map in contend on the mm lock: measured
-# on a page-cached 822 MB NCHW file, 2 threads ran at 1.5 GB/s by faults and
-# 1 thread at 3.3 GB/s (machine shared with other jobs); see bench/README.md.
-_MADV_POPULATE_READ = 22
+# Populating the page tables of a window (MADV_POPULATE_READ, Linux 5.14+) rather
+# than letting the kernel threads fault it in: two threads faulting the same map
+# contend on the mm lock (page-cached 822 MB NCHW file: 1.5 GB/s by faults, 3.3 GB/s
+# populated; bench/README.md). bnstat/io/readahead.py populates ahead in a thread.
+
+
+def _ahead(window: int, page: int) -> int:
+    """Bytes populated past the window in use: half a window (bench/README.md, "Cold reads")."""
+    half = window // 2
+    return max(page, half - half % page)
 
 
 def read_npy_header(fh, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -205,11 +211,11 @@ class NpyStreamSource(ArraySource):
 
         No copy: the kernels read the page cache directly (a 64 MiB
         ``readinto`` ran at 6.3 GB/s (measured), about what the 2-thread
-        kernel needs for itself). The next window is announced with
-        MADV_WILLNEED (5.5 -> 6.8 GB/s on a 6.6 GB file, measured) and a window is
-        dropped with MADV_DONTNEED once the consumer asks for the next one,
-        so resident memory (file pages mapped into the process count) stays
-        one window whatever the file size.
+        kernel needs for itself). A thread populates the map ahead of the
+        window in use (bnstat/io/readahead.py: cold, the disk reads while the
+        kernels compute) and a window is dropped with MADV_DONTNEED once the
+        consumer asks for the next one, so resident memory (file pages mapped
+        into the process count) stays one window and a half whatever the file size.
         """
         shape = self.read_shape
         row_bytes = self.row_bytes
@@ -226,6 +232,7 @@ class NpyStreamSource(ArraySource):
         whole = np.frombuffer(mm, np.uint8)
         advise = hasattr(mm, "madvise")
         populate = advise
+        prefetch = None
 
         def span(r0):  # the page-aligned byte range of the window starting at row r0
             lo = lead + r0 * row_bytes
@@ -236,15 +243,15 @@ class NpyStreamSource(ArraySource):
         try:
             if advise:
                 mm.madvise(mmap.MADV_SEQUENTIAL)
-                mm.madvise(mmap.MADV_WILLNEED, *span(0))
+                window = rows * row_bytes + page
+                prefetch = MapPrefetcher(mm, 0, length, window=window, page=page,
+                                         ahead=_ahead(window, page))
             for sl in slabs(n, rows):
                 self._check_changed()  # a writer waits on the lease: stop before it truncates
                 r0, r = sl.start, sl.stop - sl.start
-                if advise and r0 + rows < n:
-                    mm.madvise(mmap.MADV_WILLNEED, *span(r0 + rows))
-                if populate:
+                if populate and not (prefetch is not None and prefetch.wait(sum(span(r0)))):
                     try:  # map the window's pages in one call, not by faults
-                        mm.madvise(_MADV_POPULATE_READ, *span(r0))
+                        mm.madvise(MADV_POPULATE_READ, *span(r0))
                     except OSError:
                         populate = False  # kernel before 5.14
                 start = lead + r0 * row_bytes
@@ -259,7 +266,11 @@ class NpyStreamSource(ArraySource):
                 del chunk
                 if advise:  # asked for the next chunk: done with this window (ArraySource)
                     mm.madvise(mmap.MADV_DONTNEED, *span(r0))
+                    if prefetch is not None:  # then the thread may read past the next one
+                        prefetch.advance(sum(span(r0)))
         finally:
+            if prefetch is not None:
+                prefetch.close()  # joined before the map goes
             del whole
             try:
                 mm.close()
