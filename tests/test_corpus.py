@@ -349,7 +349,7 @@ def test_three_quick_sigints(tmp_path):
 
     from test_faults import start, temp_files, wait_until_working
 
-    a = np.lib.format.open_memmap(tmp_path / "v.npy", "w+", np.float32, (20_000, 1000))
+    a = np.lib.format.open_memmap(tmp_path / "v.npy", "w+", np.float32, (60_000, 1000))
     a[:] = 1
     a.flush()
     del a
