@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -353,7 +354,7 @@ def test_no_colour_when_stdout_is_a_pipe(tmp_path, acts):
 # ---- under a terminal ---------------------------------------------------------------------------
 
 
-def run_on_pty(args, *, pty_for: str, env_extra=None, cwd=None):
+def run_on_pty(args, *, pty_for: str, env_extra=None, cwd=None, stdin=subprocess.DEVNULL):
     """Run bnstat with stdout or stderr on a pseudo-terminal; (rc, terminal bytes, other stream)."""
     master, slave = pty.openpty()
     env = _env()
@@ -363,7 +364,7 @@ def run_on_pty(args, *, pty_for: str, env_extra=None, cwd=None):
     streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
     streams[pty_for] = slave
     proc = subprocess.Popen([sys.executable, "-m", "bnstat", *map(str, args)], cwd=cwd, env=env,
-                            stdin=subprocess.DEVNULL, **streams)
+                            stdin=stdin, **streams)
     os.close(slave)
     chunks: list[bytes] = []
 
@@ -385,12 +386,35 @@ def run_on_pty(args, *, pty_for: str, env_extra=None, cwd=None):
     return proc.returncode, b"".join(chunks), err if pty_for == "stdout" else out
 
 
+def slow_pipe(path, seconds: float):
+    """The read end of a pipe fed with ``path`` over about ``seconds`` (a slow producer)."""
+    read_end, write_end = os.pipe()
+    data = path.read_bytes()
+    piece = 1 << 22
+    pause = seconds / max(1, len(data) // piece)
+
+    def feed():
+        with os.fdopen(write_end, "wb") as pipe:
+            for start in range(0, len(data), piece):
+                pipe.write(data[start:start + piece])
+                time.sleep(pause)
+
+    threading.Thread(target=feed, daemon=True).start()
+    return read_end
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("no_color", [False, True], ids=["colour", "NO_COLOR"])
 def test_progress_bar_on_a_terminal(big, tmp_path, no_color):  # noqa: F811
+    # The bar appears after half a second; the kernels read 400 MB faster than that, so the
+    # data comes from a producer that takes 1.5 s, as a pipe from a model would.
     env = {"NO_COLOR": "1"} if no_color else {}
-    rc, term, out = run_on_pty(["moments", big, *SLOW, "-o", tmp_path / "s.json"], pty_for="stderr",
-                               env_extra=env)
+    source = slow_pipe(big, 1.5)
+    try:
+        rc, term, out = run_on_pty(["moments", "-", "--name", "big", *SLOW, "-o", tmp_path / "s.json"],
+                                   pty_for="stderr", env_extra=env, stdin=source)
+    finally:
+        os.close(source)
     assert rc == 0, term.decode(errors="replace")
     assert out == b""
     assert b"moments" in term, term[:500]
