@@ -44,7 +44,7 @@ import numpy as np
 
 from bnstat.errors import BnstatError, UsageProblem
 
-__all__ = ["moments", "compute_stats_distributed", "connect", "run_tasks", "tree_merge"]
+__all__ = ["moments", "hist", "compute_stats_distributed", "connect", "run_tasks", "tree_merge"]
 
 EXTRA = "Install the dask extra: pip install 'bnstat[dask]'"
 CONNECT_TIMEOUT = 5  # seconds before an unreachable scheduler is an error
@@ -443,6 +443,17 @@ def _delayed_tree(parts: list, merge):
     return parts[0]
 
 
+def _unwrap(x, layout, channel_axis, name):
+    """(array, layout, name) of ``x``: an xarray DataArray's data, its dimension names as the
+    layout (where they all fit and none was given) and its name."""
+    if hasattr(x, "dims") and hasattr(x, "data"):  # xarray.DataArray
+        if layout is None and channel_axis is None:
+            layout = layout_from_dims(x.dims)
+        name = name or (str(x.name) if x.name is not None else None)
+        x = x.data
+    return x, layout, name or "array"
+
+
 def moments(x, *, layout=None, channel_axis=None, norm="batch", groups=None, reduce=None,
             ddof=0, higher=False, nan="omit", name=None):
     """Exact per-unit statistics of a dask array (or xarray DataArray): one ``Stats``.
@@ -456,12 +467,7 @@ def moments(x, *, layout=None, channel_axis=None, norm="batch", groups=None, red
     import dask
     import dask.array as da
 
-    if hasattr(x, "dims") and hasattr(x, "data"):  # xarray.DataArray
-        if layout is None and channel_axis is None:
-            layout = layout_from_dims(x.dims)
-        name = name or (str(x.name) if x.name is not None else None)
-        x = x.data
-    name = name or "array"
+    x, layout, name = _unwrap(x, layout, channel_axis, name)
     if not isinstance(x, da.Array):
         import bnstat
 
@@ -472,8 +478,6 @@ def moments(x, *, layout=None, channel_axis=None, norm="batch", groups=None, red
         return stats
     from bnstat.io.base import check_dtype, check_shape
     from bnstat.layout import make_plan
-    from bnstat.stats import Stats
-    from bnstat.stream import finish_group
 
     check_dtype(np.dtype(x.dtype), name)
     check_shape(x.shape, name)
@@ -486,6 +490,41 @@ def moments(x, *, layout=None, channel_axis=None, norm="batch", groups=None, red
     # the engine by the whole array's size: its blocks (often under 32 MiB each) are many
     merged = _graph(x, plan, higher, pick_engine(int(x.nbytes)))
     (moments_,) = dask.compute(merged)
+    return stats_of(moments_, x, plan, name=name, ddof=ddof, nan=nan)
+
+
+def hist(x, *, layout=None, channel_axis=None, norm="batch", groups=None, reduce=None, ddof=0,
+         bins=2048, range="auto", quantiles=None, amax=None, per_tensor=False, num_bits=8,
+         unsigned=False, nan="omit", name=None):
+    """Exact per-unit histograms of a dask array (or xarray DataArray): one ``Histogram``.
+
+    Options and results as for ``bnstat.hist`` (README "Histograms"), the layout and
+    name as for ``moments``. Every pass is one dask graph of per-block tasks, merged
+    exactly (bnstat.dask_array_hist): counts, edges, quantiles and amax are those of
+    ``bnstat.hist`` on the same data in memory, for any chunking. A numpy-backed input
+    is computed by ``bnstat.hist``. Raises BnstatError.
+    """
+    _require("dask")
+    import dask.array as da
+
+    x, layout, name = _unwrap(x, layout, channel_axis, name)
+    options = dict(layout=layout, channel_axis=channel_axis, norm=norm, groups=groups,
+                   reduce=reduce, ddof=ddof, bins=bins, range=range, quantiles=quantiles,
+                   amax=amax, per_tensor=per_tensor, num_bits=num_bits, unsigned=unsigned, nan=nan)
+    if not isinstance(x, da.Array):
+        import bnstat
+
+        return next(iter(bnstat.hist(np.asarray(x), name=name, **options).values()))
+    from bnstat.dask_array_hist import hist as _hist
+
+    return _hist(x, name=name, **options)
+
+
+def stats_of(moments_, x, plan, *, name: str, ddof: int, nan: str):
+    """The Stats of the dask array ``x`` from its merged Moments, checked (--nan)."""
+    from bnstat.stats import Stats
+    from bnstat.stream import finish_group
+
     stats = Stats(name=name, moments=moments_, shape=tuple(x.shape), dtype=np.dtype(x.dtype).name,
                   layout=plan.letters, reduce=plan.reduce_letters, unit_axes=plan.unit_axes,
                   ddof=ddof, sources=[name], norm=plan.norm, groups=plan.groups,
@@ -499,12 +538,20 @@ def moments(x, *, layout=None, channel_axis=None, norm="batch", groups=None, red
 
 def _graph(x, plan, higher: bool, engine: str):
     """The delayed Moments of ``x``: block partials, merged along reduced axes, joined along kept."""
-    import itertools
-
     import dask
 
     blocks = x.to_delayed()
     part = dask.delayed(_block_moments, pure=True)
+    return joined_moments(x, plan, lambda index: part(blocks[index], plan, higher, engine))
+
+
+def joined_moments(x, plan, part):
+    """The delayed Moments of ``x`` from ``part(block index)``, the delayed Moments of each
+    block: merged in a fixed tree along the reduced axes, joined along the kept ones."""
+    import itertools
+
+    import dask
+
     merge = dask.delayed(_merge, pure=True)
     concat = dask.delayed(_concat, pure=True)
     keep = plan.keep
@@ -518,7 +565,7 @@ def _graph(x, plan, higher: bool, engine: str):
                 index[a] = i
             for a, i in zip(red, ridx):
                 index[a] = i
-            parts.append(part(blocks[tuple(index)], plan, higher, engine))
+            parts.append(part(tuple(index)))
         grid[kidx] = _delayed_tree(parts, merge)
     # join along the kept axes, last first: unit axis k is the k-th kept axis
     for k in reversed(range(len(keep))):
@@ -527,3 +574,20 @@ def _graph(x, plan, higher: bool, engine: str):
             joined.setdefault(kidx[:k], []).append(grid[kidx])
         grid = {key: (vals[0] if len(vals) == 1 else concat(k, *vals)) for key, vals in joined.items()}
     return grid[()]
+
+
+def block_units(x, plan) -> dict:
+    """Block index of ``x`` -> the flat units (of the whole array's unit shape) of the
+    block's units, in C order: unit axis k is the k-th kept axis (the groups of group
+    norm: the channel axis, whole in every block)."""
+    import itertools
+
+    whole = np.arange(int(np.prod(plan.unit_shape(tuple(x.shape))))).reshape(
+        plan.unit_shape(tuple(x.shape)))
+    starts = [np.concatenate([[0], np.cumsum(c)]) for c in x.chunks]
+    out = {}
+    for index in itertools.product(*(range(n) for n in x.numblocks)):
+        sl = tuple(slice(None) if (plan.groups is not None and a == plan.channel_axis) else
+                   slice(int(starts[a][index[a]]), int(starts[a][index[a] + 1])) for a in plan.keep)
+        out[index] = whole[sl].ravel()
+    return out

@@ -41,53 +41,61 @@ def run_hist_task(task, plan, units, spec: dict, *, threads: int, engine: str, c
     ``units`` maps the slab's units to the array's flat units; ``spec`` is the pass
     (``_spec``). Raises BnstatError naming the file.
     """
+    with task_errors(task):
+        return hist_pass(open_task(task, check_crc), plan, units, spec, threads=threads,
+                         engine=engine, chunk_size=chunk_size)
+
+
+def hist_pass(src, plan, units, spec: dict, *, threads: int, engine: str, chunk_size: int) -> dict:
+    """One pass of ``spec`` (``_spec``) over source ``src``: its partials (see ``_merge``).
+
+    ``units`` maps the source's units (scan order) to the array's flat units; the
+    moments, when the pass takes them, are the source's own (of its unit shape)."""
     from bnstat.distributions import UnitState, finite_visitor
     from bnstat.histrun import chunk_visitor
     from bnstat.stream import set_threads, source_moments
 
-    with task_errors(task):
-        src = open_task(task, check_crc)
-        set_threads(threads)  # the counting kernels are Numba's whatever the moments engine
-        state = tables = bad = None
-        visits = []
-        if spec["count"] is not None:
-            c = spec["count"]
-            state = UnitState(c["n_units"], c["bins"], absval=c["absval"])
-            state.lo, state.hi, state.inv, state.edges = c["lo"], c["hi"], c["inv"], c["edges"]
-            state.margin = c["margin"]
-            state.counts = np.zeros((c["n_units"], c["bins"]), np.int64)
-            state.extra = {k: np.zeros(c["n_units"], np.int64) for k in _EXTRA}
-        if spec["select"] is not None:
-            t = spec["select"]  # shared by the worker's tasks: never written to
-            tables = dict(t, pos=t["pos"].copy(), counts=np.zeros(t["n_counts"] + 1, np.int64),
-                          keys=np.zeros(max(1, t["n_keys"]), np.uint64))
-        if state is not None or tables is not None:
-            visits.append(chunk_visitor(spec["dtype"], spec["per_tensor"], units, state, tables,
-                                        threads))
-        if spec["bad"] is not None:
-            bad = spec["bad"]
-            mn, mx = np.full(bad.size, np.inf), np.full(bad.size, -np.inf)
-            visits.append(finite_visitor(bad, mn, mx, units))
-        visit = visits[0] if len(visits) == 1 else None
-        if len(visits) > 1:
-            def visit(x, lo, hi):
-                for v in visits:
-                    v(x, lo, hi)
-        moments = source_moments(src, plan, chunk_size=chunk_size, threads=threads, engine=engine,
-                                 visit=visit, moments=spec["moments"])
-        out = {"moments": moments}
-        if state is not None:
-            out["counts"] = _pack(state.counts)
-            out["extra"] = {k: _pack(v) for k, v in state.extra.items()}
-        if tables is not None:
-            out["scounts"] = _pack(tables["counts"])
-            start = spec["select"]["pos"]
-            n = tables["pos"] - start  # keys collected per (unit, slot)
-            out["nkeys"] = _pack(n)
-            out["keys"] = tables["keys"][_runs(start.ravel(), n.ravel())]
-        if bad is not None:
-            out["min"], out["max"] = mn, mx
-        return out
+    set_threads(threads)  # the counting kernels are Numba's whatever the moments engine
+    state = tables = bad = None
+    visits = []
+    if spec["count"] is not None:
+        c = spec["count"]
+        state = UnitState(c["n_units"], c["bins"], absval=c["absval"])
+        state.lo, state.hi, state.inv, state.edges = c["lo"], c["hi"], c["inv"], c["edges"]
+        state.margin = c["margin"]
+        state.counts = np.zeros((c["n_units"], c["bins"]), np.int64)
+        state.extra = {k: np.zeros(c["n_units"], np.int64) for k in _EXTRA}
+    if spec["select"] is not None:
+        t = spec["select"]  # shared by the worker's tasks: never written to
+        tables = dict(t, pos=t["pos"].copy(), counts=np.zeros(t["n_counts"] + 1, np.int64),
+                      keys=np.zeros(max(1, t["n_keys"]), np.uint64))
+    if state is not None or tables is not None:
+        visits.append(chunk_visitor(spec["dtype"], spec["per_tensor"], units, state, tables,
+                                    threads))
+    if spec["bad"] is not None:
+        bad = spec["bad"]
+        mn, mx = np.full(bad.size, np.inf), np.full(bad.size, -np.inf)
+        visits.append(finite_visitor(bad, mn, mx, units))
+    visit = visits[0] if len(visits) == 1 else None
+    if len(visits) > 1:
+        def visit(x, lo, hi):
+            for v in visits:
+                v(x, lo, hi)
+    moments = source_moments(src, plan, chunk_size=chunk_size, threads=threads, engine=engine,
+                             visit=visit, moments=spec["moments"])
+    out = {"moments": moments}
+    if state is not None:
+        out["counts"] = _pack(state.counts)
+        out["extra"] = {k: _pack(v) for k, v in state.extra.items()}
+    if tables is not None:
+        out["scounts"] = _pack(tables["counts"])
+        start = spec["select"]["pos"]
+        n = tables["pos"] - start  # keys collected per (unit, slot)
+        out["nkeys"] = _pack(n)
+        out["keys"] = tables["keys"][_runs(start.ravel(), n.ravel())]
+    if bad is not None:
+        out["min"], out["max"] = mn, mx
+    return out
 
 
 def _runs(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -180,7 +188,6 @@ def hist_passes(address: str, sources, arrays: dict, rng, *, ddof, nan_policy, c
     Dask cluster at ``address``, into ``arrays``. Raises BnstatError (a task's own error,
     or the scheduler's)."""
     from bnstat.dask import group_stats, plan_tasks, run_tasks, session, source_plans
-    from bnstat.distributions import with_finite
     from bnstat.stream import pick_engine, plan_groups
 
     array_groups, plans = plan_groups(sources, per_file=per_file, **layout)
@@ -195,9 +202,11 @@ def hist_passes(address: str, sources, arrays: dict, rng, *, ddof, nan_policy, c
         a.threads = threads
 
     with session(address, sources=sources, warm=engine == "numba", hist=True) as client:
-        def run(specs: dict, gidx: dict, ranges=None, progress=None) -> dict:
+        def run(specs: dict, *, moments: bool = False, ranges=None) -> dict | None:
             todo = [t for t in tasks if names[t.group] in specs]
             shared = {name: client.scatter([spec], hash=False)[0] for name, spec in specs.items()}
+            gidx = {name: (arrays[name].unit_gidx() if spec["bad"] is not None else arrays[name].gidx)
+                    for name, spec in specs.items()}
 
             def args(t):
                 name = names[t.group]
@@ -208,41 +217,50 @@ def hist_passes(address: str, sources, arrays: dict, rng, *, ddof, nan_policy, c
                         _task_units(t, a.sources[i], a.plans[i], gidx[name][i], one_unit),
                         shared[name])
 
-            results = run_tasks(client, todo, run_hist_task, args, kwargs, progress=progress)
+            results = run_tasks(client, todo, run_hist_task, args, kwargs,
+                                progress=progress if moments else None)
             for t in todo:
                 _merge(arrays[names[t.group]], results[t.index], ranges, names[t.group])
-            return results
+            if moments:
+                return group_stats(array_groups, plans, tasks,
+                                   {i: r["moments"] for i, r in results.items()},
+                                   ddof=ddof, nan_policy=nan_policy)
+            return None
 
-        # pass 1: the moments, with the LO:HI counts and the first quantile pass
-        for a in arrays.values():
-            a.start_pass()
-        results = run({n: _spec(a, moments=True) for n, a in arrays.items()},
-                      {n: a.gidx for n, a in arrays.items()}, progress=progress)
-        stats = group_stats(array_groups, plans, tasks, {i: r["moments"] for i, r in results.items()},
-                            ddof=ddof, nan_policy=nan_policy)
-        del results
+        drive_passes(arrays, rng, run)
+
+
+def drive_passes(arrays: dict, rng, run) -> None:
+    """The passes of ``compute_hist`` for ``arrays`` (bnstat.histrun._Array by name), each
+    a call ``run(specs, moments=, ranges=)``: the pass of every array named in ``specs``
+    (``_spec``) run and its partials merged (``_merge``), the arrays' ``{name: Stats}``
+    returned when ``moments``. The order of the passes is that of a local run."""
+    from bnstat.distributions import with_finite
+
+    # pass 1: the moments, with the LO:HI counts and the first quantile pass
+    for a in arrays.values():
+        a.start_pass()
+    stats = run({n: _spec(a, moments=True) for n, a in arrays.items()}, moments=True)
+    for name, a in arrays.items():
+        a.moments_done(stats[name])
+    if not isinstance(rng, tuple):
+        # the exact ranges: the moments' min and max, but in units holding +-inf
+        bad = {n: stats[n].moments.inf_count.ravel() > 0 for n in arrays}
+        bad = {n: b for n, b in bad.items() if b.any()}
+        ranges = {n: (np.full(b.size, np.inf), np.full(b.size, -np.inf)) for n, b in bad.items()}
+        if bad:
+            run({n: _spec(arrays[n], moments=False, bad=b) for n, b in bad.items()}, ranges=ranges)
         for name, a in arrays.items():
-            a.moments_done(stats[name])
-        if not isinstance(rng, tuple):
-            # the exact ranges: the moments' min and max, but in units holding +-inf
-            bad = {n: stats[n].moments.inf_count.ravel() > 0 for n in arrays}
-            bad = {n: b for n, b in bad.items() if b.any()}
-            ranges = {n: (np.full(b.size, np.inf), np.full(b.size, -np.inf)) for n, b in bad.items()}
-            if bad:
-                run({n: _spec(arrays[n], moments=False, bad=b) for n, b in bad.items()},
-                    {n: arrays[n].unit_gidx() for n in bad}, ranges)
-            for name, a in arrays.items():
-                m = stats[name].moments
-                mn, mx = (with_finite(stats[name], bad[name], *ranges[name]) if name in bad else
-                          (m.min.ravel().astype(np.float64), m.max.ravel().astype(np.float64)))
-                a.set_range(rng, mn, mx)
-        while True:  # the counting pass and the quantile passes left
-            active = {n: a for n, a in arrays.items() if a.counting or a.selecting}
-            if not active:
-                break
-            for a in active.values():
-                a.start_pass()
-            run({n: _spec(a, moments=False) for n, a in active.items()},
-                {n: a.gidx for n, a in active.items()})
-            for a in active.values():
-                a.end_pass()
+            m = stats[name].moments
+            mn, mx = (with_finite(stats[name], bad[name], *ranges[name]) if name in bad else
+                      (m.min.ravel().astype(np.float64), m.max.ravel().astype(np.float64)))
+            a.set_range(rng, mn, mx)
+    while True:  # the counting pass and the quantile passes left
+        active = {n: a for n, a in arrays.items() if a.counting or a.selecting}
+        if not active:
+            break
+        for a in active.values():
+            a.start_pass()
+        run({n: _spec(a, moments=False) for n, a in active.items()})
+        for a in active.values():
+            a.end_pass()

@@ -177,20 +177,9 @@ def compute_hist(sources, *, layout=None, channel_axis=None, norm="batch", group
     pass runs there, as tasks over slabs (bnstat.dask_hist; ``check_crc`` for the workers'
     reads); the counts, edges and quantiles are those of a local run.
     """
-    from bnstat.amax import check_method
-    from bnstat.quantiles import check_quantiles
     from bnstat.stream import DEFAULT_CHUNK_SIZE
 
-    bins = default_bins(bins)
-    try:
-        rng = parse_range(range) if isinstance(range, str) else parse_range(f"{range[0]!r}:{range[1]!r}")
-        qs = check_quantiles(quantiles) if quantiles is not None and len(quantiles) else None
-    except ValueError as exc:
-        raise UsageProblem(f"--range/--quantiles: {exc}") from None
-    methods = [check_method(m) for m in (amax or ())]
-    if methods and rng != "abs":
-        raise UsageProblem(f"--amax/amax= works on the histogram of |x|, but --range/range= is "
-                           f"{range!r}", "Use --range abs (the calibration convention).")
+    bins, rng, qs, methods = check_options(bins, range, quantiles, amax)
     check_passes(sources, rng, qs)
     chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
     arrays = {name: _Array(srcs, plans, bins, rng, qs, per_tensor)
@@ -210,16 +199,41 @@ def compute_hist(sources, *, layout=None, channel_axis=None, norm="batch", group
                       engine=engine)
     out = {}
     for name, a in arrays.items():
-        s = a.stats
-        h = build(s, a.state, rng, per_tensor, num_bits, unsigned)
-        if qs:
-            h.quantile_q = tuple(qs)
-            h.quantile_values = a.selector.values().reshape(s.unit_shape + (len(qs),))
-        h.amax_values = {m: h.amax(m) for m in methods}
+        h = finish(a, rng, qs, methods, num_bits, unsigned)
         if rerun is not None:
             h._rerun = functools.partial(_rerun_one, rerun, name)
         out[name] = h
     return out
+
+
+def check_options(bins, range, quantiles, amax):
+    """The checked ``(bins, range, quantiles or None, amax methods)`` of ``compute_hist``.
+    Raises UsageProblem."""
+    from bnstat.amax import check_method
+    from bnstat.quantiles import check_quantiles
+
+    bins = default_bins(bins)
+    try:
+        rng = parse_range(range) if isinstance(range, str) else parse_range(f"{range[0]!r}:{range[1]!r}")
+        qs = check_quantiles(quantiles) if quantiles is not None and len(quantiles) else None
+    except ValueError as exc:
+        raise UsageProblem(f"--range/--quantiles: {exc}") from None
+    methods = [check_method(m) for m in (amax or ())]
+    if methods and rng != "abs":
+        raise UsageProblem(f"--amax/amax= works on the histogram of |x|, but --range/range= is "
+                           f"{range!r}", "Use --range abs (the calibration convention).")
+    return bins, rng, qs, methods
+
+
+def finish(a: _Array, rng, qs, methods, num_bits: int, unsigned: bool):
+    """The Histogram of array ``a`` once its passes are over, with its quantiles and amax."""
+    s = a.stats
+    h = build(s, a.state, rng, a.per_tensor, num_bits, unsigned)
+    if qs:
+        h.quantile_q = tuple(qs)
+        h.quantile_values = a.selector.values().reshape(s.unit_shape + (len(qs),))
+    h.amax_values = {m: h.amax(m) for m in methods}
+    return h
 
 
 def _local_passes(sources, arrays: dict, rng, *, chunk_size: int, threads, progress, **compute):

@@ -1,0 +1,168 @@
+"""``bnstat.dask.hist``: the histograms, quantiles and amax of a dask array.
+
+The passes are those of ``bnstat hist`` (``bnstat.dask_hist.drive_passes``):
+the moments pass (with the ``LO:HI`` counts and the first quantile pass),
+for ``auto``/``abs`` a range pass over the units holding +-inf (only when
+there are some) and the counting pass, then the quantile passes left. Each
+pass is one dask graph, computed by whatever scheduler is active:
+
+- a task per block runs ``dask_hist.hist_pass`` (bnstat's kernels) on the
+  block in memory, with the array's flat units of the block's units, and
+  returns the partials of ``bnstat hist --scheduler``'s tasks;
+- the partials merge in a fixed pairwise tree over the blocks in C order
+  (``merge_partials``): counts add (int64), the keys a block collects for a
+  quantile slot follow those of the blocks before it (a slot's keys are
+  sorted before use), finite min and max by np.minimum and np.maximum;
+- the moments merge as in ``bnstat.dask.moments`` (a fixed tree along the
+  reduced axes, joined along the kept ones).
+
+The client takes the one merged partial into the array's state and plans
+the next pass. So counts, edges, quantiles and amax are bit-identical to
+``bnstat.hist`` on the same data in memory, for any chunking and any
+scheduler; the moments are ``bnstat.dask.moments``'s.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+
+import numpy as np
+
+from bnstat.dask_hist import _EXTRA, _add_into, _dense, _merge, _pack, _runs
+
+
+class _Whole:
+    """The dask array as the one source of ``histrun._Array``: its name, shape and dtype."""
+
+    fortran = False
+
+    def __init__(self, x, name: str):
+        self.name = self.where = name
+        self.shape = self.read_shape = tuple(x.shape)
+        self.dtype = np.dtype(x.dtype)
+
+
+def hist(x, *, name: str, layout=None, channel_axis=None, norm="batch", groups=None, reduce=None,
+         ddof=0, bins=2048, range="auto", quantiles=None, amax=None, per_tensor=False, num_bits=8,
+         unsigned=False, nan="omit"):
+    """The Histogram of the dask array ``x`` (options of ``bnstat.hist``). Raises BnstatError."""
+    import dask
+
+    from bnstat.dask import block_units, stats_of
+    from bnstat.dask_hist import drive_passes
+    from bnstat.histrun import _Array, check_options, finish
+    from bnstat.io.base import check_dtype, check_shape
+    from bnstat.layout import array_layout, make_plan
+    from bnstat.stream import pick_engine
+
+    options = dict(layout=layout, channel_axis=channel_axis, norm=norm, groups=groups,
+                   reduce=reduce, ddof=ddof, bins=bins, range=range, quantiles=quantiles, amax=amax,
+                   per_tensor=per_tensor, num_bits=num_bits, unsigned=unsigned, nan=nan)
+    check_dtype(np.dtype(x.dtype), name)
+    check_shape(x.shape, name)
+    bins_, rng, qs, methods = check_options(bins, range, quantiles, amax)
+    whole = _Whole(x, name)
+    plan = make_plan(whole.shape, layout=array_layout(whole, layout, channel_axis),
+                     channel_axis=channel_axis, norm=norm, groups=groups, reduce=reduce, name=name)
+    if plan.groups is not None:  # a block must hold whole groups of channels
+        x = x.rechunk({plan.channel_axis: -1})
+    a = _Array([whole], [plan], bins_, rng, qs, per_tensor)
+    # the engine of the moments by the whole array's size, as bnstat.dask.moments
+    engine = pick_engine(int(x.nbytes))
+    blocks = x.to_delayed()
+    units = block_units(x, plan)  # block index -> the array's flat units of its units
+
+    def run(specs: dict, *, moments: bool = False, ranges=None):
+        spec = specs[name]
+        one_unit = per_tensor and spec["bad"] is None
+        shared = dask.delayed(spec, name=f"bnstat-hist-spec-{uuid.uuid4().hex}", traverse=False)
+        task = dask.delayed(_block_pass, pure=False)
+        parts = {index: task(blocks[index], plan, None if one_unit else units[index], shared,
+                             engine, name) for index in np.ndindex(*x.numblocks)}
+        merged = _tree(list(parts.values()), dask.delayed(merge_partials, pure=False), shared)
+        if not moments:
+            (partial,) = dask.compute(merged)
+            _merge(a, partial, ranges, name)
+            return None
+        from bnstat.dask import joined_moments
+
+        joined = joined_moments(x, plan, lambda index: parts[index]["moments"])
+        partial, m = dask.compute(merged, joined)
+        _merge(a, partial, ranges, name)
+        return {name: stats_of(m, x, plan, name=name, ddof=ddof, nan=nan)}
+
+    drive_passes({name: a}, rng, run)
+    h = finish(a, rng, qs, methods, num_bits, unsigned)
+    h._rerun = functools.partial(_rerun, x, name, options)
+    return h
+
+
+def _rerun(x, name, options, **changes):
+    return hist(x, name=name, **{**options, **changes})
+
+
+def _block_pass(block, plan, units, spec: dict, engine: str, name: str) -> dict:
+    """In a task: one pass over one block (``dask_hist.hist_pass``). ``units``: the array's
+    flat units of the block's units in C order (None: --per-tensor's one unit)."""
+    from bnstat.dask_hist import hist_pass
+    from bnstat.distributions import unit_index
+    from bnstat.io import MemorySource
+
+    src = MemorySource(np.asarray(block), name)
+    if units is None:
+        units = np.zeros(1, np.int64)
+    else:  # the block's units in its scan order (a Fortran-ordered block is read transposed)
+        units = units[unit_index([src], [plan], 0)]
+    return hist_pass(src, plan, units, spec, threads=1, engine=engine,
+                     chunk_size=max(1, src.nbytes))
+
+
+def _tree(parts: list, merge, spec):
+    while len(parts) > 1:
+        parts = [merge(parts[i], parts[i + 1], spec) if i + 1 < len(parts) else parts[i]
+                 for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def _sum(a, b, shape) -> object:
+    """The sum of two packed (``dask_hist._pack``) int64 arrays of ``shape``, packed; two
+    sparse ones are added without the dense array (a block's partials hold the counters of
+    every unit of the array, but the values of its own units only)."""
+    size = int(np.prod(shape))
+    if isinstance(a, tuple) and isinstance(b, tuple) and 2 * (a[1].size + b[1].size) < size:
+        idx = np.concatenate([a[1], b[1]])
+        val = np.concatenate([a[2], b[2]])
+        order = np.argsort(idx, kind="stable")
+        idx, val = idx[order], val[order]
+        first = np.flatnonzero(np.diff(idx, prepend=-1))
+        return ("sparse", idx[first], np.add.reduceat(val, first) if idx.size else val)
+    out = np.zeros(shape, np.int64)
+    _add_into(out, a)
+    _add_into(out, b)
+    return _pack(out)
+
+
+def merge_partials(p: dict, q: dict, spec: dict) -> dict:
+    """The partials of two parts of a pass (``dask_hist.hist_pass``), ``p`` before ``q``:
+    what one task over both would return, but the moments (merged apart)."""
+    out = {}
+    if "counts" in p:
+        c = spec["count"]
+        out["counts"] = _sum(p["counts"], q["counts"], (c["n_units"], c["bins"]))
+        out["extra"] = {k: _sum(p["extra"][k], q["extra"][k], (c["n_units"],)) for k in _EXTRA}
+    if "scounts" in p:
+        t = spec["select"]
+        shape = t["pos"].shape
+        out["scounts"] = _sum(p["scounts"], q["scounts"], (t["n_counts"] + 1,))
+        na, nb = _dense(p["nkeys"], shape).ravel(), _dense(q["nkeys"], shape).ravel()
+        n = na + nb
+        start = np.cumsum(n) - n  # a (unit, slot)'s keys: p's, then q's
+        keys = np.empty(int(n.sum()), np.uint64)
+        keys[_runs(start, na)] = p["keys"]
+        keys[_runs(start + na, nb)] = q["keys"]
+        out["nkeys"] = _pack(n.reshape(shape))
+        out["keys"] = keys
+    if "min" in p:
+        out["min"], out["max"] = np.minimum(p["min"], q["min"]), np.maximum(p["max"], q["max"])
+    return out
