@@ -104,18 +104,102 @@ def _rerun(x, name, options, **changes):
 
 def _block_pass(block, plan, units, spec: dict, engine: str, name: str) -> dict:
     """In a task: one pass over one block (``dask_hist.hist_pass``). ``units``: the array's
-    flat units of the block's units in C order (None: --per-tensor's one unit)."""
+    flat units of the block's units in C order, ascending (None: --per-tensor's one unit).
+
+    The counting and the quantile tables are those of the block's units alone (``_local``),
+    its partials placed back among the array's units, sparse (``_placed``)."""
     from bnstat.dask_hist import hist_pass
     from bnstat.distributions import unit_index
     from bnstat.io import MemorySource
 
     src = MemorySource(np.asarray(block), name)
     if units is None:
-        units = np.zeros(1, np.int64)
-    else:  # the block's units in its scan order (a Fortran-ordered block is read transposed)
-        units = units[unit_index([src], [plan], 0)]
-    return hist_pass(src, plan, units, spec, threads=1, engine=engine,
-                     chunk_size=max(1, src.nbytes))
+        return hist_pass(src, plan, np.zeros(1, np.int64), spec, threads=1, engine=engine,
+                         chunk_size=max(1, src.nbytes))
+    scan = unit_index([src], [plan], 0)  # the block's units in its scan order (a Fortran
+    # -ordered block is read transposed) -> its units in C order
+    local = spec["bad"] is None and units.size < _n_units(spec)
+    out = hist_pass(src, plan, scan if local else units[scan], _local(spec, units) if local else spec,
+                    threads=1, engine=engine, chunk_size=max(1, src.nbytes))
+    return _placed(out, spec, units) if local else out
+
+
+def _n_units(spec: dict) -> int:
+    if spec["count"] is not None:
+        return spec["count"]["n_units"]
+    return spec["select"]["nslot"].size if spec["select"] is not None else 0
+
+
+def _collected(t: dict) -> np.ndarray:
+    """(U, S) bool: the slots of a quantile pass that collect keys."""
+    return (np.arange(t["slo"].shape[1]) < t["nslot"][:, None]) & t["scollect"]
+
+
+def _counted(t: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(U, S) bool of the slots that count buckets, and (U, S) their numbers of buckets."""
+    counted = (np.arange(t["slo"].shape[1]) < t["nslot"][:, None]) & ~t["scollect"]
+    nb = np.where(counted, ((t["shi"] - t["slo"]) >> t["sshift"]).astype(np.int64) + 1, 0)
+    return counted, nb
+
+
+def _local(spec: dict, units: np.ndarray) -> dict:
+    """``spec`` for the units ``units`` of the array alone (their rows, in that order; the
+    bucket counters and key buffers of their slots packed one after the other)."""
+    out = dict(spec)
+    if spec["count"] is not None:
+        c = spec["count"]
+        out["count"] = dict(c, n_units=units.size,
+                            **{k: c[k][units] for k in ("lo", "hi", "inv", "margin", "edges")})
+    if spec["select"] is not None:
+        t = spec["select"]
+        lt = {k: (t[k][units] if isinstance(t[k], np.ndarray) else t[k]) for k in t}
+        counted, nb = _counted(lt)
+        flat = nb.ravel()
+        lt["sbase"] = np.where(counted, (np.cumsum(flat) - flat).reshape(nb.shape), 0)
+        cap = _capacity(t)[units]
+        lt["pos"] = np.where(_collected(lt), (np.cumsum(cap.ravel()) - cap.ravel()).reshape(cap.shape), 0)
+        lt["n_counts"], lt["n_keys"] = int(flat.sum()), int(cap.sum())
+        out["select"] = lt
+    return out
+
+
+def _capacity(t: dict) -> np.ndarray:
+    """(U, S): the keys each collecting slot of the array's tables has room for (the slots'
+    buffers follow each other in (unit, slot) order, ``quantiles.Selector.tables``)."""
+    coll = _collected(t)
+    cap = np.zeros(coll.shape, np.int64)
+    cap[coll] = np.diff(np.append(t["pos"][coll], t["n_keys"]))
+    return cap
+
+
+def _placed(out: dict, spec: dict, units: np.ndarray) -> dict:
+    """The partials of ``hist_pass`` over the tables of ``_local(spec, units)`` as those over
+    the array's (sparse: flat indices among the array's units)."""
+    placed = {"moments": out["moments"]}
+    if "counts" in out:
+        c = spec["count"]
+        placed["counts"] = _sparse(_dense(out["counts"], (units.size, c["bins"])),
+                                   units[:, None] * c["bins"] + np.arange(c["bins"]))
+        placed["extra"] = {k: _sparse(_dense(v, units.shape), units) for k, v in out["extra"].items()}
+    if "scounts" in out:
+        t = spec["select"]
+        lt = _local(spec, units)["select"]
+        counted, nb = _counted(lt)
+        where = np.append(_runs(t["sbase"][units][counted], nb[counted]), t["n_counts"])  # + scratch
+        placed["scounts"] = _sparse(_dense(out["scounts"], (lt["n_counts"] + 1,)), where)
+        S = t["slo"].shape[1]
+        placed["nkeys"] = _sparse(_dense(out["nkeys"], (units.size, S)),
+                                  units[:, None] * S + np.arange(S))
+        placed["keys"] = out["keys"]  # in (unit, slot) order, the units ascending
+    return placed
+
+
+def _sparse(local: np.ndarray, where: np.ndarray) -> tuple:
+    """("sparse", flat indices, values) of the nonzero values of ``local``, placed at ``where``
+    (the flat index of each of its values among the array's)."""
+    flat = local.reshape(-1)
+    nz = np.flatnonzero(flat)
+    return ("sparse", where.reshape(-1)[nz].astype(np.int64), flat[nz])
 
 
 def _tree(parts: list, merge, spec):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 
 # cached, no GIL, no blanket fastmath (nnan/ninf would delete the NaN tests)
 JIT = dict(cache=True, nogil=True)
@@ -28,6 +29,9 @@ JIT = dict(cache=True, nogil=True)
 SUMS_JIT = dict(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz"})
 # the kernels that split their work over threads (prange)
 PARALLEL_JIT = dict(JIT, parallel=True)
+
+
+_READY = threading.Lock()
 
 
 class _Setup:
@@ -72,9 +76,12 @@ def ready() -> None:
     """
     if _Setup.target_loaded:
         return
-    setup()
-    _light_cache_loads()
-    _Setup.target_loaded = True
+    with _READY:  # the threads of a dask scheduler: numba imported by one (its import has cycles)
+        if _Setup.target_loaded:
+            return
+        setup()
+        _light_cache_loads()
+        _Setup.target_loaded = True
 
 
 def _light_cache_loads() -> None:
