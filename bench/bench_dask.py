@@ -1,8 +1,9 @@
 """bnstat on Dask against bnstat alone, and against dask's own reductions, in one run.
 
     python bench/bench_dask.py [--shards 8] [--shard-mb 256] [--reps 3] [--tmp DIR]
+                               [--cases moments,hist]
 
-Two comparisons (README "On a Dask cluster"; figures in bench/README.md):
+Three comparisons (README "On a Dask cluster"; figures in bench/README.md):
 
 1. Whole processes on the same shards (page cache warmed first):
    ``bnstat moments shard*.npy --layout NCHW`` (local, 2 threads) against
@@ -15,6 +16,13 @@ Two comparisons (README "On a Dask cluster"; figures in bench/README.md):
    ``bnstat.dask.moments(x)`` against ``dask.compute(x.mean(a), x.var(a),
    x.min(a), x.max(a))``, which is what a dask user writes for the same four
    statistics.
+3. (``hist``) On the same dask array: ``bnstat.dask.hist(x)`` (per-channel
+   histograms of 2048 bins over each channel's exact min..max, with the
+   moments: two passes) against ``dask.array.histogram`` of the whole tensor
+   over ``(da.min(x), da.max(x))`` (two passes too: dask has no per-channel
+   histogram, so its figure is for one histogram where bnstat makes 64), and
+   against ``bnstat.hist`` on the same data in memory (a numpy array, no
+   dask); the three interleaved.
 
 Each figure is the median of ``--reps`` runs, with the spread (min..max).
 """
@@ -66,7 +74,9 @@ def main(argv=None):
     ap.add_argument("--shard-mb", type=float, default=256)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tmp", default=None)
+    ap.add_argument("--cases", default="moments,hist", help="moments, hist or both")
     args = ap.parse_args(argv)
+    cases = set(args.cases.split(","))
     import dask
     import dask.array as da
 
@@ -84,17 +94,32 @@ def main(argv=None):
         subprocess.run(["cat", *paths], stdout=subprocess.DEVNULL, check=True)  # page cache
         base = ["moments", *paths, "--layout", "NCHW", "--format", "json", "-q", "-o", os.devnull,
                 "--force"]
-        _cli(base)()  # numba cache warm
-        # interleaved, so that the load of a shared machine falls on both alike
-        local, cluster = _interleaved([_cli(base), _cli(base + ["--scheduler", "local:2"])],
-                                      args.reps)
         arrays = [np.load(p, mmap_mode="r") for p in paths]
         x = da.concatenate([da.from_array(a, chunks=(64, C, H, W)) for a in arrays])
-        axes = (0, 2, 3)
-        bnstat.dask.moments(x[:64], layout="NCHW")  # kernels loaded
-        ours = _timed(lambda: bnstat.dask.moments(x, layout="NCHW"), args.reps)
-        theirs = _timed(lambda: dask.compute(x.mean(axes), x.var(axes), x.min(axes), x.max(axes)),
-                        args.reps)
+        if "moments" in cases:
+            _cli(base)()  # numba cache warm
+            # interleaved, so that the load of a shared machine falls on both alike
+            local, cluster = _interleaved([_cli(base), _cli(base + ["--scheduler", "local:2"])],
+                                          args.reps)
+            axes = (0, 2, 3)
+            bnstat.dask.moments(x[:64], layout="NCHW")  # kernels loaded
+            ours = _timed(lambda: bnstat.dask.moments(x, layout="NCHW"), args.reps)
+            theirs = _timed(lambda: dask.compute(x.mean(axes), x.var(axes), x.min(axes),
+                                                 x.max(axes)), args.reps)
+        if "hist" in cases:
+            import bnstat
+
+            def dask_histogram():
+                lo, hi = dask.compute(x.min(), x.max())
+                return da.histogram(x, bins=2048, range=(float(lo), float(hi)))[0].compute()
+
+            in_memory = np.concatenate(arrays)  # read into memory
+            bnstat.dask.hist(x[:64], layout="NCHW")  # kernels loaded
+            bnstat.hist(in_memory[:64], layout="NCHW")
+            h_ours, h_dask, h_mem = _interleaved(
+                [lambda: bnstat.dask.hist(x, layout="NCHW"), dask_histogram,
+                 lambda: bnstat.hist(in_memory, layout="NCHW")], args.reps)
+            del in_memory
     gb = total / 1e9
     print(f"{args.shards} shards of {n} x {C}x{H}x{W} float32, {gb:.2f} GB in all, "
           f"{os.cpu_count()} cores, median of {args.reps} (min..max)\n")
@@ -105,11 +130,15 @@ def main(argv=None):
         ratio = "" if ref is None else f"{t[0] / ref[0]:.2f}x"
         print(f"| {what} | {t[0]:.2f} ({t[1]:.2f}..{t[2]:.2f}) | {gb / t[0]:.2f} | {ratio} |")
 
-    row("bnstat moments (local, whole process)", local)
-    row("bnstat moments --scheduler local:2 (whole process)", cluster, local)
-    row("bnstat.dask.moments(x) (in process)", ours)
-    row("dask mean+var+min+max (in process)", theirs, ours)
-
+    if "moments" in cases:
+        row("bnstat moments (local, whole process)", local)
+        row("bnstat moments --scheduler local:2 (whole process)", cluster, local)
+        row("bnstat.dask.moments(x) (in process)", ours)
+        row("dask mean+var+min+max (in process)", theirs, ours)
+    if "hist" in cases:
+        row(f"bnstat.dask.hist(x): {C} per-channel histograms, 2048 bins, range auto", h_ours)
+        row("dask: da.histogram(x) per tensor, 2048 bins, range da.min..da.max", h_dask, h_ours)
+        row("bnstat.hist(numpy array in memory), per channel", h_mem, h_ours)
 
 if __name__ == "__main__":
     main()

@@ -26,6 +26,8 @@ Two ways in, one arithmetic (the kernels and the exact merges of bnstat.stats):
   one fused pass per block (count, mean, m2, min, max, NaN count together),
   the partials of blocks along reduced axes merged in a fixed tree, those
   along kept axes concatenated; computed by whatever scheduler is active.
+- ``hist(x, ...)`` for the same inputs: every pass of ``bnstat hist`` one dask
+  graph of per-block tasks, merged exactly (bnstat.dask_array_hist).
 
 dask and distributed are imported here only, inside the functions: the core
 never imports them (the ``dask`` extra).
