@@ -17,6 +17,15 @@ One run measures, on a float32 NCHW .npy of --size-mb (page-cached unless said):
 
 Each figure is the median of --reps with the range; ratios are of medians. Figures go to
 bench/README.md with the command and the load average.
+
+Every process runs with Python's bytecode cache on (PYTHONDONTWRITEBYTECODE dropped, the cache
+in a folder of this run: PYTHONPYCACHEPREFIX), as for an installed package;
+``--no-bytecode-cache`` keeps the caller's setting (with PYTHONDONTWRITEBYTECODE=1 every
+process compiles bnstat's sources again, about 0.1 s).
+
+    python bench/bench_startup.py --startup-only --compare /work/main [--reps 9]
+
+measures the start-up rows alone, for this tree and the other one (PYTHONPATH), interleaved.
 """
 
 from __future__ import annotations
@@ -101,6 +110,48 @@ def show(rows, size):
         print(f"{name:58} {med:9.3f} {min(xs):7.3f}..{max(xs):<7.3f} {rate}")
 
 
+def startup_only(d: str, reps: int, compare: str | None) -> int:
+    """The start-up rows, this tree's bnstat (and ``compare``'s) interleaved, run by run."""
+    tiny = os.path.join(d, "tiny.npy")
+    np.save(tiny, np.random.default_rng(1).standard_normal((4, 8, 5, 5), np.float32))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env.pop("BNSTAT_ENGINE", None)
+    env["NUMBA_CACHE_DIR"] = tempfile.mkdtemp(prefix="bnstat-numba-cache-")
+    trees = {"this tree": here}
+    if compare:
+        trees[f"{compare}"] = os.path.abspath(compare)
+    cases = {"python -c 'import numpy, numba, h5py, rich'":
+             ([PY, "-c", "import numpy, numba, h5py, rich"], env)}
+    for layout, shape in (("NCHW", None), ("NC", (32, 25))):
+        path = tiny if shape is None else os.path.join(d, "tiny-nc.npy")
+        if shape is not None:
+            np.save(path, np.random.default_rng(2).standard_normal(shape, np.float32))
+        for name, tree in trees.items():
+            e = dict(env, PYTHONPATH=tree)
+            cmd = ["bnstat", "moments", path, "--layout", layout, "--format", "json", "-q"]
+            cases[f"{name}: moments tiny {layout}, numba"] = (cmd, dict(e, BNSTAT_ENGINE="numba"))
+            if layout == "NCHW":
+                cases[f"{name}: moments tiny {layout}, default (numpy)"] = (cmd, e)
+    for cmd, e in cases.values():  # caches filled (numba's, the bytecode), then waited for
+        wall(cmd, env=e)
+        wait_compilers()
+        wall(cmd, env=e)
+    load0 = os.getloadavg()[0]
+    rows: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(reps):
+        for k, (cmd, e) in cases.items():
+            rows[k].append(wall(cmd, env=e))
+    print(f"start-up rows, interleaved, {reps} runs each; load average {load0:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after")
+    show(rows, 0)
+    ref = statistics.median(rows["python -c 'import numpy, numba, h5py, rich'"])
+    for k, xs in rows.items():
+        if "numba" in k and k.startswith(tuple(trees)):
+            print(f"{k + ' / imports':58} {statistics.median(xs) / ref:6.2f}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mb", type=float, default=1024)
@@ -108,9 +159,20 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", default=None, help="folder for the data (default: a temp folder)")
     ap.add_argument("--no-cold", action="store_true", help="skip the cold rows")
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
+    ap.add_argument("--startup-only", action="store_true", help="the start-up rows alone")
+    ap.add_argument("--compare", default=None, metavar="TREE",
+                    help="with --startup-only: also bnstat from this source tree (PYTHONPATH), "
+                         "interleaved with this one")
+    ap.add_argument("--no-bytecode-cache", action="store_true",
+                    help="keep the caller's PYTHONDONTWRITEBYTECODE / PYTHONPYCACHEPREFIX")
     args = ap.parse_args(argv)
     d = args.dir or tempfile.mkdtemp(prefix="bnstat-startup-")
     os.makedirs(d, exist_ok=True)
+    if not args.no_bytecode_cache:
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        os.environ["PYTHONPYCACHEPREFIX"] = os.path.join(d, "pycache")
+    if args.startup_only:
+        return startup_only(d, max(5, args.reps), args.compare)
     path = os.path.join(d, f"nchw-{int(args.size_mb)}mb.npy")
     n = max(1, int(args.size_mb * 1e6) // (64 * 56 * 56 * 4))
     if not os.path.exists(path):

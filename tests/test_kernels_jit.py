@@ -9,6 +9,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import _env
 
 SNAPSHOT = """
@@ -123,3 +125,31 @@ def test_kernels_compile_nothing_at_import_and_are_cached():
         assert compiled == 0, f"{name} compiled at import"
         assert cached, f"{name} has no cache"
         assert not {"nnan", "ninf", "fast"} & set(fastmath), (name, fastmath)
+
+
+def test_kernels_type_plain_arrays_as_numba_does():
+    """The kernels' dispatchers type an argument of type np.ndarray as numba's typeof does
+    (dtype, ndim, layout, writability), without numpy.ma; anything else is numba's answer."""
+    import numba
+    import numpy as np
+
+    from bnstat.kernels import moments
+
+    dispatcher = moments.moments4_units.kernel
+    assert "typeof_pyval" in vars(dispatcher)  # the plain-array rule is installed
+    base = np.arange(2 * 3 * 4 * 5, dtype=np.float64).reshape(2, 3, 4, 5)
+    ro = base.view()
+    ro.flags.writeable = False
+    values = [base, ro, base.astype(np.float32), base.astype(np.int16), base.astype(np.uint8),
+              np.asfortranarray(base), base[:, ::2], base[0, 0, 0], np.zeros(0), np.array(3.0),
+              base.astype(np.complex128), np.ma.masked_array(base), np.array(["a"]), 3, 2.5,
+              np.zeros(3, dtype=[("a", "f4"), ("b", "i2")])]
+    for v in values:
+        try:
+            want = type(dispatcher).typeof_pyval(dispatcher, v)
+        except Exception as exc:  # numba refuses it (a MaskedArray): so does the kernel
+            with pytest.raises(type(exc)):
+                dispatcher.typeof_pyval(v)
+            continue
+        assert dispatcher.typeof_pyval(v) == want, v
+    assert dispatcher.typeof_pyval(ro) == numba.typeof(ro)

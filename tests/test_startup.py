@@ -76,19 +76,31 @@ def probe_modules(args, names, **env):
     return json.loads(line[-1][6:]), proc.stdout
 
 
+# numpy.ma (arrays typed without it) and, for the kernel of B > 1 (NCHW), which allocates nothing
+# and reads bits with a bitcast, numba's array module and the string modules it imports
+NUMBA_UNUSED = {"NCHW": ("numba.np.arrayobj", "numba.cpython.unicode", "numba.cpython.charseq",
+                         "numpy.ma"), "NC": ("numpy.ma",)}
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NC"])  # the two moments kernels: B > 1, B == 1
 @pytest.mark.parametrize("engine", ["numba", "numpy"])
-def test_moments_of_a_npy_to_a_pipe_imports_only_what_it_uses(tmp_path, engine):
+def test_moments_of_a_npy_to_a_pipe_imports_only_what_it_uses(tmp_path, engine, layout):
     """JSON to a pipe from a .npy: no h5py, no rich, no normalize/hist kernels, no model
     readers, no scipy.linalg; with the Numba engine a cached kernel loads without numba's numpy
-    implementations (numba.np.arraymath)."""
+    implementations (numba.np.arraymath), numpy.ma (and, NCHW, numba's array module)."""
     import numpy as np
 
-    np.save(tmp_path / "a.npy", np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4))
-    args = ["moments", str(tmp_path / "a.npy"), "--layout", "NCHW", "--format", "json"]
+    x = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
+    np.save(tmp_path / "a.npy", x if layout == "NCHW" else x.reshape(8, 12))
+    args = ["moments", str(tmp_path / "a.npy"), "--layout", layout, "--format", "json", "-q"]
     probe_modules(args, UNUSED, BNSTAT_ENGINE=engine)  # fills numba's cache if it must
-    result, out = probe_modules(args, UNUSED + ("numba",), BNSTAT_ENGINE=engine)
+    result, out = probe_modules(args, UNUSED + NUMBA_UNUSED[layout] + ("numba",), BNSTAT_ENGINE=engine)
     assert result["code"] == 0
-    assert json.loads(out)  # the statistics were printed
+    (stats,) = json.loads(out)["arrays"]  # the statistics were printed, and are numpy's
+    if layout == "NCHW":
+        np.testing.assert_allclose(stats["mean"], x.mean(axis=(0, 2, 3)), rtol=1e-12)
+    else:
+        np.testing.assert_allclose(stats["mean"], x.reshape(8, 12).mean(axis=0), rtol=1e-12)
     want = ["numba"] if engine == "numba" else []
     assert result["heavy"] == want
 
@@ -103,3 +115,39 @@ def test_moments_table_to_a_terminal_imports_rich_and_hdf5_imports_h5py(tmp_path
     result, _ = probe_modules(["moments", str(tmp_path / "a.h5"), "--layout", "NC"],
                               ("h5py", "rich"), BNSTAT_ENGINE="numpy")
     assert result["code"] == 0 and result["heavy"] == ["h5py", "rich"]
+
+
+STATE = """
+import gc, json, sys
+from numba.core import entrypoints
+sys.stderr.write("\\nSTATE " + json.dumps({"gc": gc.isenabled(), "frozen": gc.get_freeze_count(),
+    "extensions_scanned": entrypoints._already_initialized}) + "\\n")
+"""
+
+
+def state_after(code):
+    proc = subprocess.run([sys.executable, "-c", code + STATE], capture_output=True, text=True,
+                          env=_env(), timeout=300)
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("STATE ")]
+    assert line, proc.stderr
+    return json.loads(line[-1][6:])
+
+
+def test_cli_ready_pauses_the_collector_and_skips_the_extension_scan_api_keeps_both():
+    """The command line (setup(cli=True)): numba imported with the collector paused, its
+    objects frozen, the collector on again after; numba's extension scan marked done. A library
+    user's process: collector untouched, numba scans its extensions at the first kernel call."""
+    call = ("import numpy as np\nfrom bnstat.kernels import moments as k\n"
+            "x = np.ones((1, 3, 2, 1)); z = [np.zeros((1, 1, 2), t) for t in "
+            "('i8', 'f8', 'f8', 'f8', 'f8', 'i8')]\n"
+            "k.moments4(x, 1, 1, *z); assert z[1].tolist() == [[[1.0, 1.0]]]\n")
+    cli = state_after("from bnstat.kernels import _jit; _jit.setup(cli=True); _jit.ready()\n" + call)
+    assert cli["gc"] is True and cli["frozen"] > 10_000
+    api = state_after("from bnstat.kernels import _jit; _jit.ready()\n" + call)
+    assert api["gc"] is True and api["frozen"] == 0
+    assert api["extensions_scanned"] is True  # by numba, at the first call
+    # before any kernel runs: the command line has the scan marked done, a library user not
+    assert state_after("from bnstat.kernels import _jit; _jit.setup(cli=True); _jit.ready()\n")[
+        "extensions_scanned"] is True
+    assert state_after("from bnstat.kernels import _jit; _jit.ready()\n")[
+        "extensions_scanned"] is False

@@ -8,7 +8,8 @@ a call:
   (``bnstat --help`` stays fast).
 - ``ready()``: by every kernel entry point (``entry``) and ``set_threads``,
   before numba first runs anything; ``setup()`` and numba made to load
-  cached kernels without loading its whole CPU target, once per process.
+  cached kernels without loading its whole CPU target (and, for the command
+  line, without its scan for extensions), once per process.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def setup(cli: bool = False) -> None:
 
     ``cli=True`` marks the process as the command line tool: numba's CPU
     target will then be loaded without its probe of scipy's BLAS
-    (``_no_blas_probe``).
+    (``_no_blas_probe``), and kernels without its scan for extensions
+    (``_no_extension_scan``).
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     if cli:
@@ -80,8 +82,39 @@ def ready() -> None:
         if _Setup.target_loaded:
             return
         setup()
-        _light_cache_loads()
+        with _collector_paused():
+            _light_cache_loads()
+            if _Setup.cli:
+                _no_extension_scan()
         _Setup.target_loaded = True
+
+
+class _collector_paused:
+    """After ``setup(cli=True)``: Python's cyclic garbage collector paused while numba is
+    imported, and the objects then alive frozen (``gc.freeze``) before it resumes.
+
+    Numba's import makes about 300,000 objects; the collector scans them again
+    at every full collection, the first one during the import itself: 0.02-0.04
+    s of a small run (bench/README.md, start-up). Frozen objects are never
+    scanned (nor freed: numba's modules live as long as the process anyway;
+    its import leaves about 400 unreachable objects behind). Only for the
+    command line, whose objects are all its own: a library user's process
+    keeps its collector as it is.
+    """
+
+    def __enter__(self):
+        import gc
+
+        self.paused = _Setup.cli and gc.isenabled()
+        if self.paused:
+            gc.disable()
+
+    def __exit__(self, *exc):
+        if self.paused:
+            import gc
+
+            gc.freeze()
+            gc.enable()
 
 
 def _light_cache_loads() -> None:
@@ -104,6 +137,25 @@ def _light_cache_loads() -> None:
                 full(ctx)
 
     ctx.refresh = refresh
+
+
+def _no_extension_scan() -> None:
+    """After ``setup(cli=True)``: numba's scan for third-party extensions marked as done.
+
+    Before it first compiles or loads a function, numba reads the entry points
+    of every installed distribution to run the ``numba_extensions`` ones
+    (``numba.core.entrypoints.init_all``): 0.02-0.03 s of a small run where
+    about 150 distributions are installed (bench/README.md, start-up). An
+    extension adds types and functions for code that uses them; the kernels
+    use none. Only for the command line, whose process runs bnstat's kernels
+    alone: a library user's own numba code may need its extensions.
+    """
+    try:
+        from numba.core import entrypoints
+    except ImportError:
+        return
+    if getattr(entrypoints, "_already_initialized", None) is False:
+        entrypoints._already_initialized = True
 
 
 class _no_blas_probe:
@@ -135,8 +187,10 @@ def entry(kernel):
     """The public entry point of a jitted ``kernel``: ``ready()`` first, then the kernel.
 
     The dispatcher stays reachable as ``.kernel`` (for its signatures, cache
-    and flags).
+    and flags); it types plain arrays without numpy.ma (``_plain_array_typeof``).
     """
+    _plain_array_typeof(kernel)
+
     @functools.wraps(kernel.py_func)
     def call(*args):
         if not _Setup.target_loaded:
@@ -145,6 +199,55 @@ def entry(kernel):
 
     call.kernel = kernel
     return call
+
+
+# the names numba's array rule (numba.core.typing.typeof._typeof_ndarray) uses, as mirrored below
+_NDARRAY_RULE_NAMES = frozenset((
+    "Array", "MaskedArray", "NumbaNotImplementedError", "NumbaTypeError", "NumbaValueError",
+    "dtype", "errors", "flags", "from_dtype", "isinstance", "ma", "map_layout", "ndim", "np",
+    "numpy_support", "types", "writeable"))
+
+
+def _plain_array_typeof(dispatcher) -> None:
+    """``dispatcher`` made to type an argument of type exactly ``np.ndarray`` as numba does,
+    without importing numpy.ma.
+
+    Numba's dispatcher types the first array of each kind (and every
+    read-only one) in Python, with ``typeof``, whose array rule first asks
+    ``isinstance(val, np.ma.MaskedArray)``: numpy imports numpy.ma for that
+    (0.01-0.02 s of a small run, bench/README.md, start-up). An argument whose
+    type is ``np.ndarray`` itself is no MaskedArray, so the rest of the rule
+    gives its type; every other value, and any array that rule fails on, goes
+    to numba's own ``typeof_pyval``. Where numba's rule for arrays is not the
+    one this mirrors (the names it uses differ: another numba), nothing is changed.
+    """
+    try:
+        import numpy as np
+        from numba.core import types
+        from numba.core.typing import typeof as numba_typeof
+        from numba.np import numpy_support
+
+        rule = numba_typeof.typeof_impl.dispatch(np.ndarray)
+        generic = dispatcher.typeof_pyval
+        dispatcher._types_active_call.add  # noqa: B018 - numba's record of the call's types
+    except (ImportError, AttributeError):
+        return
+    if rule is not getattr(numba_typeof, "_typeof_ndarray", None) or \
+            frozenset(rule.__code__.co_names) != _NDARRAY_RULE_NAMES:
+        return
+
+    def typeof_pyval(val):
+        if type(val) is np.ndarray:
+            try:
+                tp = types.Array(numpy_support.from_dtype(val.dtype), val.ndim,
+                                 numpy_support.map_layout(val), readonly=not val.flags.writeable)
+            except Exception:  # a dtype numba does not take: numba's own answer
+                return generic(val)
+            dispatcher._types_active_call.add(tp)
+            return tp
+        return generic(val)
+
+    dispatcher.typeof_pyval = typeof_pyval
 
 
 def planned_threads(threads: int | None) -> int:

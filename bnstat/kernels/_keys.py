@@ -1,14 +1,18 @@
 """Min/max on ordered keys and the fast (vectorizing) row and lane loops of the moments kernels.
 
 Overloads callable from jitted code only (``bnstat.kernels.moments``);
-nothing of bnstat but the flags imported.
+nothing of bnstat but the flags imported. No overload here allocates or
+calls ``ndarray.view``: a float's bits are read with a bitcast (``_bits``,
+``_float_of_bits``), so that a kernel loaded from numba's cache links no
+helper of numba's array module, whose environments numba would rebuild by
+importing ``numba.np.arrayobj`` (bench/README.md, start-up).
 """
 
 from __future__ import annotations
 
 import numpy as np
 from numba import types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 from numba.np.numpy_support import as_dtype
 
 from bnstat.kernels._jit import JIT, SUMS_JIT
@@ -33,6 +37,26 @@ from bnstat.kernels._jit import JIT, SUMS_JIT
 # is then computed again by the exact scalar loop that skips NaN. Clean data
 # never takes it. Measured in memory, one thread, 64 MiB float32: NCHW rows
 # 2.2 -> 7.9 GB/s, NHWC lanes 1.2 -> 7.1 GB/s (bench/README.md).
+
+@intrinsic
+def _bits(typingctx, v):
+    """The bits of a float32 (float64) as an int32 (int64): a bitcast, no memory."""
+    if isinstance(v, types.Float) and v.bitwidth in (32, 64):
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], context.get_value_type(sig.return_type))
+        return types.int32(v) if v.bitwidth == 32 else types.int64(v), codegen
+    return None
+
+
+@intrinsic
+def _float_of_bits(typingctx, k):
+    """The float32 (float64) whose bits are the int32 (int64) ``k``: ``_bits`` inverted."""
+    if isinstance(k, types.Integer) and k.signed and k.bitwidth in (32, 64):
+        def codegen(context, builder, sig, args):
+            return builder.bitcast(args[0], context.get_value_type(sig.return_type))
+        return types.float32(k) if k.bitwidth == 32 else types.float64(k), codegen
+    return None
+
 
 def _key_init(row):  # pragma: no cover - Python stand-ins; numba uses the overloads
     raise NotImplementedError
@@ -87,17 +111,17 @@ def _row_fast_ol(row, shift, lo, hi):
     (lo, hi), assuming no NaN/inf (the sums say otherwise); vectorizes."""
     fk = _float_keys(row)
     if fk is not None:
-        it, maxpos, sh = fk
+        _, maxpos, sh = fk
 
         def impl(row, shift, lo, hi):
-            bits = row.view(it)
             s1 = 0.0
             s2 = 0.0
             for b in range(row.shape[0]):
-                d = np.float64(row[b]) - shift
+                v = row[b]
+                d = np.float64(v) - shift
                 s1 += d
                 s2 += d * d
-                i = bits[b]
+                i = _bits(v)
                 k = i ^ ((i >> sh) & maxpos)
                 lo = min(lo, k)
                 hi = max(hi, k)
@@ -132,20 +156,19 @@ def _lanes_fast_ol(xp, ab, ae, u0, shift, s1, s2, lo, hi):
     """
     fk = _float_keys(xp)
     if fk is not None:
-        it, maxpos, sh = fk
+        _, maxpos, sh = fk
 
         def impl(xp, ab, ae, u0, shift, s1, s2, lo, hi):
-            xb = xp.view(it)
             nu = shift.shape[0]
             if u0 == 0 and nu == xp.shape[1]:
                 for a in range(ab, ae):
                     row = xp[a]
-                    bits = xb[a]
                     for j in range(nu):
-                        d = np.float64(row[j]) - shift[j]
+                        v = row[j]
+                        d = np.float64(v) - shift[j]
                         s1[j] += d
                         s2[j] += d * d
-                        i = bits[j]
+                        i = _bits(v)
                         k = i ^ ((i >> sh) & maxpos)
                         lo[j] = min(lo[j], k)
                         hi[j] = max(hi[j], k)
@@ -153,13 +176,12 @@ def _lanes_fast_ol(xp, ab, ae, u0, shift, s1, s2, lo, hi):
                 uo = np.uint64(u0)
                 for a in range(ab, ae):
                     row = xp[a]
-                    bits = xb[a]
                     for j in range(nu):
-                        jj = uo + np.uint64(j)
-                        d = np.float64(row[jj]) - shift[j]
+                        v = row[uo + np.uint64(j)]
+                        d = np.float64(v) - shift[j]
                         s1[j] += d
                         s2[j] += d * d
-                        i = bits[jj]
+                        i = _bits(v)
                         k = i ^ ((i >> sh) & maxpos)
                         lo[j] = min(lo[j], k)
                         hi[j] = max(hi[j], k)
@@ -185,14 +207,13 @@ def _row_keyrange_nan_ol(row, lo, hi):
     """Key range of the non-NaN values of a row (scalar loop; slow path)."""
     fk = _float_keys(row)
     if fk is not None:
-        it, maxpos, sh = fk
+        _, maxpos, sh = fk
 
         def impl(row, lo, hi):
-            bits = row.view(it)
-            for b in range(bits.shape[0]):
+            for b in range(row.shape[0]):
                 v = row[b]
                 if v == v:
-                    i = bits[b]
+                    i = _bits(v)
                     k = i ^ ((i >> sh) & maxpos)
                     lo = min(lo, k)
                     hi = max(hi, k)
@@ -212,10 +233,10 @@ def _key_of_ol(row, j):
     """The key of row[j] (row C-contiguous)."""
     fk = _float_keys(row)
     if fk is not None:
-        it, maxpos, sh = fk
+        _, maxpos, sh = fk
 
         def impl(row, j):
-            i = row[j:j + 1].view(it)[0]
+            i = _bits(row[j])
             return i ^ ((i >> sh) & maxpos)
         return impl
     return lambda row, j: row[j]
@@ -227,11 +248,8 @@ def _key_value_ol(row, k):
     fk = _float_keys(row)
     if fk is not None:
         it, maxpos, sh = fk
-        ft = as_dtype(row.dtype).type
 
         def impl(row, k):
-            buf = np.empty(1, it)
-            buf[0] = k ^ ((k >> sh) & maxpos)
-            return np.float64(buf.view(ft)[0])
+            return np.float64(_float_of_bits(it(k ^ ((k >> sh) & maxpos))))
         return impl
     return lambda row, k: np.float64(k)
