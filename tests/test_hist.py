@@ -287,3 +287,56 @@ def test_numpy_counting_equals_the_kernels(monkeypatch, rng_spec):
         edges = b.edges[c]
         inside = vals[(vals >= edges[0]) & (vals <= edges[-1])]
         assert b.counts[c].tolist() == np.histogram(inside, bins=edges)[0].tolist()
+
+
+@pytest.mark.parametrize("bins", [64, 2048, 5000])
+def test_float32_guess_and_32_bit_counters(bins, rng):
+    """Float32 data take the float32 guess where its margin is small (kernels.hist.margin32)
+    and count into 32-bit task counters: every edge's float32 value and both neighbours,
+    zeros in and out of the range, NaN and inf, on ranges whose edges are not float32
+    values, count as np.histogram; a range too narrow for float32 falls back to float64."""
+    from bnstat.distributions import UnitState
+    from bnstat.histogram import make_edges
+    from bnstat.kernels import hist as kernels_hist
+
+    for lo, hi in ((-5.5, 5.5), (0.0, 6.1), (-0.3, 2.7), (1e4, 1e4 + 1e-3)):
+        e64 = make_edges(np.array([lo]), np.array([hi]), bins)[0]
+        *_, mg, m1 = kernels_hist.margin32(e64, lo, bins / (hi - lo))
+        assert (mg < 1.0 and 0.0 < mg < 1e-3 < m1 < 1.0) if hi - lo > 1.0 else mg == 1.0
+        e = e64.astype(np.float32)
+        near = np.concatenate([e, np.nextafter(e, np.float32(np.inf)), np.nextafter(e, np.float32(-np.inf))])
+        v = np.concatenate([near, (lo + (hi - lo) * rng.random(3000)).astype(np.float32),
+                            np.float32([0.0, -0.0, 0.0, np.nan, np.inf, -np.inf, lo - 1, hi + 1])])
+        v = rng.permutation(v)[: v.size // 12 * 12]
+        x = v.reshape(-1, 3, 4)  # NCL: 3 units of rows of 4 values
+        for absval in (False, True):
+            st = UnitState(3, bins, absval=absval)
+            for threads in (1, 2):
+                st.set_edges(np.full(3, lo), np.full(3, hi))
+                st.count(x.reshape(1, -1, 3, 4), np.arange(3), threads, "numba")
+                for u in range(3):
+                    w = x[:, u, :].astype(np.float64).ravel()
+                    w = np.abs(w) if absval else w
+                    f = w[np.isfinite(w)]
+                    ref = np.histogram(f[(f >= lo) & (f <= hi)], bins=st.edges[u])[0]
+                    np.testing.assert_array_equal(st.counts[u], ref, err_msg=f"{lo}:{hi} unit {u}")
+                    assert st.extra["underflow"][u] == np.count_nonzero(f < lo)
+                    assert st.extra["overflow"][u] == np.count_nonzero(f > hi)
+                    assert st.extra["zero_count"][u] == np.count_nonzero(w == 0)
+
+
+def test_32_bit_task_counters_flushed_before_they_overflow():
+    """kernels.hist._flush: the task's 32-bit counters go into the int64 counts (and are
+    cleared) before the values counted since the last flush could pass 2**32 - 1."""
+    from bnstat.kernels import hist as kernels_hist
+
+    t = np.array([5, 7, 0, 0, 0, 0], np.uint32)
+    c = np.array([2**40, 1], np.int64)
+    seen = np.array([2**32 - 100], np.int64)
+    kernels_hist._flush(t, seen, 0, 99, c)  # 2**32 - 1 values at most: no flush yet
+    assert seen[0] == 2**32 - 1 and c.tolist() == [2**40, 1] and t[0] == 5
+    kernels_hist._flush(t, seen, 0, 1, c)  # one more could overflow: flushed first
+    assert c.tolist() == [2**40 + 5, 8] and not t.any() and seen[0] == 1
+    t[:2] = 3
+    kernels_hist._flush(t, seen, 0, -1, c)  # the end of the task
+    assert c.tolist() == [2**40 + 8, 11] and not t.any()
