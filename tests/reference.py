@@ -68,6 +68,18 @@ def units(x: np.ndarray, layout: str | None = None, norm: str = "batch", groups:
     return unit_shape, rows
 
 
+def hist_edges(v: np.ndarray, rng_mode, bins: int) -> np.ndarray:
+    """np.histogram's edges of a unit's values ``v`` (|x| already taken for "abs"): over
+    ``rng_mode`` (lo, hi), or 0..max for "abs", min..max for "auto" (a constant widened by 0.5)."""
+    if isinstance(rng_mode, tuple):
+        lo, hi = rng_mode
+    else:
+        lo, hi = (0.0 if rng_mode == "abs" else v.min()), v.max()
+        if lo == hi:
+            lo, hi = lo - 0.5, hi + 0.5
+    return np.linspace(lo, hi, bins + 1)
+
+
 def _sum(v: np.ndarray) -> float:
     if v.size and np.all(np.isfinite(v)):
         return math.fsum(v.tolist())

@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 import pytest
-from reference import units
+from reference import hist_edges, units
 
 da = pytest.importorskip("dask.array", reason="the dask extra is not installed")
 
@@ -69,13 +69,7 @@ def _against_numpy(h, x, ref, rng_mode, bins, qs=None):
         v = row[~np.isnan(row)]
         if rng_mode == "abs":
             v = np.abs(v)
-        if isinstance(rng_mode, tuple):
-            lo, hi = rng_mode
-        else:
-            lo, hi = (0.0 if rng_mode == "abs" else v.min()), v.max()
-            if lo == hi:
-                lo, hi = lo - 0.5, hi + 0.5
-        np.testing.assert_array_equal(edges[u], np.linspace(lo, hi, bins + 1), err_msg=f"unit {u}")
+        np.testing.assert_array_equal(edges[u], hist_edges(v, rng_mode, bins), err_msg=f"unit {u}")
         np.testing.assert_array_equal(counts[u], np.histogram(v, bins=edges[u])[0], err_msg=f"unit {u}")
         if qv is not None:
             np.testing.assert_array_equal(qv[u], np.quantile(row[~np.isnan(row)], qs, method="linear"),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import units
+from reference import hist_edges, units
 
 import bnstat
 from bnstat.histogram import load_hist, merge_hists
@@ -49,13 +49,9 @@ def check_counts(h, x, ref_opts, rng_mode, bins):
     edges = h.edges.reshape(rows.shape[0], bins + 1)
     for u, row in enumerate(rows):
         v = np.abs(row) if rng_mode == "abs" else row
-        if isinstance(rng_mode, tuple):
-            lo, hi = rng_mode
-        else:
-            lo, hi = (0.0 if rng_mode == "abs" else v.min()), v.max()
-            if lo == hi:
-                lo, hi = lo - 0.5, hi + 0.5
-        np.testing.assert_array_equal(edges[u], np.linspace(lo, hi, bins + 1))
+        ref_edges = hist_edges(v, rng_mode, bins)
+        lo, hi = ref_edges[0], ref_edges[-1]
+        np.testing.assert_array_equal(edges[u], ref_edges)
         ref, _ = np.histogram(v, bins=edges[u])
         np.testing.assert_array_equal(counts[u], ref, err_msg=f"unit {u}")
         # numpy's own fast path (bins and range) on the float64 values gives the same counts
