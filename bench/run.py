@@ -19,6 +19,15 @@ timed), and prints one table with two throughput measures:
   bnstat library row's work time in that case (above 1: bnstat is faster;
   against `cat` / `cp` it is the fraction of the read / copy limit reached).
 
+Every case also has whole-process rows of a user's other situations: "bnstat,
+first run (empty Numba cache)" (its "bnstat x": first run / the warm CLI run,
+the detached compiler of each run waited for before the next) and, as root,
+"cold: ..." rows (the page cache dropped before each run, then the libraries
+and the Numba cache read back in by bnstat on a tiny file of the same kind:
+only the data file is cold; "bnstat x" against the cold bnstat row, so "cold:
+cat" gives the fraction of cold cat's throughput bnstat reaches).
+``--no-first-run`` / ``--no-cold`` skip them.
+
 and the peak RSS of the process (/usr/bin/time -f %M, max over the reps).
 Small cases take the best of 3 runs (each measure its own best). Results go
 to JSON as well (``--out``).
@@ -38,6 +47,8 @@ import tempfile
 import time
 
 import numpy as np
+from bench_cold import drop_caches as _drop_and_warm
+from bench_startup import wait_compilers
 
 PY = sys.executable
 C, H, W = 64, 56, 56  # a ResNet stage: 802816 bytes per float32 sample
@@ -305,6 +316,10 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None, help="best of N for small cases (3)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--tmp", default=None, help="folder for the data (default: a temp folder)")
+    ap.add_argument("--no-first-run", action="store_true",
+                    help="skip the first-run rows (an empty Numba cache per run)")
+    ap.add_argument("--no-cold", action="store_true",
+                    help="skip the cold rows (page cache dropped before each run; needs root)")
     ap.add_argument("--only", default=None, type=lambda t: set(t.split(",")), metavar="CASE,...",
                     help="run only these cases (e.g. 'npz stored,normalize')")
     args = ap.parse_args(argv)
@@ -359,6 +374,42 @@ def main(argv=None):
                 return
             rows.append({"case": case, "tool": tool, "bytes": 0, "seconds": None, "peak_rss_mb": None,
                          "gbps": None, "work_seconds": None, "work_gbps": None, "role": None, "note": why})
+
+        first_cache = os.path.join(d, "numba-first-run")
+        can_drop = not args.no_cold and os.access("/proc/sys/vm/drop_caches", os.W_OK)
+
+        def first_run(case, cmd, nb, before=None):
+            """The CLI row again with an empty Numba cache before each run (the detached
+            compiler of the run before waited for, untimed): a user's first run."""
+            if args.no_first_run:
+                return
+
+            def empty():
+                wait_compilers()
+                shutil.rmtree(first_cache, ignore_errors=True)
+                os.makedirs(first_cache)
+                if before is not None:
+                    before()
+            add(case, "bnstat, first run (empty Numba cache)", cmd, nb, reps, role="first",
+                env={**env, "NUMBA_CACHE_DIR": first_cache}, before=empty)
+            wait_compilers()  # nothing compiling under the rows that follow
+
+        def cold_rows(case, tools, nb, warm, before=None):
+            """``tools`` ((name, cmd, work) with bnstat's CLI first) with the page cache dropped
+            before each run, then the libraries and the Numba cache read back in by bnstat on
+            ``warm`` (a tiny file of the same kind): only the data file is cold."""
+            if not can_drop:
+                skip(case, "cold rows", "not root, or --no-cold: the page cache cannot be dropped")
+                return
+
+            def drop():
+                if before is not None:
+                    before()
+                drop_caches(warm)
+            for i, (tool, cmd, work) in enumerate(tools):
+                add(case, f"cold: {tool}", cmd, nb, reps, work=work, before=drop,
+                    role="cold-cli" if i == 0 else "cold")
+            run(["cat", *{f for f in files.values()}])  # page-cached again for the rows that follow
 
         # ---- start-up --------------------------------------------------------------
         sreps = 3 if args.quick else 5
@@ -416,6 +467,13 @@ def main(argv=None):
                 add(case, "dask mean+var", [PY, "-c", DASK, path, axes, str(chunk_bytes)], nb, work="stdout")
             else:
                 skip(case, "dask", "dask not installed")
+            first_run(case, moments(path, layout), nb)
+            cold_rows(case, [("bnstat", moments(path, layout), None), ("cat", ["cat", path], "wall"),
+                             ("numpy mean+var (mmap)", [PY, "-c", NUMPY_MMAP_MEANVAR, path, axes], "stdout")],
+                      nb, warm_cmd(files["tiny"], layout))
+
+        def warm_cmd(tiny_path, layout):
+            return bn + ["moments", tiny_path, "--layout", layout, "--format", "json", "-q"]
 
         print("timing ...", file=sys.stderr)
         npy_cases("npy NCHW", files["nchw"], "NCHW", "0,2,3")
@@ -429,6 +487,10 @@ def main(argv=None):
         add("hdf5", "h5py read_direct (raw)", [PY, "-c", H5_RAW, files["h5"], str(chunk_bytes)], nb,
             work="stdout")
         add("hdf5", "cat", ["cat", files["h5"]], nb, work="wall")
+        first_run("hdf5", moments(files["h5"], "NCHW"), nb)
+        cold_rows("hdf5", [("bnstat", moments(files["h5"], "NCHW"), None), ("cat", ["cat", files["h5"]], "wall"),
+                           ("h5py read_direct (raw)", [PY, "-c", H5_RAW, files["h5"], str(chunk_bytes)], "stdout")],
+                  nb, warm_cmd(files["tiny_h5"], "NCHW"))
 
         nb = os.path.getsize(files["gzip_npy"])  # uncompressed bytes
         add("hdf5 gzip", "bnstat", moments(files["gzip"], "NCHW"), nb, role="cli", note=engine_note(nb))
@@ -443,6 +505,9 @@ def main(argv=None):
             add("hdf5 gzip", "dask mean+var", [PY, "-c", DASK_H5, files["gzip"], "0,2,3"], nb, work="stdout")
         else:
             skip("hdf5 gzip", "dask", "dask not installed")
+        first_run("hdf5 gzip", moments(files["gzip"], "NCHW"), nb)
+        cold_rows("hdf5 gzip", [("bnstat", moments(files["gzip"], "NCHW"), None),
+                                ("cat", ["cat", files["gzip"]], "wall")], nb, warm_cmd(files["tiny_gzip"], "NCHW"))
 
         nb = os.path.getsize(files["nchw"])
         add("npz stored", "bnstat", moments(files["npz_stored"], "NCHW"), nb, role="cli")
@@ -452,6 +517,10 @@ def main(argv=None):
             kw={"check_crc": False})
         add("npz stored", "bnstat on the .npy", moments(files["nchw"], "NCHW"), nb)
         lib("npz stored", "bnstat on the .npy (library)", files["nchw"], "NCHW", files["tiny"], nb)
+        first_run("npz stored", moments(files["npz_stored"], "NCHW"), nb)
+        cold_rows("npz stored", [("bnstat", moments(files["npz_stored"], "NCHW"), None),
+                                 ("cat", ["cat", files["npz_stored"]], "wall")], nb,
+                  warm_cmd(files["tiny_npz"], "NCHW"))
         nb = os.path.getsize(files["gzip_npy"])
         add("npz deflated", "bnstat", moments(files["npz_deflated"], "NCHW"), nb, role="cli",
             note=engine_note(nb))
@@ -459,6 +528,11 @@ def main(argv=None):
             role="lib")
         add("npz deflated", "numpy np.load + mean/var", [PY, "-c", NUMPY_NPZ, files["npz_deflated"]], nb,
             work="stdout")
+        first_run("npz deflated", moments(files["npz_deflated"], "NCHW"), nb)
+        cold_rows("npz deflated", [("bnstat", moments(files["npz_deflated"], "NCHW"), None),
+                                   ("cat", ["cat", files["npz_deflated"]], "wall"),
+                                   ("numpy np.load + mean/var", [PY, "-c", NUMPY_NPZ, files["npz_deflated"]],
+                                    "stdout")], nb, warm_cmd(files["tiny_deflated"], "NCHW"))
 
         # a file 100 times the chunk size
         nb = os.path.getsize(files["nchw"])
@@ -469,6 +543,11 @@ def main(argv=None):
         lib("100x chunk", "bnstat (library)", files["nchw"], "NCHW", files["tiny"], nb, chunk_b=small_chunk,
             threads_=None, role="lib", note=f"chunk_size={small_chunk}")
         add("100x chunk", "cat", ["cat", files["nchw"]], nb, work="wall")
+        small = bn + ["moments", files["nchw"], "--layout", "NCHW", "--format", "json", "-o", out_json,
+                      "--force", "--quiet", "--chunk-size", str(small_chunk)]
+        first_run("100x chunk", small, nb)
+        cold_rows("100x chunk", [("bnstat", small, None), ("cat", ["cat", files["nchw"]], "wall")], nb,
+                  warm_cmd(files["tiny"], "NCHW"))
 
         # normalize: every run writes a new file (the previous output is removed first, untimed).
         # Writing over an existing output measures the kernel's writeback of the old and new
@@ -493,6 +572,11 @@ def main(argv=None):
                     role="cli", before=before)
                 lib(case, "bnstat (library)", files["nchw"], "NCHW", files["tiny"], nb, threads_=None,
                     role="lib", mode="normalize", out=out_npy, reps_=big_reps, before=before)
+                normalize = bn + ["normalize", files["nchw"], "-o", out_npy, "--layout", "NCHW", "--force",
+                                  "--quiet", "--chunk-size", chunk]
+                first_run(case, normalize, nb, before=before)
+                cold_rows(case, [("bnstat", normalize, None), ("cp", ["cp", files["nchw"], out_npy], "wall")],
+                          nb, warm_cmd(files["tiny"], "NCHW"), before=before)
             else:
                 skip(case, "bnstat", "`bnstat normalize` not available yet")
             add(case, "cp", ["cp", files["nchw"], out_npy], nb, big_reps, work="wall", before=before)
@@ -522,6 +606,15 @@ def parse_size(text: str) -> int:
     return int(t)
 
 
+def drop_caches(warm=None) -> bool:
+    """Drop the page cache (then run ``warm``, untimed); False when that is not allowed."""
+    try:
+        _drop_and_warm(warm, dict(os.environ))
+    except OSError:
+        return False
+    return True
+
+
 def fmt(x, w=6, p=2):
     return f"{x:{w}.{p}f}" if x is not None else " " * (w - 1) + "-"
 
@@ -530,13 +623,18 @@ def ratios(rows):
     """Set "bnstat_x" (other wall / the case's bnstat CLI wall) and "work_x" (other work time /
     the case's bnstat library work time) on every row: above 1, bnstat is faster."""
     cli = {r["case"]: r["seconds"] for r in rows if r.get("role") == "cli" and r["seconds"]}
+    cold = {r["case"]: r["seconds"] for r in rows if r.get("role") == "cold-cli" and r["seconds"]}
     lib = {r["case"]: r["work_seconds"] for r in rows if r.get("role") == "lib" and r["work_seconds"]}
     for r in rows:
         r["bnstat_x"] = r["work_x"] = None
         c = r["case"]
-        if c in cli and r["seconds"] and r.get("role") != "cli" and not r["tool"].endswith("(library)"):
+        if r.get("role") == "cold":  # cold rows against the cold bnstat row
+            if c in cold and r["seconds"]:
+                r["bnstat_x"] = r["seconds"] / cold[c]
+        elif c in cli and r["seconds"] and r.get("role") not in ("cli", "cold-cli") \
+                and not r["tool"].endswith("(library)"):
             r["bnstat_x"] = r["seconds"] / cli[c]
-        if c in lib and r["work_seconds"] and r.get("role") != "lib":
+        if c in lib and r["work_seconds"] and r.get("role") not in ("lib", "first", "cold", "cold-cli"):
             r["work_x"] = r["work_seconds"] / lib[c]
 
 
