@@ -144,8 +144,11 @@ class Hdf5Source(ArraySource):
         self.chunks = dataset.chunks
         self.compression = dataset.compression
         self.row_align = int(dataset.chunks[0]) if dataset.chunks else 1
-        # two slab buffers: reading (or inflating) the next slab overlaps computing on this one
-        self.double_buffered = True
+        # the data as runs of the file (no filter, whole-row chunks in order): read as a
+        # .npy is (raw_extents); else two slab buffers, reading (or inflating) the next slab
+        # while the caller computes on this one
+        self.raw_runs = raw_extents(path, dataset)
+        self.double_buffered = self.raw_runs is None
         check_dtype(self.dtype, self.where)
         check_filters(dataset, self.where)
         self.layout = stored_layout(dataset)
@@ -161,6 +164,14 @@ class Hdf5Source(ArraySource):
         this one (two buffers; ``double_buffered`` tells the driver to halve
         the chunk size so memory stays one chunk).
         """
+        if self.raw_runs is not None:
+            from bnstat.io.npy import RawRegionSource
+
+            for first, offset, n in self.raw_runs:  # a chunk never spans two runs
+                run = RawRegionSource(self.path, self.name, offset, (n,) + self.shape[1:], self.dtype)
+                for r0, chunk in run.iter_chunks(rows):
+                    yield first + r0, chunk
+            return
         h5py = _h5py()
         n = self.shape[0]
         shape = (min(rows, n),) + self.shape[1:]
@@ -176,6 +187,97 @@ class Hdf5Source(ArraySource):
                     yield from _iter_overlapped(ds, rows, bufs)
         except (OSError, KeyError) as exc:
             raise InputError(f"{self.where}: cannot read ({exc})") from exc
+
+
+MAX_CHUNKS_LISTED = 1 << 16  # more chunks than this without chunk_iter: read through HDF5
+MIN_EXTENT = 1 << 20  # runs of rows shorter than this on average: read through HDF5
+
+
+def raw_extents(path: str, ds) -> list[tuple[int, int, int]] | None:
+    """Where the C-order bytes of dataset ``ds`` lie in the file, as runs ``(first row, file
+    offset, rows)`` in row order, or None.
+
+    So they do for contiguous storage (one run), and for chunked storage whose chunks span
+    whole rows (``chunks[1:] == shape[1:]``), are all written and unfiltered: chunks stored
+    one after the other in row order form a run (h5py writes a dataset created with its
+    data so, with the chunk index's nodes between some of them). Such runs are read as a
+    .npy is: a memory map populated ahead by a thread, no copy (h5py's ``read_direct``
+    copies each slab: bench/README.md, "HDF5 read as runs of the file"). Anything else, or
+    any doubt (a user block, external or virtual storage, a compound dtype, runs under
+    ``MIN_EXTENT`` on average), is left to HDF5.
+    """
+    import math
+    import os
+
+    from h5py import h5d
+
+    try:
+        if ds.is_virtual or ds.external or ds.file.userblock_size:
+            return None
+        dtype = ds.dtype
+        if dtype.kind not in "fiu" or dtype.fields is not None or dtype.subdtype is not None:
+            return None
+        shape = tuple(int(s) for s in ds.shape)
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        if len(shape) < 1 or not shape[0] or not row_bytes:
+            return None
+        plist = ds.id.get_create_plist()
+        if plist.get_nfilters():
+            return None
+        layout = plist.get_layout()
+        if layout == h5d.CONTIGUOUS:
+            offset = ds.id.get_offset()
+            runs = None if offset is None else [(0, int(offset), shape[0])]
+        elif layout == h5d.CHUNKED and tuple(ds.chunks[1:]) == shape[1:]:
+            runs = _chunk_runs(ds, shape, dtype.itemsize)
+        else:
+            return None
+        if not runs or (len(runs) > 1 and len(runs) * MIN_EXTENT > shape[0] * row_bytes):
+            return None
+        size = os.path.getsize(path)
+        if any(offset + rows * row_bytes > size for _, offset, rows in runs):
+            return None
+        return runs
+    except Exception:  # noqa: BLE001 - any doubt: the HDF5 library reads it
+        return None
+
+
+def _chunk_runs(ds, shape, itemsize: int) -> list[tuple[int, int, int]] | None:
+    """The runs of whole-row chunks stored one after the other in row order: ``(first row,
+    file offset, rows)``; None unless every chunk is written, whole and unfiltered."""
+    import math
+
+    c0 = int(ds.chunks[0])
+    size = math.prod(ds.chunks) * itemsize
+    count = math.ceil(shape[0] / c0)
+    dsid = ds.id
+    if dsid.get_num_chunks() != count:  # an unwritten chunk reads as the fill value
+        return None
+    found = []
+
+    def visit(info):
+        found.append((info.chunk_offset[0], info.byte_offset, info.size, info.filter_mask))
+
+    if hasattr(dsid, "chunk_iter"):
+        dsid.chunk_iter(visit)
+    elif count <= MAX_CHUNKS_LISTED:
+        for i in range(count):
+            visit(dsid.get_chunk_info(i))
+    else:
+        return None
+    found.sort()
+    if len(found) != count:
+        return None
+    runs: list[list[int]] = []
+    for k, (row, offset, nbytes, mask) in enumerate(found):
+        if row != k * c0 or nbytes != size or mask or offset is None:
+            return None
+        if runs and offset == runs[-1][1] + runs[-1][2] // c0 * size:
+            runs[-1][2] += c0
+        else:
+            runs.append([row, int(offset), c0])
+    runs[-1][2] -= count * c0 - shape[0]  # the last chunk holds the last rows only
+    return [tuple(r) for r in runs]
 
 
 def _read_slab(ds, buf, r0, r1):

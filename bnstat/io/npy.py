@@ -305,6 +305,32 @@ class NpyStreamSource(ArraySource):
             fh.close()
 
 
+class RawRegionSource(NpyStreamSource):
+    """An array whose C-order bytes lie in one run of a regular file at ``offset`` (an
+    HDF5 dataset's contiguous storage, or a run of its whole-row chunks stored one after
+    the other: bnstat.io.hdf5.raw_extents), read by the .npy reader: one read-only map,
+    populated ahead by a thread, leased against writers (or read into a buffer)."""
+
+    def __init__(self, path: str, name: str, offset: int, shape: tuple[int, ...], dtype: np.dtype):
+        self.path = path
+        self.name = name
+        self.kind = "hdf5"
+        self.repeatable = True
+        self.data_size = None
+        self.crc = None
+        self._pending = None
+        self.opener = lambda: open(path, "rb")
+        self.data_offset = offset
+        self.shape = tuple(shape)
+        self.fortran = False
+        self.dtype = np.dtype(dtype)
+
+    def _open_data(self):
+        fh = self.opener()
+        fh.seek(self.data_offset)
+        return fh
+
+
 def _watch(fh, where: str, lease: bool):
     """A guard.Watch on the regular file under ``fh`` (None for a pipe or a compressed member)."""
     from bnstat.io.guard import Watch
