@@ -183,25 +183,42 @@ def test_normalize_of_a_raw_hdf5_dataset_equals_numpy(tmp_path):
     np.testing.assert_allclose(y, (x64 - m) / np.sqrt(v + 1e-5), rtol=1e-5, atol=1e-6)
 
 
-def test_chunks_in_several_runs_of_the_file(tmp_path, monkeypatch):
+def test_chunks_in_several_runs_of_the_file(tmp_path):
     """Past some dozens of chunks HDF5 puts its chunk index's nodes between them: the data
-    is then several runs, read one after the other, with the rows in order."""
-    import bnstat.io.hdf5 as h5
-
-    monkeypatch.setattr(h5, "MIN_EXTENT", 1)  # small runs, so that a small file has several
+    is then several runs, mapped as one and read with the rows in order, none across two."""
     rng = np.random.default_rng(7)
-    x = rng.standard_normal((801, 6, 5, 4)).astype(np.float32)
+    x = rng.standard_normal((801, 8, 32, 32)).astype(np.float32)  # 26 MB, 401 chunks
     path = tmp_path / "a.h5"
     with h5py.File(path, "w") as f:
-        f.create_dataset("x", data=x, chunks=(2, 6, 5, 4))
+        f.create_dataset("x", data=x, chunks=(2, 8, 32, 32))
     runs = region(path, "x")
     assert runs is not None and len(runs) > 1, runs
     assert [r[0] for r in runs] == sorted(r[0] for r in runs) and runs[0][0] == 0
+    assert [r[1] for r in runs] == sorted(r[1] for r in runs)
     assert sum(r[2] for r in runs) == x.shape[0]
-    for chunk_size in (480 * 4 * 3, 480 * 4 * 64, x.nbytes):
+    row_bytes = x[0].nbytes
+    for chunk_size in (row_bytes * 3, row_bytes * 64, x.nbytes):
         got = slabs(path, "x", chunk_size, raw=True)
         assert [r for r, _ in got] == sorted(r for r, _ in got)
+        starts = {first for first, _, _ in runs}
+        for r0, c in got:  # no chunk crosses the start of a run
+            assert not any(r0 < s < r0 + c.shape[0] for s in starts)
         np.testing.assert_array_equal(np.concatenate([c for _, c in got]), x)
-    s = bnstat.moments(path, layout="NCHW", chunk_size="20KiB")["x"]
+    s = bnstat.moments(path, layout="NCHW", chunk_size="1MiB")["x"]
     np.testing.assert_allclose(s.mean, x.astype(np.float64).mean(axis=(0, 2, 3)), rtol=1e-13)
-    np.testing.assert_array_equal(s.count, np.full(6, x.size // 6))
+    np.testing.assert_array_equal(s.count, np.full(8, x.size // 8))
+
+
+def test_a_run_read_into_a_buffer_when_the_file_cannot_be_leased(tmp_path, monkeypatch):
+    """Without a lease the runs are read with readinto, seeking to each run."""
+    import bnstat.io.npy as npy
+
+    monkeypatch.setattr(npy, "_mappable", lambda fh, itemsize: None)
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((801, 8, 32, 32)).astype(np.float32)
+    path = tmp_path / "a.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=x, chunks=(2, 8, 32, 32))
+    assert len(region(path, "x")) > 1
+    got = slabs(path, "x", x[0].nbytes * 50, raw=True)
+    np.testing.assert_array_equal(np.concatenate([c for _, c in got]), x)

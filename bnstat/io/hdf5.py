@@ -167,10 +167,8 @@ class Hdf5Source(ArraySource):
         if self.raw_runs is not None:
             from bnstat.io.npy import RawRegionSource
 
-            for first, offset, n in self.raw_runs:  # a chunk never spans two runs
-                run = RawRegionSource(self.path, self.name, offset, (n,) + self.shape[1:], self.dtype)
-                for r0, chunk in run.iter_chunks(rows):
-                    yield first + r0, chunk
+            yield from RawRegionSource(self.path, self.name, self.raw_runs, self.shape,
+                                       self.dtype).iter_chunks(rows)
             return
         h5py = _h5py()
         n = self.shape[0]
@@ -200,8 +198,9 @@ def raw_extents(path: str, ds) -> list[tuple[int, int, int]] | None:
     So they do for contiguous storage (one run), and for chunked storage whose chunks span
     whole rows (``chunks[1:] == shape[1:]``), are all written and unfiltered: chunks stored
     one after the other in row order form a run (h5py writes a dataset created with its
-    data so, with the chunk index's nodes between some of them). Such runs are read as a
-    .npy is: a memory map populated ahead by a thread, no copy (h5py's ``read_direct``
+    data so, with the chunk index's nodes between some of them), in file order with little
+    between them (1/64 of the data at most). They are read as a .npy is: one memory map
+    populated ahead by a thread, no copy (h5py's ``read_direct``
     copies each slab: bench/README.md, "HDF5 read as runs of the file"). Anything else, or
     any doubt (a user block, external or virtual storage, a compound dtype, runs under
     ``MIN_EXTENT`` on average), is left to HDF5.
@@ -235,8 +234,11 @@ def raw_extents(path: str, ds) -> list[tuple[int, int, int]] | None:
         if not runs or (len(runs) > 1 and len(runs) * MIN_EXTENT > shape[0] * row_bytes):
             return None
         size = os.path.getsize(path)
-        if any(offset + rows * row_bytes > size for _, offset, rows in runs):
-            return None
+        ends = [offset + rows * row_bytes for _, offset, rows in runs]
+        if ends[-1] > size or any(nxt[1] < end for nxt, end in zip(runs[1:], ends)):
+            return None  # past the end, or runs out of file order: HDF5 reads it
+        if ends[-1] - runs[0][1] > shape[0] * row_bytes * 65 // 64:
+            return None  # other objects between the runs: mapping them would read them too
         return runs
     except Exception:  # noqa: BLE001 - any doubt: the HDF5 library reads it
         return None

@@ -149,6 +149,12 @@ class NpyStreamSource(ArraySource):
         read_npy_header(fh, self.where)
         return fh
 
+    @property
+    def segments(self) -> list[tuple[int, int, int]]:
+        """Where the rows lie: ``(first row, bytes after data_offset, rows)`` runs in row order
+        (one for a .npy; RawRegionSource may have several)."""
+        return [(0, 0, self.read_shape[0])]
+
     def iter_chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
         fh = self._open_data()
         self._running_crc = None
@@ -219,11 +225,11 @@ class NpyStreamSource(ArraySource):
         """
         shape = self.read_shape
         row_bytes = self.row_bytes
-        n = shape[0]
+        segments = self.segments
         page = mmap.ALLOCATIONGRANULARITY
         base = offset - offset % page  # the map starts on a page; data at `lead`
         lead = offset - base
-        length = lead + n * row_bytes
+        length = lead + max(off + k * row_bytes for _, off, k in segments)
         try:
             mm = mmap.mmap(fh.fileno(), length, access=mmap.ACCESS_READ, offset=base)
         except (OSError, ValueError):
@@ -234,11 +240,9 @@ class NpyStreamSource(ArraySource):
         populate = advise
         prefetch = None
 
-        def span(r0):  # the page-aligned byte range of the window starting at row r0
-            lo = lead + r0 * row_bytes
-            hi = lead + min(n, r0 + rows) * row_bytes
-            lo -= lo % page
-            return lo, hi - lo
+        def span(start, r):  # the page-aligned byte range of the window of r rows at `start`
+            lo = start - start % page
+            return lo, start + r * row_bytes - lo
 
         try:
             if advise:
@@ -246,28 +250,27 @@ class NpyStreamSource(ArraySource):
                 window = rows * row_bytes + page
                 prefetch = MapPrefetcher(mm, 0, length, window=window, page=page,
                                          ahead=_ahead(window, page))
-            for sl in slabs(n, rows):
+            for first, off, r0, r in _windows(segments, rows):
                 self._check_changed()  # a writer waits on the lease: stop before it truncates
-                r0, r = sl.start, sl.stop - sl.start
-                if populate and not (prefetch is not None and prefetch.wait(sum(span(r0)))):
+                start = lead + off + r0 * row_bytes
+                if populate and not (prefetch is not None and prefetch.wait(sum(span(start, r)))):
                     try:  # map the window's pages in one call, not by faults
-                        mm.madvise(MADV_POPULATE_READ, *span(r0))
+                        mm.madvise(MADV_POPULATE_READ, *span(start, r))
                     except OSError:
                         populate = False  # kernel before 5.14
-                start = lead + r0 * row_bytes
                 self._update_crc(whole[start:start + r * row_bytes])
-                if r0 + r == n:
+                if first + r0 + r == shape[0]:
                     self._check_crc()  # before the last chunk is used: a bad member yields no result
                     self._check_changed()
                 chunk = whole[start:start + r * row_bytes].view(self.dtype).reshape((r,) + shape[1:])
                 if not chunk.dtype.isnative:
                     chunk = chunk.astype(chunk.dtype.newbyteorder("="))  # a copy, bounded by the chunk
-                yield r0, chunk
+                yield first + r0, chunk
                 del chunk
                 if advise:  # asked for the next chunk: done with this window (ArraySource)
-                    mm.madvise(mmap.MADV_DONTNEED, *span(r0))
+                    mm.madvise(mmap.MADV_DONTNEED, *span(start, r))
                     if prefetch is not None:  # then the thread may read past the next one
-                        prefetch.advance(sum(span(r0)))
+                        prefetch.advance(sum(span(start, r)))
         finally:
             if prefetch is not None:
                 prefetch.close()  # joined before the map goes
@@ -283,8 +286,10 @@ class NpyStreamSource(ArraySource):
         row_bytes = self.row_bytes
         buf = np.empty(rows * row_bytes, np.uint8)
         try:
-            for sl in slabs(shape[0], rows):
-                r0, r = sl.start, sl.stop - sl.start
+            for first, off, w0, r in _windows(self.segments, rows):
+                if off and not w0:  # a later run of the file (RawRegionSource)
+                    fh.seek(self.data_offset + off)
+                r0 = first + w0
                 nb = r * row_bytes
                 self._check_changed()
                 got = readinto_full(fh, memoryview(buf)[:nb])
@@ -306,12 +311,15 @@ class NpyStreamSource(ArraySource):
 
 
 class RawRegionSource(NpyStreamSource):
-    """An array whose C-order bytes lie in one run of a regular file at ``offset`` (an
-    HDF5 dataset's contiguous storage, or a run of its whole-row chunks stored one after
-    the other: bnstat.io.hdf5.raw_extents), read by the .npy reader: one read-only map,
-    populated ahead by a thread, leased against writers (or read into a buffer)."""
+    """An array whose C-order bytes lie in runs of a regular file, ``(first row, file
+    offset, rows)`` in row and file order (an HDF5 dataset's contiguous storage, or its
+    whole-row chunks: bnstat.io.hdf5.raw_extents), read by the .npy reader: one read-only
+    map over them all, populated ahead by a thread across the runs (the few bytes between
+    runs too), leased against writers; or read into a buffer. A chunk never spans two runs."""
 
-    def __init__(self, path: str, name: str, offset: int, shape: tuple[int, ...], dtype: np.dtype):
+    def __init__(self, path: str, name: str, runs, shape: tuple[int, ...], dtype: np.dtype):
+        offset = runs[0][1]
+        self._segments = [(first, off - offset, n) for first, off, n in runs]
         self.path = path
         self.name = name
         self.kind = "hdf5"
@@ -325,10 +333,22 @@ class RawRegionSource(NpyStreamSource):
         self.fortran = False
         self.dtype = np.dtype(dtype)
 
+    @property
+    def segments(self) -> list[tuple[int, int, int]]:
+        return self._segments
+
     def _open_data(self):
         fh = self.opener()
         fh.seek(self.data_offset)
         return fh
+
+
+def _windows(segments, rows: int):
+    """``(first row of the run, its bytes after the data start, row in the run, rows)`` of
+    every window: ``rows`` rows at most, in order, none across two runs."""
+    for first, off, n in segments:
+        for sl in slabs(n, rows):
+            yield first, off, sl.start, sl.stop - sl.start
 
 
 def _watch(fh, where: str, lease: bool):
