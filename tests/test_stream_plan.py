@@ -72,16 +72,24 @@ def test_slab_rows_never_exceeds_n():
     assert slab_rows(0, 1, 10**6) == 1  # a reader asked for rows of an empty array gets 1
 
 
-@pytest.mark.parametrize(("chunks", "multiple", "rows"), [
-    ((4, 5), 1, 20),   # 1600 B budget / 2 buffers / 40 B rows = 20 rows: whole chunks of 4
-    ((3, 5), 2, 18),   # lcm(3, 2) = 6 fits: 20 rows -> 18
-    ((7, 5), 8, 16),   # lcm 56 rows do not fit 800 B: multiples of 8 only (20 -> 16)
+@pytest.mark.parametrize(("chunks", "multiple", "rows", "raw_rows"), [
+    ((4, 5), 1, 20, 40),   # 1600 B budget / 2 buffers / 40 B rows = 20 rows: whole chunks of 4
+    ((3, 5), 2, 18, 36),   # lcm(3, 2) = 6 fits: 20 rows -> 18
+    ((7, 5), 8, 16, 40),   # lcm 56 rows do not fit 800 B: multiples of 8 only (20 -> 16)
 ])
-def test_source_rows_combines_hdf5_chunks_with_groups_or_batches(tmp_path, chunks, multiple, rows):
+def test_source_rows_combines_hdf5_chunks_with_groups_or_batches(tmp_path, chunks, multiple, rows,
+                                                                  raw_rows):
+    """A deflated dataset is read by HDF5 into two slab buffers (half the budget each); an
+    unfiltered one as runs of the file, one window (the whole budget: 40 rows)."""
     h5py = pytest.importorskip("h5py", reason="HDF5 sources")
     from bnstat.io import open_sources
 
     with h5py.File(tmp_path / "a.h5", "w") as f:
-        f.create_dataset("x", data=np.zeros((64, 5), np.float64), chunks=chunks)
-    (src,) = open_sources([str(tmp_path / "a.h5")])
+        f.create_dataset("x", data=np.zeros((64, 5), np.float64), chunks=chunks, compression="gzip")
+        f.create_dataset("raw", data=np.zeros((64, 5), np.float64), chunks=chunks)
+    (src,) = open_sources([str(tmp_path / "a.h5")], ["x"])
+    assert src.double_buffered
     assert source_rows(src, 1600, multiple_of=multiple) == rows
+    (src,) = open_sources([str(tmp_path / "a.h5")], ["raw"])
+    assert not src.double_buffered
+    assert source_rows(src, 1600, multiple_of=multiple) == raw_rows

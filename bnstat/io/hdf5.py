@@ -188,7 +188,9 @@ class Hdf5Source(ArraySource):
 
 
 MAX_CHUNKS_LISTED = 1 << 16  # more chunks than this without chunk_iter: read through HDF5
-MIN_EXTENT = 1 << 20  # runs of rows shorter than this on average: read through HDF5
+MIN_EXTENT = 1 << 20  # more than MANY_RUNS runs shorter than this on average: read by HDF5
+MANY_RUNS = 64
+MAX_BETWEEN = 1 << 20  # bytes of other objects between the runs read along, beyond 1/64
 
 
 def raw_extents(path: str, ds) -> list[tuple[int, int, int]] | None:
@@ -199,11 +201,11 @@ def raw_extents(path: str, ds) -> list[tuple[int, int, int]] | None:
     whole rows (``chunks[1:] == shape[1:]``), are all written and unfiltered: chunks stored
     one after the other in row order form a run (h5py writes a dataset created with its
     data so, with the chunk index's nodes between some of them), in file order with little
-    between them (1/64 of the data at most). They are read as a .npy is: one memory map
+    between them (1/64 of the data or 1 MiB at most). They are read as a .npy is: one memory map
     populated ahead by a thread, no copy (h5py's ``read_direct``
     copies each slab: bench/README.md, "HDF5 read as runs of the file"). Anything else, or
-    any doubt (a user block, external or virtual storage, a compound dtype, runs under
-    ``MIN_EXTENT`` on average), is left to HDF5.
+    any doubt (a user block, external or virtual storage, a compound dtype, over
+    ``MANY_RUNS`` runs under ``MIN_EXTENT`` on average), is left to HDF5.
     """
     import math
     import os
@@ -231,13 +233,14 @@ def raw_extents(path: str, ds) -> list[tuple[int, int, int]] | None:
             runs = _chunk_runs(ds, shape, dtype.itemsize)
         else:
             return None
-        if not runs or (len(runs) > 1 and len(runs) * MIN_EXTENT > shape[0] * row_bytes):
-            return None
+        data = shape[0] * row_bytes
+        if not runs or (len(runs) > MANY_RUNS and len(runs) * MIN_EXTENT > data):
+            return None  # many short runs: a window each; HDF5 reads them in slabs
         size = os.path.getsize(path)
         ends = [offset + rows * row_bytes for _, offset, rows in runs]
         if ends[-1] > size or any(nxt[1] < end for nxt, end in zip(runs[1:], ends)):
             return None  # past the end, or runs out of file order: HDF5 reads it
-        if ends[-1] - runs[0][1] > shape[0] * row_bytes * 65 // 64:
+        if ends[-1] - runs[0][1] - data > max(data // 64, MAX_BETWEEN):
             return None  # other objects between the runs: mapping them would read them too
         return runs
     except Exception:  # noqa: BLE001 - any doubt: the HDF5 library reads it
