@@ -27,6 +27,13 @@ def sha256(path) -> str:
         return hashlib.sha256(fh.read()).hexdigest()
 
 
+def npz_arrays(path) -> dict[str, np.ndarray]:
+    """Every member of a .npz, read and the file closed (an open NpzFile kept alive by a failed
+    or skipped test's frame is closed later, in another test: a ResourceWarning there)."""
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
 def h5_arrays(path) -> dict[str, np.ndarray]:
     """Every numeric dataset of 2+ dimensions of an HDF5 file, read by h5py (SPEC 2)."""
     out = {}

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+from helpers import npz_arrays
 
 import bnstat
 from bnstat.errors import DataError, UsageProblem
@@ -63,7 +64,7 @@ def test_pytorch_convention_equals_two_pass_reference(tmp_path, cli):
                          tmp_path / "s2" / "bn1.npy", "--layout", "NCHW", "-o", tmp_path / "o.npz")
     assert code == 0, err
     mean, m2, n = two_pass(x)
-    o = np.load(tmp_path / "o.npz")
+    o = npz_arrays(tmp_path / "o.npz")
     np.testing.assert_allclose(o["bn1.running_mean"], mean, rtol=1e-12)
     np.testing.assert_allclose(o["bn1.running_var"], m2 / (n - 1), rtol=1e-12)  # unbiased
     unchanged_except(tmp_path / "m.npz", tmp_path / "o.npz", {"bn1.running_mean", "bn1.running_var"})
@@ -109,17 +110,19 @@ def test_float32_model_gets_the_float64_values_rounded_and_safetensors(tmp_path)
     res = bnstat.recalibrate(str(tmp_path / "m.npz"), {"bn1:input": x}, layout="NCHW",
                              output=str(tmp_path / "o.npz"))
     mean, m2, n = two_pass(x)
-    o = np.load(tmp_path / "o.npz")
-    assert o["bn1.running_var"].dtype == np.float32
-    np.testing.assert_array_equal(o["bn1.running_var"], (m2 / (n - 1)).astype(np.float32))
-    np.testing.assert_array_equal(o["bn1.running_mean"], mean.astype(np.float32))
+    with np.load(tmp_path / "o.npz") as o:  # closed before a skip keeps this frame alive
+        o_var, o_mean = o["bn1.running_var"], o["bn1.running_mean"]
+    assert o_var.dtype == np.float32
+    np.testing.assert_array_equal(o_var, (m2 / (n - 1)).astype(np.float32))
+    np.testing.assert_array_equal(o_mean, mean.astype(np.float32))
     assert [c.layer.name for c in res.changed] == ["bn1"] and [c.layer.name for c in res.kept] == ["head.bn"]
     st = pytest.importorskip("safetensors.numpy")
-    st.save_file(dict(np.load(tmp_path / "m.npz")), str(tmp_path / "m.safetensors"))
+    with np.load(tmp_path / "m.npz") as m:
+        st.save_file(dict(m), str(tmp_path / "m.safetensors"))
     bnstat.recalibrate(str(tmp_path / "m.safetensors"), {"bn1.input": x}, layout="NCHW",
                        output=str(tmp_path / "o.safetensors"))
     got, before = st.load_file(str(tmp_path / "o.safetensors")), st.load_file(str(tmp_path / "m.safetensors"))
-    np.testing.assert_array_equal(got["bn1.running_var"], o["bn1.running_var"])
+    np.testing.assert_array_equal(got["bn1.running_var"], o_var)
     for k in before:
         if k not in ("bn1.running_mean", "bn1.running_var"):
             assert got[k].tobytes() == before[k].tobytes()
@@ -134,8 +137,8 @@ def test_recalibrated_model_in_torch_reproduces_eval_batchnorm(tmp_path):
         net[0].bias.normal_()
     np.savez(tmp_path / "m.npz", **{k: v.numpy() for k, v in net.state_dict().items()})
     bnstat.recalibrate(str(tmp_path / "m.npz"), {"0": x}, layout="NCHW", output=str(tmp_path / "o.npz"))
-    o = np.load(tmp_path / "o.npz")
-    net.load_state_dict({k: torch.from_numpy(o[k]) for k in o.files}, strict=True)
+    o = npz_arrays(tmp_path / "o.npz")
+    net.load_state_dict({k: torch.from_numpy(o[k]) for k in o}, strict=True)
     net.eval()
     mean, m2, n = two_pass(x)
     var = m2 / (n - 1)
@@ -157,7 +160,7 @@ def test_batch_mean_equals_swa_update_bn(tmp_path, cli):
     code, out, err = cli("recalibrate", tmp_path / "m.npz", tmp_path / "0.npy", "--layout", "NCHW",
                          "--estimator", "batch-mean", "-b", 8, "-o", tmp_path / "o.npz")
     assert code == 0, err
-    o = np.load(tmp_path / "o.npz")
+    o = npz_arrays(tmp_path / "o.npz")
     # torch averages in float32: rel 1e-6
     np.testing.assert_allclose(o["0.running_mean"], net[0].running_mean.numpy(), rtol=1e-6)
     np.testing.assert_allclose(o["0.running_var"], net[0].running_var.numpy(), rtol=1e-6)
