@@ -1,7 +1,9 @@
 """HDF5 files: every numeric dataset of 2 or more dimensions, walked recursively.
 
-Datasets are read in slabs along axis 0 aligned to the dataset's chunks, with
-``read_direct`` into one reused buffer.
+Datasets are read in slabs along axis 0 aligned to the dataset's chunks: from
+the file as a .npy is where the dataset's bytes lie in runs of the file
+(``raw_extents``), else with ``read_direct`` into two reused buffers (deflated
+chunks read raw and inflated by a pool of threads).
 """
 
 from __future__ import annotations
