@@ -447,12 +447,19 @@ def _delayed_tree(parts: list, merge):
 
 def _unwrap(x, layout, channel_axis, name):
     """(array, layout, name) of ``x``: an xarray DataArray's data, its dimension names as the
-    layout (where they all fit and none was given) and its name."""
+    layout (where they all fit and none was given) and its name; a dask array whose chunk
+    sizes are unknown (after boolean indexing, or from a dataframe) gets them computed, on a
+    copy (one more evaluation of its graph: the plan needs the shape)."""
     if hasattr(x, "dims") and hasattr(x, "data"):  # xarray.DataArray
         if layout is None and channel_axis is None:
             layout = layout_from_dims(x.dims)
         name = name or (str(x.name) if x.name is not None else None)
         x = x.data
+    chunks = getattr(x, "chunks", None)
+    if hasattr(x, "compute_chunk_sizes") and chunks is not None \
+            and any(c != c for axis in chunks for c in axis):  # NaN: unknown
+        x = x.copy()
+        x.compute_chunk_sizes()
     return x, layout, name or "array"
 
 

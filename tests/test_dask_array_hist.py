@@ -241,3 +241,24 @@ def test_merge_partials_places_the_keys_of_each_slot_in_order():
     np.testing.assert_array_equal(_dense(m["scounts"], (6,)), [2, 0, 0, 3, 0, 0])
     np.testing.assert_array_equal(_dense(m["nkeys"], (2, 2)), [[3, 0], [1, 2]])
     np.testing.assert_array_equal(m["keys"], [10, 11, 12, 20, 30, 31])
+
+
+def test_unknown_chunk_sizes_are_computed_on_a_copy():
+    """Boolean indexing leaves a dask array's chunk sizes unknown (NaN); both functions compute
+    them (on a copy: the caller's array keeps its chunks) instead of failing on the shape."""
+    rng = np.random.default_rng(11)
+    a = rng.standard_normal((60, 3, 4, 4)).astype(np.float32)
+    keep = a[:, 0, 0, 0] > 0
+    x = da.from_array(a, chunks=(10, 3, 4, 4))
+    y = x[x[:, 0, 0, 0] > 0]
+    assert np.isnan(y.chunks[0][0])
+    kept = a[keep].astype(np.float64)
+    s = bnstat.dask.moments(y, layout="NCHW")
+    np.testing.assert_allclose(s.mean, kept.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_array_equal(s.count, np.full(3, kept.size // 3))
+    h = bnstat.dask.hist(y, layout="NCHW", bins=8, quantiles=[0.5])
+    for c in range(3):
+        v = kept[:, c].ravel()
+        np.testing.assert_array_equal(h.counts[c], np.histogram(v, bins=h.edges[c])[0])
+        assert h.quantile_values[c, 0] == np.quantile(v, 0.5)
+    assert np.isnan(y.chunks[0][0])  # the caller's array is as it was
