@@ -49,7 +49,8 @@ def hist(x, *, name: str, layout=None, channel_axis=None, norm="batch", groups=N
     """The Histogram of the dask array ``x`` (options of ``bnstat.hist``). Raises BnstatError."""
     import dask
 
-    from bnstat.dask import block_units, stats_of
+    from bnstat.dask import tree_merge
+    from bnstat.dask_array import block_units, stats_of
     from bnstat.dask_hist import drive_passes
     from bnstat.histrun import _Array, check_options, finish
     from bnstat.io.base import check_dtype, check_shape
@@ -80,12 +81,13 @@ def hist(x, *, name: str, layout=None, channel_axis=None, norm="batch", groups=N
         task = dask.delayed(_block_pass, pure=False)
         parts = {index: task(blocks[index], plan, None if one_unit else units[index], shared,
                              engine, name) for index in np.ndindex(*x.numblocks)}
-        merged = _tree(list(parts.values()), dask.delayed(merge_partials, pure=False), shared)
+        merge = dask.delayed(merge_partials, pure=False)
+        merged = tree_merge(list(parts.values()), lambda p, q: merge(p, q, shared))
         if not moments:
             (partial,) = dask.compute(merged)
             _merge(a, partial, ranges, name)
             return None
-        from bnstat.dask import joined_moments
+        from bnstat.dask_array import joined_moments
 
         joined = joined_moments(x, plan, lambda index: parts[index]["moments"])
         partial, m = dask.compute(merged, joined)
@@ -200,13 +202,6 @@ def _sparse(local: np.ndarray, where: np.ndarray) -> tuple:
     flat = local.reshape(-1)
     nz = np.flatnonzero(flat)
     return ("sparse", where.reshape(-1)[nz].astype(np.int64), flat[nz])
-
-
-def _tree(parts: list, merge, spec):
-    while len(parts) > 1:
-        parts = [merge(parts[i], parts[i + 1], spec) if i + 1 < len(parts) else parts[i]
-                 for i in range(0, len(parts), 2)]
-    return parts[0]
 
 
 def _sum(a, b, shape) -> object:

@@ -22,7 +22,8 @@ distributed = pytest.importorskip("distributed", reason="the dask extra is not i
 da = pytest.importorskip("dask.array", reason="the dask extra is not installed")
 
 import bnstat  # noqa: E402
-from bnstat.dask import compute_stats_distributed, layout_from_dims, tree_merge  # noqa: E402
+from bnstat.dask import compute_stats_distributed, tree_merge  # noqa: E402
+from bnstat.dask_array import layout_from_dims  # noqa: E402
 from bnstat.errors import BnstatError  # noqa: E402
 from bnstat.io import open_sources  # noqa: E402
 

@@ -9,6 +9,8 @@ chunks read raw and inflated by a pool of threads).
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -146,13 +148,13 @@ class Hdf5Source(ArraySource):
         self.chunks = dataset.chunks
         self.compression = dataset.compression
         self.row_align = int(dataset.chunks[0]) if dataset.chunks else 1
+        check_dtype(self.dtype, self.where)
+        check_filters(dataset, self.where)
         # the data as runs of the file (no filter, whole-row chunks in order): read as a
         # .npy is (raw_extents); else two slab buffers, reading (or inflating) the next slab
         # while the caller computes on this one
         self.raw_runs = raw_extents(path, dataset)
         self.double_buffered = self.raw_runs is None
-        check_dtype(self.dtype, self.where)
-        check_filters(dataset, self.where)
         self.layout = stored_layout(dataset)
 
     def iter_chunks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -209,9 +211,6 @@ def raw_extents(path: str, ds) -> list[tuple[int, int, int]] | None:
     any doubt (a user block, external or virtual storage, a compound dtype, over
     ``MANY_RUNS`` runs under ``MIN_EXTENT`` on average), is left to HDF5.
     """
-    import math
-    import os
-
     from h5py import h5d
 
     try:
@@ -222,7 +221,7 @@ def raw_extents(path: str, ds) -> list[tuple[int, int, int]] | None:
             return None
         shape = tuple(int(s) for s in ds.shape)
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
-        if len(shape) < 1 or not shape[0] or not row_bytes:
+        if not shape or not shape[0] or not row_bytes:
             return None
         plist = ds.id.get_create_plist()
         if plist.get_nfilters():
@@ -252,8 +251,6 @@ def raw_extents(path: str, ds) -> list[tuple[int, int, int]] | None:
 def _chunk_runs(ds, shape, itemsize: int) -> list[tuple[int, int, int]] | None:
     """The runs of whole-row chunks stored one after the other in row order: ``(first row,
     file offset, rows)``; None unless every chunk is written, whole and unfiltered."""
-    import math
-
     c0 = int(ds.chunks[0])
     size = math.prod(ds.chunks) * itemsize
     count = math.ceil(shape[0] / c0)
