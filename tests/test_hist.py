@@ -77,6 +77,40 @@ def test_counts_equal_np_histogram(case, dtype, rng):
             check_counts(h, x, ref_opts, mode, bins)
 
 
+@pytest.mark.parametrize("case", [0, 1, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_one_bin(case, dtype, rng):
+    """One bin (``--bins 1``, the quantiles' runs) is counted without a guess
+    (kernels.hist._one_bin): lo <= v <= hi, the rest counted apart as with more bins."""
+    shape, opts, ref_opts = CASES[case]
+    x = data(shape, dtype, rng)
+    for mode in ("auto", "abs", (-2.0, 2.5), (0.5, 0.75)):
+        for chunk, threads in ((x[0].nbytes, 1), (x.nbytes, 2)):
+            h = bnstat.hist(x, bins=1, range=mode, chunk_size=chunk, threads=threads, **opts)["array"]
+            check_counts(h, x, ref_opts, mode, 1)
+
+
+def test_one_bin_with_nan_inf_and_zeros(rng):
+    x = rng.standard_normal((9, 2, 5)).astype(np.float32)
+    x[0, 0, :3] = [np.nan, np.inf, -np.inf]
+    x[1, 1] = 0.0
+    x[2, 1, 0] = -0.0
+    x[3, 0, 0] = 2.5  # on the closed upper edge of (-1, 2.5)
+    for mode in ("auto", "abs", (-1.0, 2.5)):
+        h = quiet_hist(x, layout="NCL", bins=1, range=mode)
+        for c in range(2):
+            v = x[:, c].ravel().astype(np.float64)
+            v = np.abs(v) if mode == "abs" else v
+            fin = v[np.isfinite(v)]
+            lo, hi = (mode if isinstance(mode, tuple) else (fin.min() if mode == "auto" else 0.0, fin.max()))
+            assert h.counts[c, 0] == np.count_nonzero((fin >= lo) & (fin <= hi))
+            assert h.underflow[c] == np.count_nonzero(fin < lo)
+            assert h.overflow[c] == np.count_nonzero(fin > hi)
+            assert h.zero_count[c] == np.count_nonzero(v == 0)
+        np.testing.assert_array_equal(h.stats.nan_count, [1, 0])
+        np.testing.assert_array_equal(h.stats.inf_count, [2, 0])
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 def test_values_on_and_next_to_every_edge(dtype, layout, rng):

@@ -168,6 +168,21 @@ LANE_BLOCK = 262144  # B == 1: values per block of rows, walked unit by unit (1 
 
 
 @njit(**JIT)
+def _one_bin(row, absval, lo_, hi_):
+    """(zeros, values in lo_ <= v <= hi_) of a row (|v| with ``absval``): one branch-free loop
+    of float64 compares (exact for every input dtype), for a histogram of one bin."""
+    zeros = 0
+    inside = 0
+    for b in range(row.shape[0]):
+        v = np.float64(row[b])
+        if absval:
+            v = abs(v)
+        inside += (v >= lo_) & (v <= hi_)
+        zeros += v == 0.0
+    return zeros, inside
+
+
+@njit(**JIT)
 def _hist_row(row, absval, lo_, hi_, iv, mg, g32, e, c, buf, nb, small):
     """Count one unit's contiguous values ``row`` into its task counters ``c`` (nb + 5):
     the sure bins first (``_hist_guess``, or ``_hist_guess32`` with ``g32`` = (lo32, iv32,
@@ -177,13 +192,16 @@ def _hist_row(row, absval, lo_, hi_, iv, mg, g32, e, c, buf, nb, small):
     last = np.uint32(nb)
     zskip = lo_ <= 0.0 <= hi_  # then every +-0.0 is in bin zb
     zb = _exact_bin(0.0, lo_, hi_, iv, e, nb) if zskip else 0
-    if nb == 1:  # every sure value is in the one bin: counted, no scatter
-        zeros, rest = _hist_guess(row, absval, lo_, iv, mg, buf, nb, zskip)
+    if nb == 1:  # the one bin is lo_ <= v <= hi_: counted without a guess; the rest exactly
+        zeros, inside = _one_bin(row, absval, lo_, hi_)
         small[4] += zeros
-        c[0] += np.uint32(B - rest)
-        if rest:
+        c[0] += np.uint32(inside)
+        if inside < B:
             for b in range(B):
-                if buf[b] == last:
+                v = np.float64(row[b])
+                if absval:
+                    v = abs(v)
+                if not (v >= lo_) & (v <= hi_):
                     _hist_exact(row[b], absval, lo_, hi_, iv, e, c, nb, small, False)
         return
     if g32[2] < np.float32(1.0):
@@ -359,6 +377,20 @@ def _kat_ol(row, kv, b):
     return lambda row, kv, b: np.uint64(kv[b])
 
 
+F32_KEY_LO = SIGN - np.uint64(1 << 31)  # the keys of float32 values: F32_KEY_LO..F32_KEY_HI
+F32_KEY_HI = SIGN + np.uint64((1 << 31) - 1)
+
+
+@njit(**JIT)
+def _row_buckets64(row, lo, span, sh, base, dummy, ibuf):
+    """``_row_buckets`` of a float row with 64-bit keys (``_kat``)."""
+    kv = _kview(row)
+    for b in range(row.shape[0]):
+        d = _kat(row, kv, b) - lo
+        ok = (d <= span) & (row[b] == row[b])
+        ibuf[b] = base + np.int64(d >> sh) if ok else dummy
+
+
 def _row_buckets(row, lo, span, sh, base, dummy, ibuf):  # pragma: no cover - numba uses the overload
     raise NotImplementedError
 
@@ -368,19 +400,30 @@ def _row_buckets_ol(row, lo, span, sh, base, dummy, ibuf):
     """ibuf[b] = base + (key - lo) >> sh for the non-NaN values of a row whose key (see
     ``_ukey``) is in lo..lo + span, else ``dummy``; one loop with the key inline (it vectorizes)."""
     dt = row.dtype
-    if dt == types.float32 or dt == types.float64:
-        it, sh_, mask = ((np.int32, 31, 0x7FFFFFFF) if dt == types.float32
-                         else (np.int64, 63, 0x7FFFFFFFFFFFFFFF))
-
-        def impl_float(row, lo, span, sh, base, dummy, ibuf):
-            bits = row.view(it)
+    if dt == types.float32:
+        def impl_float32(row, lo, span, sh, base, dummy, ibuf):
+            # in 32 bits (eight values a vector): a float32 key is SIGN + s with s the int32
+            # below, so key - lo = s - (lo - SIGN), and modulo 2**32 the test d <= span holds
+            # for the same values whenever the slot lies within the float32 keys
+            if not (sh < 32 and F32_KEY_LO <= lo <= F32_KEY_HI and span <= F32_KEY_HI - lo):
+                _row_buckets64(row, lo, span, sh, base, dummy, ibuf)
+                return
+            bits = row.view(np.int32)
+            l32 = np.uint32(lo - F32_KEY_LO) ^ np.uint32(0x80000000)  # (lo - SIGN) mod 2**32
+            sp = np.uint32(span)
+            s32 = np.uint32(sh)
+            base32 = np.int32(base)
+            dummy32 = np.int32(dummy)
             for b in range(row.shape[0]):
-                i = np.int64(bits[b])
-                k = np.uint64(i ^ ((i >> sh_) & mask)) ^ SIGN
-                d = k - lo
-                ok = (d <= span) & (row[b] == row[b])
-                ibuf[b] = base + np.int64(d >> sh) if ok else dummy
-        return impl_float
+                i = bits[b]
+                k = np.uint32(i ^ ((i >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+                d = np.uint32(k - l32)
+                ok = (d <= sp) & (row[b] == row[b])
+                ibuf[b] = np.int32(base32 + np.int32(d >> s32)) if ok else dummy32
+        return impl_float32
+    if dt == types.float64:
+        return lambda row, lo, span, sh, base, dummy, ibuf: _row_buckets64(row, lo, span, sh, base,
+                                                                          dummy, ibuf)
     if isinstance(dt, types.Integer) and dt.signed:
         def impl_signed(row, lo, span, sh, base, dummy, ibuf):
             for b in range(row.shape[0]):
@@ -410,27 +453,46 @@ def _select_slots(v, k, p, u, ns, slo, shi, sshift, sbase, scollect, pos, counts
             return
 
 
-def _interval_hits(row, vl, vh, hbuf):  # pragma: no cover - numba uses the overload
+def _interval_hits(row, vl, vh, ni, hbuf):  # pragma: no cover - numba uses the overload
     raise NotImplementedError
 
 
 @overload(_interval_hits, jit_options=JIT)
-def _interval_hits_ol(row, vl, vh, hbuf):
-    """hbuf[b] |= vl <= row[b] <= vh; float32 rows compare in float32 (the ends are float32
-    values there, so exactly), eight values a vector; others in float64."""
+def _interval_hits_ol(row, vl, vh, ni, hbuf):
+    """hbuf[b] = row[b] lies in one of the intervals vl[j] <= v <= vh[j], j < ni; returns how
+    many values do. One loop over the row per four intervals (the missing ones empty), so a
+    row is read once for up to four quantiles' slots; float32 rows compare in float32 (the
+    ends are float32 values there, so exactly), eight values a vector; others in float64."""
     if row.dtype == types.float32:
-        def impl32(row, vl, vh, hbuf):
-            l32 = np.float32(vl)
-            h32 = np.float32(vh)
-            for b in range(row.shape[0]):
-                v = row[b]
-                hbuf[b] |= (v >= l32) & (v <= h32)
-        return impl32
+        ft, lo_pad, hi_pad = np.float32, np.float32(np.inf), np.float32(-np.inf)
+    else:
+        ft, lo_pad, hi_pad = np.float64, np.inf, -np.inf
 
-    def impl(row, vl, vh, hbuf):
+    def impl(row, vl, vh, ni, hbuf):
+        n = 0
+        if ni == 0:
+            return n
+        for j0 in range(0, ni, 4):
+            l0, h0 = ft(vl[j0]), ft(vh[j0])
+            l1, h1 = (ft(vl[j0 + 1]), ft(vh[j0 + 1])) if j0 + 1 < ni else (lo_pad, hi_pad)
+            l2, h2 = (ft(vl[j0 + 2]), ft(vh[j0 + 2])) if j0 + 2 < ni else (lo_pad, hi_pad)
+            l3, h3 = (ft(vl[j0 + 3]), ft(vh[j0 + 3])) if j0 + 3 < ni else (lo_pad, hi_pad)
+            if j0 == 0 and ni <= 4:  # the common case: one loop, the hits counted on the way
+                for b in range(row.shape[0]):
+                    v = ft(row[b])
+                    h = (((v >= l0) & (v <= h0)) | ((v >= l1) & (v <= h1))
+                         | ((v >= l2) & (v <= h2)) | ((v >= l3) & (v <= h3)))
+                    hbuf[b] = h
+                    n += h
+                return n
+            for b in range(row.shape[0]):
+                v = ft(row[b])
+                h = (((v >= l0) & (v <= h0)) | ((v >= l1) & (v <= h1))
+                     | ((v >= l2) & (v <= h2)) | ((v >= l3) & (v <= h3)))
+                hbuf[b] = h if j0 == 0 else (hbuf[b] | h)
         for b in range(row.shape[0]):
-            v = np.float64(row[b])
-            hbuf[b] |= (v >= vl) & (v <= vh)
+            n += hbuf[b]
+        return n
     return impl
 
 
@@ -478,79 +540,6 @@ def _select_lanes(x3, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, 
                 at += U
 
 
-def _interval_hits(row, vl, vh, hbuf):  # pragma: no cover - numba uses the overload
-    raise NotImplementedError
-
-
-@overload(_interval_hits, jit_options=JIT)
-def _interval_hits_ol(row, vl, vh, hbuf):
-    """hbuf[b] |= vl <= row[b] <= vh; float32 rows compare in float32 (the ends are float32
-    values there, so exactly), eight values a vector; others in float64."""
-    if row.dtype == types.float32:
-        def impl32(row, vl, vh, hbuf):
-            l32 = np.float32(vl)
-            h32 = np.float32(vh)
-            for b in range(row.shape[0]):
-                v = row[b]
-                hbuf[b] |= (v >= l32) & (v <= h32)
-        return impl32
-
-    def impl(row, vl, vh, hbuf):
-        for b in range(row.shape[0]):
-            v = np.float64(row[b])
-            hbuf[b] |= (v >= vl) & (v <= vh)
-    return impl
-
-
-@njit(**JIT)
-def _select_lanes(x3, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ihi, counts,
-                  keys):
-    """B == 1 (NHWC): a row holds one value of every unit u0:u1, taken one at a time, with
-    each unit's first slot (or its value span) in lanes of its own."""
-    nu = u1 - u0
-    mode = np.zeros(nu, np.int64)  # 0: no slot, 1: one counting slot, 2: the slot search
-    lo_ = np.zeros(nu, np.uint64)
-    span = np.zeros(nu, np.uint64)
-    sh = np.zeros(nu, np.uint64)
-    base = np.zeros(nu, np.int64)
-    vlo = np.full(nu, np.inf)
-    vhi = np.full(nu, -np.inf)
-    for j in range(nu):
-        u = u0 + j
-        ns = nslot[p, u]
-        if ns == 0:
-            continue
-        if ns == 1 and not scollect[p, u, 0]:
-            mode[j] = 1
-            lo_[j] = slo[p, u, 0]
-            span[j] = shi[p, u, 0] - slo[p, u, 0]
-            sh[j] = sshift[p, u, 0]
-            base[j] = sbase[p, u, 0]
-        elif nint[p, u] > 0:
-            mode[j] = 2
-            vlo[j] = ilo[p, u, 0]
-            vhi[j] = ihi[p, u, nint[p, u] - 1]
-    for a in range(x3.shape[1]):
-        row = x3[p, a, u0:u1]
-        kv = _kview(row)
-        for j in range(nu):
-            m = mode[j]
-            if m == 1:
-                v = row[j]
-                d = _kat(row, kv, j) - lo_[j]
-                if (d <= span[j]) & (v == v):
-                    counts[base[j] + np.int64(d >> sh[j])] += 1
-            elif m == 2:
-                v = np.float64(row[j])
-                if vlo[j] <= v <= vhi[j]:  # within the unit's outer interval: the exact test
-                    u = u0 + j
-                    for i in range(nint[p, u]):
-                        if ilo[p, u, i] <= v <= ihi[p, u, i]:
-                            _select_slots(row[j], _kat(row, kv, j), p, u, nslot[p, u], slo, shi, sshift,
-                                          sbase, scollect, pos, counts, keys)
-                            break
-
-
 @njit(**JIT)
 def _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ihi, counts,
                  keys, ibuf, hbuf):
@@ -574,14 +563,8 @@ def _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos
                     counts[ibuf[b]] += 1
                 continue
             # several slots: the values within the unit's few value intervals (vectorized
-            # compares, one loop per interval) go to the slot search, the others nowhere
-            hbuf[:B] = 0
-            for j in range(nint[p, u]):
-                _interval_hits(row, ilo[p, u, j], ihi[p, u, j], hbuf)
-            nh = 0
-            for b in range(B):
-                nh += hbuf[b]
-            if nh == 0:
+            # compares, one loop per four intervals) go to the slot search, the others nowhere
+            if _interval_hits(row, ilo[p, u], ihi[p, u], nint[p, u], hbuf) == 0:
                 continue
             kv = _kview(row)
             for b in range(B):
@@ -609,7 +592,7 @@ def _select4(x, su, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ih
     for t in prange(P * su):
         p, ia, a0, a1, u0, u1 = _task_bounds(t, A, U, 1, su)
         if u1 > u0:
-            ibuf = np.empty(B, np.int64)
+            ibuf = np.empty(B, np.int32)  # counts has under 2**31 entries (quantiles.COUNTER_BYTES)
             hbuf = np.empty(B, np.uint8)
             _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ihi,
                          counts, keys, ibuf, hbuf)
