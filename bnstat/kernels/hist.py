@@ -377,20 +377,6 @@ def _kat_ol(row, kv, b):
     return lambda row, kv, b: np.uint64(kv[b])
 
 
-F32_KEY_LO = SIGN - np.uint64(1 << 31)  # the keys of float32 values: F32_KEY_LO..F32_KEY_HI
-F32_KEY_HI = SIGN + np.uint64((1 << 31) - 1)
-
-
-@njit(**JIT)
-def _row_buckets64(row, lo, span, sh, base, dummy, ibuf):
-    """``_row_buckets`` of a float row with 64-bit keys (``_kat``)."""
-    kv = _kview(row)
-    for b in range(row.shape[0]):
-        d = _kat(row, kv, b) - lo
-        ok = (d <= span) & (row[b] == row[b])
-        ibuf[b] = base + np.int64(d >> sh) if ok else dummy
-
-
 def _row_buckets(row, lo, span, sh, base, dummy, ibuf):  # pragma: no cover - numba uses the overload
     raise NotImplementedError
 
@@ -400,30 +386,19 @@ def _row_buckets_ol(row, lo, span, sh, base, dummy, ibuf):
     """ibuf[b] = base + (key - lo) >> sh for the non-NaN values of a row whose key (see
     ``_ukey``) is in lo..lo + span, else ``dummy``; one loop with the key inline (it vectorizes)."""
     dt = row.dtype
-    if dt == types.float32:
-        def impl_float32(row, lo, span, sh, base, dummy, ibuf):
-            # in 32 bits (eight values a vector): a float32 key is SIGN + s with s the int32
-            # below, so key - lo = s - (lo - SIGN), and modulo 2**32 the test d <= span holds
-            # for the same values whenever the slot lies within the float32 keys
-            if not (sh < 32 and F32_KEY_LO <= lo <= F32_KEY_HI and span <= F32_KEY_HI - lo):
-                _row_buckets64(row, lo, span, sh, base, dummy, ibuf)
-                return
-            bits = row.view(np.int32)
-            l32 = np.uint32(lo - F32_KEY_LO) ^ np.uint32(0x80000000)  # (lo - SIGN) mod 2**32
-            sp = np.uint32(span)
-            s32 = np.uint32(sh)
-            base32 = np.int32(base)
-            dummy32 = np.int32(dummy)
+    if dt == types.float32 or dt == types.float64:
+        it, sh_, mask = ((np.int32, 31, 0x7FFFFFFF) if dt == types.float32
+                         else (np.int64, 63, 0x7FFFFFFFFFFFFFFF))
+
+        def impl_float(row, lo, span, sh, base, dummy, ibuf):
+            bits = row.view(it)
             for b in range(row.shape[0]):
-                i = bits[b]
-                k = np.uint32(i ^ ((i >> np.int32(31)) & np.int32(0x7FFFFFFF)))
-                d = np.uint32(k - l32)
-                ok = (d <= sp) & (row[b] == row[b])
-                ibuf[b] = np.int32(base32 + np.int32(d >> s32)) if ok else dummy32
-        return impl_float32
-    if dt == types.float64:
-        return lambda row, lo, span, sh, base, dummy, ibuf: _row_buckets64(row, lo, span, sh, base,
-                                                                          dummy, ibuf)
+                i = np.int64(bits[b])
+                k = np.uint64(i ^ ((i >> sh_) & mask)) ^ SIGN
+                d = k - lo
+                ok = (d <= span) & (row[b] == row[b])
+                ibuf[b] = base + np.int64(d >> sh) if ok else dummy
+        return impl_float
     if isinstance(dt, types.Integer) and dt.signed:
         def impl_signed(row, lo, span, sh, base, dummy, ibuf):
             for b in range(row.shape[0]):
@@ -592,7 +567,7 @@ def _select4(x, su, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ih
     for t in prange(P * su):
         p, ia, a0, a1, u0, u1 = _task_bounds(t, A, U, 1, su)
         if u1 > u0:
-            ibuf = np.empty(B, np.int32)  # counts has under 2**31 entries (quantiles.COUNTER_BYTES)
+            ibuf = np.empty(B, np.int64)
             hbuf = np.empty(B, np.uint8)
             _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ihi,
                          counts, keys, ibuf, hbuf)
