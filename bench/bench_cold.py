@@ -171,7 +171,14 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench_cold.py drops the page cache: run it as root")
+    args.dir = os.path.abspath(args.dir)
+    args.pythonpath = os.path.abspath(args.pythonpath)
+    args.compare = os.path.abspath(args.compare) if args.compare else ""
+    args.out = os.path.abspath(args.out) if args.out else None
     os.makedirs(args.dir, exist_ok=True)
+    # `python -m bnstat` puts the working directory first on sys.path, before PYTHONPATH: run
+    # from the data folder, so that PYTHONPATH (--pythonpath, --compare) picks the bnstat measured
+    os.chdir(args.dir)
     npy = os.path.join(args.dir, "cold.npy")
     h5 = os.path.join(args.dir, "cold.h5")
     gz = os.path.join(args.dir, "cold_gzip.h5")

@@ -68,6 +68,7 @@ for r in range(reps):
         f(x, threads)
         times.setdefault(name, []).append(time.perf_counter() - t)
 print("@@times", json.dumps(times))
+print("@@bnstat", bnstat.__file__)
 """
 
 
@@ -98,8 +99,11 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-threads-check", action="store_true", help="skip the 1-thread rows")
     a = ap.parse_args()
-    d = a.tmp or tempfile.mkdtemp(prefix="bnstat-bench-hist-")
+    d = os.path.abspath(a.tmp or tempfile.mkdtemp(prefix="bnstat-bench-hist-"))
     os.makedirs(d, exist_ok=True)
+    # `python -m`/`-c` put the working directory first on sys.path, before PYTHONPATH: run from
+    # the data folder, so that PYTHONPATH=TREE measures that tree's bnstat (not a checkout here)
+    os.chdir(d)
     n = max(1, int(a.size_mb * 1e6 // (C * H * W * 4)))
     path, tiny = os.path.join(d, "acts.npy"), os.path.join(d, "tiny.npy")
     rng = np.random.default_rng(0)
@@ -127,6 +131,8 @@ def main():
                        env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if p.returncode:
         raise SystemExit(p.stderr)
+    where = [ln.split(None, 1)[1] for ln in p.stdout.splitlines() if ln.startswith("@@bnstat")][-1]
+    print(f"bnstat measured: {os.path.dirname(os.path.dirname(where))}")
     times = json.loads([ln for ln in p.stdout.splitlines() if ln.startswith("@@times")][-1].split(None, 1)[1])
     load1 = os.getloadavg()
     print(f"{gb:.2f} GB float32 NCHW ({n} x {C} x {H} x {W}), page-cached, threads {a.threads or 'all'}, "
