@@ -167,16 +167,21 @@ def margin32(e, lo_, iv):
 LANE_BLOCK = 262144  # B == 1: values per block of rows, walked unit by unit (1 MiB of float32)
 
 
+@njit(inline="always", **JIT)
+def _value(row, b, absval):
+    """row[b] in float64 (exact for every input dtype), |row[b]| with ``absval``."""
+    v = np.float64(row[b])
+    return abs(v) if absval else v
+
+
 @njit(**JIT)
 def _one_bin(row, absval, lo_, hi_):
     """(zeros, values in lo_ <= v <= hi_) of a row (|v| with ``absval``): one branch-free loop
-    of float64 compares (exact for every input dtype), for a histogram of one bin."""
+    of float64 compares, for a histogram of one bin."""
     zeros = 0
     inside = 0
     for b in range(row.shape[0]):
-        v = np.float64(row[b])
-        if absval:
-            v = abs(v)
+        v = _value(row, b, absval)
         inside += (v >= lo_) & (v <= hi_)
         zeros += v == 0.0
     return zeros, inside
@@ -198,9 +203,7 @@ def _hist_row(row, absval, lo_, hi_, iv, mg, g32, e, c, buf, nb, small):
         c[0] += np.uint32(inside)
         if inside < B:
             for b in range(B):
-                v = np.float64(row[b])
-                if absval:
-                    v = abs(v)
+                v = _value(row, b, absval)
                 if not (v >= lo_) & (v <= hi_):
                     _hist_exact(row[b], absval, lo_, hi_, iv, e, c, nb, small, False)
         return
