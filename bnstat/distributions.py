@@ -104,10 +104,11 @@ class UnitState:
 
         ``engine``: "numba" (the counting kernel), "numpy" (``numpy_count``: np.histogram per
         unit, the same integers), or "auto" (numba once its kernel is loaded)."""
+        from bnstat.kernels.loader import hist_kernel
         from bnstat.stream import kernel_engine, read_only
 
         x = read_only(x)  # one compiled variant per dtype (stream.read_only)
-        if kernel_engine("hist4", x, engine, threads) == "numpy":
+        if kernel_engine(hist_kernel(x), x, engine, threads) == "numpy":
             return self._count_numpy(x, g)
         from bnstat.kernels import hist as kernels_hist
 
@@ -139,7 +140,7 @@ class UnitState:
 
     def _count_numpy(self, x: np.ndarray, g: np.ndarray) -> None:
         """``count`` with numpy: per unit np.histogram over its edges of the values in range,
-        NaN and +-inf apart, the same rules as the kernel (kernels.hist._hist4)."""
+        NaN and +-inf apart, the same rules as the kernels (kernels.hist._HIST4_DOC)."""
         P, A, U, B = x.shape
         units = np.asarray(g).reshape(P, U)
         for p in range(P):

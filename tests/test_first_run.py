@@ -280,7 +280,7 @@ def test_hist_first_run_counts_with_numpy_while_its_kernel_compiles(tmp_path, bi
     proc = run(["hist", str(path), "--layout", "NCHW", "--bins", "64", "--range", "-4:8", "-o",
                 str(out), "-v"], tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr
-    assert "compiling the hist4 kernel for float32" in proc.stderr
+    assert "compiling the hist4_units kernel for float32" in proc.stderr
     from bnstat.histogram import load_hist
 
     (h,) = load_hist(str(out)).values()

@@ -111,12 +111,15 @@ def test_one_bin_with_nan_inf_and_zeros(rng):
         np.testing.assert_array_equal(h.stats.inf_count, [2, 0])
 
 
+@pytest.mark.parametrize("engine", ["numba", "numpy"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-def test_values_on_and_next_to_every_edge(dtype, layout, rng):
+def test_values_on_and_next_to_every_edge(engine, dtype, layout, rng, monkeypatch):
     """The kernel takes a value's guessed bin without the edges only away from them
-    (kernels.hist._hist_guess): data holding every edge and both its neighbours, zeros, and
-    a narrow range far from 0, count as np.histogram, with 1 and 2 threads."""
+    (kernels.hist._hist_guess), the numpy engine numpy's equal-bins path: data holding every
+    edge and both its neighbours, zeros, and a narrow range far from 0, count as
+    np.histogram over the edges, with 1 and 2 threads."""
+    monkeypatch.setenv("BNSTAT_ENGINE", engine)
     bins = 64
     for scale, offset in ((1.0, 0.0), (1e-3, 1e4), (1e-30, 0.0)):
         v = (offset + rng.standard_normal(600) * scale).astype(dtype)

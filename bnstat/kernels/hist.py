@@ -247,54 +247,30 @@ def _hist_exact(x, absval, lo_, hi_, iv, e, c, nb, small, count_zero):
 
 
 @njit(**JIT)
-def _hist_task(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, margin, edges, counts, under, over, nanc,
-               infc, zeroc):
-    """Rows a0:a1 of units u0:u1 of view p into slot ia, row by row (B contiguous values of
-    one unit: its bounds, edges and counts looked up once per row, ``_hist_row``). B == 1
-    (NHWC, a row holds one value of every unit): blocks of rows are transposed first (in
-    cache), then counted unit by unit the same way. Float32 data takes the float32 guess
-    in the units where it is sure enough (``margin32``, once per unit and task)."""
-    P, A, U, B = x.shape
-    nb = counts.shape[3]
+def _task_state(x, p, u0, u1, nb, lo, inv, edges):
+    """A task's counters for units u0:u1 of view p: ``tc`` (nu, nb + 5) in 32 bits, five more
+    per unit for the zeros' slots (2048 bins: 8 KiB a unit, which stays in the L1 cache),
+    added to ``counts`` before 2**32 - 1 values (``_flush``), with ``seen`` (values counted
+    since the last flush); ``small`` (nan, inf, under, over, zeros, on cache lines of their
+    own); ``g32`` the float32 guess's constants per unit (``margin32``; g32[:, 2] = 1: the
+    float64 guess)."""
     nu = u1 - u0
-    # the task's own counters, five more per unit (the zeros' slots), in 32 bits: half the
-    # cache lines of int64 (2048 bins: 8 KiB a unit, which stays in the L1 cache), added to
-    # ``counts`` before 2**32 - 1 values (``_flush``)
     tc = np.zeros((nu, nb + 5), np.uint32)
-    seen = np.zeros(nu, np.int64)  # values counted into tc since its last flush
-    small = np.zeros((nu, 5 + 2 * PAD), np.int64)  # nan, inf, under, over, zeros; own cache lines
+    seen = np.zeros(nu, np.int64)
+    small = np.zeros((nu, 5 + 2 * PAD), np.int64)
     g32 = np.zeros((nu, 4), np.float32)
     for j in range(nu):
-        g32[j, 2] = 1.0  # the float64 guess
+        g32[j, 2] = 1.0
         if _is_float32(x) and nb > 1:
             g32[j, 0], g32[j, 1], g32[j, 2], g32[j, 3] = margin32(edges[p, u0 + j], lo[p, u0 + j],
                                                                   inv[p, u0 + j])
-    if B == 1:
-        x3 = x.reshape((P, A, U))
-        rb = max(16, LANE_BLOCK // U)
-        tb = np.empty((nu, rb + 16), x.dtype)  # rows not a power of two apart (cache sets)
-        buf = np.empty(rb, np.uint32)
-        for ab in range(a0, a1, rb):
-            ae = min(ab + rb, a1)
-            for a in range(ab, ae):
-                for j in range(nu):
-                    tb[j, a - ab] = x3[p, a, u0 + j]
-            for j in range(nu):
-                u = u0 + j
-                _flush(tc[j], seen, j, ae - ab, counts[ia, p, u])
-                _hist_row(tb[j, :ae - ab], absval, lo[p, u], hi[p, u], inv[p, u], margin[p, u], g32[j],
-                          edges[p, u], tc[j], buf, nb, small[j])
-    else:
-        buf = np.empty(min(B, SEGMENT), np.uint32)
-        for a in range(a0, a1):
-            for u in range(u0, u1):
-                j = u - u0
-                for b0 in range(0, B, SEGMENT):  # one segment for any B below 2**30
-                    b1 = min(B, b0 + SEGMENT)
-                    _flush(tc[j], seen, j, b1 - b0, counts[ia, p, u])
-                    _hist_row(x[p, a, u, b0:b1], absval, lo[p, u], hi[p, u], inv[p, u], margin[p, u],
-                              g32[j], edges[p, u], tc[j], buf, nb, small[j])
-    for j in range(nu):
+    return tc, seen, small, g32
+
+
+@njit(**JIT)
+def _task_done(p, ia, u0, u1, tc, seen, small, counts, under, over, nanc, infc, zeroc):
+    """A task's counters added to the kernel's outputs (slot ia)."""
+    for j in range(u1 - u0):
         u = u0 + j
         _flush(tc[j], seen, j, -1, counts[ia, p, u])
         nanc[ia, p, u] += small[j, 0]
@@ -302,6 +278,54 @@ def _hist_task(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, margin, edges, cou
         under[ia, p, u] += small[j, 2]
         over[ia, p, u] += small[j, 3]
         zeroc[ia, p, u] += small[j, 4]
+
+
+@njit(**JIT)
+def _hist_task_units(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, margin, edges, counts, under, over,
+                     nanc, infc, zeroc):
+    """B > 1: rows a0:a1 of units u0:u1 of view p into slot ia, row by row (B contiguous
+    values of one unit: its bounds, edges and counts looked up once per row, ``_hist_row``).
+    Float32 data takes the float32 guess in the units where it is sure enough (``margin32``,
+    once per unit and task)."""
+    B = x.shape[3]
+    nb = counts.shape[3]
+    tc, seen, small, g32 = _task_state(x, p, u0, u1, nb, lo, inv, edges)
+    buf = np.empty(min(B, SEGMENT), np.uint32)
+    for a in range(a0, a1):
+        for u in range(u0, u1):
+            j = u - u0
+            for b0 in range(0, B, SEGMENT):  # one segment for any B below 2**30
+                b1 = min(B, b0 + SEGMENT)
+                _flush(tc[j], seen, j, b1 - b0, counts[ia, p, u])
+                _hist_row(x[p, a, u, b0:b1], absval, lo[p, u], hi[p, u], inv[p, u], margin[p, u],
+                          g32[j], edges[p, u], tc[j], buf, nb, small[j])
+    _task_done(p, ia, u0, u1, tc, seen, small, counts, under, over, nanc, infc, zeroc)
+
+
+@njit(**JIT)
+def _hist_task_rows(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, margin, edges, counts, under, over,
+                    nanc, infc, zeroc):
+    """B == 1 (NHWC, NC: a row holds one value of every unit): blocks of rows are transposed
+    first (in cache), then counted unit by unit as ``_hist_task_units`` counts a row."""
+    P, A, U, _ = x.shape
+    nb = counts.shape[3]
+    nu = u1 - u0
+    tc, seen, small, g32 = _task_state(x, p, u0, u1, nb, lo, inv, edges)
+    x3 = x.reshape((P, A, U))
+    rb = max(16, LANE_BLOCK // U)
+    tb = np.empty((nu, rb + 16), x.dtype)  # rows not a power of two apart (cache sets)
+    buf = np.empty(rb, np.uint32)
+    for ab in range(a0, a1, rb):
+        ae = min(ab + rb, a1)
+        for a in range(ab, ae):
+            for j in range(nu):
+                tb[j, a - ab] = x3[p, a, u0 + j]
+        for j in range(nu):
+            u = u0 + j
+            _flush(tc[j], seen, j, ae - ab, counts[ia, p, u])
+            _hist_row(tb[j, :ae - ab], absval, lo[p, u], hi[p, u], inv[p, u], margin[p, u], g32[j],
+                      edges[p, u], tc[j], buf, nb, small[j])
+    _task_done(p, ia, u0, u1, tc, seen, small, counts, under, over, nanc, infc, zeroc)
 
 
 SEGMENT = 1 << 30  # values of a row counted at a time (a 32-bit counter holds many)
@@ -320,9 +344,7 @@ def _flush(t, seen, j, n, c):
     seen[j] = max(n, 0)
 
 
-@njit(**PARALLEL_JIT)
-def _hist4(x, sa, su, absval, lo, hi, inv, margin, edges, counts, under, over, nanc, infc, zeroc):
-    """Counts of every unit of a (P, A, U, B) view in fixed bins, as np.histogram.
+_HIST4_DOC = """Counts of every unit of a (P, A, U, B) view in fixed bins, as np.histogram.
 
     ``lo``/``hi``/``inv``/``margin`` (P, U): the outer edges, bins / (hi - lo) (0 where it
     overflows) and the guess margin of ``_hist_guess`` (1 where no guess is sure);
@@ -334,13 +356,34 @@ def _hist4(x, sa, su, absval, lo, hi, inv, margin, edges, counts, under, over, n
     (v - lo) * bins / (hi - lo) (here with the reciprocal) where it is sure to be
     right, else that guess corrected by one bin against the edges exactly as
     np.histogram does, so the counts are those of np.histogram with the same edges.
+
+    Two kernels, as the moments' (kernels.moments): ``_hist4_rows`` for B == 1 and
+    ``_hist4_units`` for B > 1, so that a run compiles only its layout's (hist4 took
+    9-10 s to compile with both, bench/README.md).
     """
+
+
+@njit(**PARALLEL_JIT)
+def _hist4_units(x, sa, su, absval, lo, hi, inv, margin, edges, counts, under, over, nanc, infc, zeroc):
     P, A, U, B = x.shape
     for t in prange(P * sa * su):
         p, ia, a0, a1, u0, u1 = _task_bounds(t, A, U, sa, su)
         if a1 > a0 and u1 > u0:
-            _hist_task(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, margin, edges, counts, under, over,
-                       nanc, infc, zeroc)
+            _hist_task_units(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, margin, edges, counts,
+                             under, over, nanc, infc, zeroc)
+
+
+@njit(**PARALLEL_JIT)
+def _hist4_rows(x, sa, su, absval, lo, hi, inv, margin, edges, counts, under, over, nanc, infc, zeroc):
+    P, A, U, B = x.shape
+    for t in prange(P * sa * su):
+        p, ia, a0, a1, u0, u1 = _task_bounds(t, A, U, sa, su)
+        if a1 > a0 and u1 > u0:
+            _hist_task_rows(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, margin, edges, counts,
+                            under, over, nanc, infc, zeroc)
+
+
+_hist4_units.__doc__ = _hist4_rows.__doc__ = _HIST4_DOC
 
 
 def _kview(row):  # pragma: no cover - numba uses the overloads
@@ -741,7 +784,13 @@ def _mse_all(counts, centers, start, stride, max_bound, min_bound, out):
         mse_errors(counts[u], centers[u], start, stride, max_bound, min_bound, out[u])
 
 
-hist4 = entry(_hist4)
+hist4_rows = entry(_hist4_rows)
+hist4_units = entry(_hist4_units)
+
+
+def hist4(x, *args) -> None:
+    """``_hist4_rows`` or ``_hist4_units``, by the layout of ``x`` (see ``_HIST4_DOC``)."""
+    (hist4_rows if x.shape[3] == 1 else hist4_units)(x, *args)
 select4 = entry(_select4)
 entropy_all = entry(_entropy_all)
 mse_all = entry(_mse_all)

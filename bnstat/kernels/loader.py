@@ -34,7 +34,8 @@ KERNELS = {
     "moments4_units": ("bnstat.kernels.moments", "moments4_units"),
     "moments4_higher": ("bnstat.kernels.moments", "moments4_higher"),
     "normalize4": ("bnstat.kernels.normalize", "normalize4"),
-    "hist4": ("bnstat.kernels.hist", "hist4"),
+    "hist4_rows": ("bnstat.kernels.hist", "hist4_rows"),
+    "hist4_units": ("bnstat.kernels.hist", "hist4_units"),
 }
 
 
@@ -43,6 +44,11 @@ def moments_kernel(x: np.ndarray, higher: bool = False) -> str:
     if higher:
         return "moments4_higher"
     return "moments4_rows" if x.shape[3] == 1 else "moments4_units"
+
+
+def hist_kernel(x: np.ndarray) -> str:
+    """The name of the counting kernel of ``bnstat hist`` that takes the (P, A, U, B) view ``x``."""
+    return "hist4_rows" if x.shape[3] == 1 else "hist4_units"
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,10 @@ class Spec:
         if self.kernel == "normalize4":
             params = [np.zeros((1, 1)) for _ in range(3)]
             return (x, *params, np.zeros((1, 1, 1, 1), self.out or "float64"))
-        if self.kernel == "hist4":  # x, sa, su, absval, lo, hi, inv, margin, edges, counts, 5 more
+        if self.kernel.startswith("hist4"):  # x, sa, su, absval, lo, hi, inv, margin, edges, counts, 5 more
+            if self.kernel == "hist4_units":  # B > 1
+                x = np.zeros((1, 1, 1, 2), self.dtype)
+                x.setflags(write=not self.readonly)
             lo, hi, inv, margin = np.zeros((1, 1)), np.ones((1, 1)), np.ones((1, 1)), np.ones((1, 1))
             small = [np.zeros((1, 1, 1), np.int64) for _ in range(5)]
             return (x, 1, 1, False, lo, hi, inv, margin, np.array([[[0.0, 1.0]]]),
@@ -231,7 +240,7 @@ def loaded(spec: Spec) -> bool:
 
 # warm_up's names for the kernels (bnstat.warm_up)
 GROUPS = {"moments": ("moments4_rows", "moments4_units"), "higher": ("moments4_higher",),
-          "normalize": ("normalize4",), "hist": ("hist4",)}
+          "normalize": ("normalize4",), "hist": ("hist4_rows", "hist4_units")}
 
 
 def warm_up(kernels=("moments", "normalize"), dtypes=("float32", "float64")) -> dict[str, float]:
