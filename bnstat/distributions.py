@@ -150,15 +150,18 @@ class UnitState:
                 if self.absval:
                     v = np.abs(v)
                 self.extra["zero_count"][k] += np.count_nonzero(v == 0.0)
-                f = v[np.isfinite(v)]
                 lo, hi = self.lo[k], self.hi[k]
-                self.extra["underflow"][k] += np.count_nonzero(f < lo)
-                self.extra["overflow"][k] += np.count_nonzero(f > hi)
-                inside = f[(f >= lo) & (f <= hi)]
-                if self._uniform(k):  # numpy's path for equal bins: no sort, the same counts
-                    self.counts[k] += np.histogram(inside, bins=self.bins, range=(lo, hi))[0]
+                under, over = np.count_nonzero(v < lo), np.count_nonzero(v > hi)  # NaN in neither
+                if np.isinf(v).any():  # -inf and +inf are counted apart, not under or over
+                    under -= np.count_nonzero(v == -np.inf)
+                    over -= np.count_nonzero(v == np.inf)
+                self.extra["underflow"][k] += under
+                self.extra["overflow"][k] += over
+                if self._uniform(k):  # numpy's path for equal bins: no sort, the same counts; it
+                    # keeps lo <= v <= hi itself (NaN and +-inf out)
+                    self.counts[k] += np.histogram(v, bins=self.bins, range=(lo, hi))[0]
                 else:
-                    self.counts[k] += np.histogram(inside, bins=self.edges[k])[0]
+                    self.counts[k] += np.histogram(v[(v >= lo) & (v <= hi)], bins=self.edges[k])[0]
 
     def _uniform(self, k: int) -> bool:
         """Whether unit k's edges are np.histogram's own for ``bins`` over (lo, hi) (they are

@@ -300,6 +300,7 @@ def test_numpy_counting_equals_the_kernels(monkeypatch, rng_spec):
     x = (r.standard_normal((30, 4, 3, 5)) * 2).astype(np.float32)
     x[0, 1, 1, 1] = np.nan
     x[1, 2, 0, 0] = np.inf
+    x[3, 2, 1, 0] = -np.inf
     x[2, 0, :, :] = 0.0
     kw = dict(layout="NCHW", bins=32, range=rng_spec, quantiles=[0.01, 0.5, 0.99])
     results = {}
@@ -320,6 +321,8 @@ def test_numpy_counting_equals_the_kernels(monkeypatch, rng_spec):
         edges = b.edges[c]
         inside = vals[(vals >= edges[0]) & (vals <= edges[-1])]
         assert b.counts[c].tolist() == np.histogram(inside, bins=edges)[0].tolist()
+        assert b.underflow[c] == np.count_nonzero(vals < edges[0])  # finite values only
+        assert b.overflow[c] == np.count_nonzero(vals > edges[-1])
 
 
 @pytest.mark.parametrize("bins", [64, 2048, 5000])
