@@ -63,7 +63,7 @@ def compute_amax(hist, method: str) -> np.ndarray:
 
     Raises UsageProblem when there are too few bins for mse/entropy (start_bin 128).
     """
-    from bnstat.kernels import hist as kernels_hist
+    from bnstat.kernels import calibration
 
     method = check_method(method)
     shape = hist.unit_shape
@@ -91,7 +91,7 @@ def compute_amax(hist, method: str) -> np.ndarray:
         nbins = 1 << (hist.num_bits - 1 + int(unsigned))
         digit, off = _digits(n, nbins, START_BIN, STRIDE)
         div = np.zeros((live.size, off.size))
-        kernels_hist.entropy_all(np.ascontiguousarray(counts[live]), START_BIN, STRIDE, nbins, digit, off, div)
+        calibration.entropy_all(np.ascontiguousarray(counts[live]), START_BIN, STRIDE, nbins, digit, off, div)
         last = div.shape[1] - 1 - np.argmin(div[:, ::-1], axis=1)  # the last of equal minima
         out[live] = edges[live, last * STRIDE + START_BIN]
         return out.reshape(shape)
@@ -100,7 +100,7 @@ def compute_amax(hist, method: str) -> np.ndarray:
     centers = (edges[:, 1:] + edges[:, :-1]) / 2
     k = len(range(START_BIN, n, STRIDE))
     err = np.zeros((live.size, k))
-    kernels_hist.mse_all(np.ascontiguousarray(counts[live]).astype(np.float64),
+    calibration.mse_all(np.ascontiguousarray(counts[live]).astype(np.float64),
                          np.ascontiguousarray(centers[live]), START_BIN, STRIDE, max_bound, min_bound, err)
     best = np.argmin(err, axis=1)
     out[live] = centers[live, START_BIN + best * STRIDE]

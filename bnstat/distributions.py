@@ -108,7 +108,8 @@ class UnitState:
         from bnstat.stream import kernel_engine, read_only
 
         x = read_only(x)  # one compiled variant per dtype (stream.read_only)
-        if kernel_engine(hist_kernel(x), x, engine, threads) == "numpy":
+        kernel = hist_kernel(x)
+        if kernel_engine(kernel, x, engine, threads) == "numpy":
             return self._count_numpy(x, g)
         from bnstat.kernels import hist as kernels_hist
 
@@ -130,7 +131,7 @@ class UnitState:
         direct = contiguous and sa == 1
         counts = self.counts[sl].reshape(1, P, U, nb) if direct else np.zeros((sa, P, U, nb), np.int64)
         small = {k: np.zeros((sa, P, U), np.int64) for k in ("under", "over", "nan", "inf", "zero")}
-        kernels_hist.hist4(x, sa, su, self.absval, lo, hi, inv, margin, edges, counts, small["under"], small["over"],
+        getattr(kernels_hist, kernel)(x, sa, su, self.absval, lo, hi, inv, margin, edges, counts, small["under"], small["over"],
                            small["nan"], small["inf"], small["zero"])
         if not direct:
             np.add.at(self.counts, g, counts.sum(axis=0).reshape(-1, nb))
@@ -140,7 +141,7 @@ class UnitState:
 
     def _count_numpy(self, x: np.ndarray, g: np.ndarray) -> None:
         """``count`` with numpy: per unit np.histogram over its edges of the values in range,
-        NaN and +-inf apart, the same rules as the kernels (kernels.hist._HIST4_DOC)."""
+        NaN and +-inf apart, the same rules as the kernels (kernels.hist._hist4_units)."""
         P, A, U, B = x.shape
         units = np.asarray(g).reshape(P, U)
         for p in range(P):

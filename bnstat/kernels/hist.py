@@ -10,8 +10,6 @@ own slot ``out[ia, p, u]``, so threads never share a counter.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
@@ -344,7 +342,9 @@ def _flush(t, seen, j, n, c):
     seen[j] = max(n, 0)
 
 
-_HIST4_DOC = """Counts of every unit of a (P, A, U, B) view in fixed bins, as np.histogram.
+@njit(**PARALLEL_JIT)
+def _hist4_units(x, sa, su, absval, lo, hi, inv, margin, edges, counts, under, over, nanc, infc, zeroc):
+    """Counts of every unit of a (P, A, U, B) view in fixed bins, as np.histogram.
 
     ``lo``/``hi``/``inv``/``margin`` (P, U): the outer edges, bins / (hi - lo) (0 where it
     overflows) and the guess margin of ``_hist_guess`` (1 where no guess is sure);
@@ -361,10 +361,6 @@ _HIST4_DOC = """Counts of every unit of a (P, A, U, B) view in fixed bins, as np
     ``_hist4_units`` for B > 1, so that a run compiles only its layout's (hist4 took
     9-10 s to compile with both, bench/README.md).
     """
-
-
-@njit(**PARALLEL_JIT)
-def _hist4_units(x, sa, su, absval, lo, hi, inv, margin, edges, counts, under, over, nanc, infc, zeroc):
     P, A, U, B = x.shape
     for t in prange(P * sa * su):
         p, ia, a0, a1, u0, u1 = _task_bounds(t, A, U, sa, su)
@@ -375,15 +371,13 @@ def _hist4_units(x, sa, su, absval, lo, hi, inv, margin, edges, counts, under, o
 
 @njit(**PARALLEL_JIT)
 def _hist4_rows(x, sa, su, absval, lo, hi, inv, margin, edges, counts, under, over, nanc, infc, zeroc):
+    """``_hist4_units`` for B == 1 (a row holds one value of every unit)."""
     P, A, U, B = x.shape
     for t in prange(P * sa * su):
         p, ia, a0, a1, u0, u1 = _task_bounds(t, A, U, sa, su)
         if a1 > a0 and u1 > u0:
             _hist_task_rows(x, p, ia, a0, a1, u0, u1, absval, lo, hi, inv, margin, edges, counts,
                             under, over, nanc, infc, zeroc)
-
-
-_hist4_units.__doc__ = _hist4_rows.__doc__ = _HIST4_DOC
 
 
 def _kview(row):  # pragma: no cover - numba uses the overloads
@@ -490,29 +484,21 @@ def _interval_hits_ol(row, vl, vh, ni, hbuf):
         ft, lo_pad, hi_pad = np.float64, np.inf, -np.inf
 
     def impl(row, vl, vh, ni, hbuf):
-        n = 0
-        if ni == 0:
-            return n
+        n = 0  # the hits of the last group: those of every interval, the groups being OR-ed
         for j0 in range(0, ni, 4):
             l0, h0 = ft(vl[j0]), ft(vh[j0])
             l1, h1 = (ft(vl[j0 + 1]), ft(vh[j0 + 1])) if j0 + 1 < ni else (lo_pad, hi_pad)
             l2, h2 = (ft(vl[j0 + 2]), ft(vh[j0 + 2])) if j0 + 2 < ni else (lo_pad, hi_pad)
             l3, h3 = (ft(vl[j0 + 3]), ft(vh[j0 + 3])) if j0 + 3 < ni else (lo_pad, hi_pad)
-            if j0 == 0 and ni <= 4:  # the common case: one loop, the hits counted on the way
-                for b in range(row.shape[0]):
-                    v = ft(row[b])
-                    h = (((v >= l0) & (v <= h0)) | ((v >= l1) & (v <= h1))
-                         | ((v >= l2) & (v <= h2)) | ((v >= l3) & (v <= h3)))
-                    hbuf[b] = h
-                    n += h
-                return n
+            n = 0
             for b in range(row.shape[0]):
                 v = ft(row[b])
                 h = (((v >= l0) & (v <= h0)) | ((v >= l1) & (v <= h1))
                      | ((v >= l2) & (v <= h2)) | ((v >= l3) & (v <= h3)))
-                hbuf[b] = h if j0 == 0 else (hbuf[b] | h)
-        for b in range(row.shape[0]):
-            n += hbuf[b]
+                if j0 > 0:
+                    h = h | (hbuf[b] != 0)
+                hbuf[b] = h
+                n += h
         return n
     return impl
 
@@ -619,178 +605,7 @@ def _select4(x, su, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ih
                          counts, keys, ibuf, hbuf)
 
 
-# ---- calibration (amax) -----------------------------------------------------------
-#
-# Transcriptions of pytorch-quantization's HistogramCalibrator in float64 (README
-# "Calibration ranges"). Sums are numpy's pairwise summation (``_pairwise``) so
-# that the criterion of every candidate is what numpy computes on the same arrays.
-
-@njit(**JIT)
-def _leaf(a, n0, n):
-    """numpy's pairwise_sum for n <= 128: 8 accumulators, then the rest in order."""
-    if n < 8:
-        res = 0.0
-        for i in range(n0, n0 + n):
-            res += a[i]
-        return res
-    r = np.empty(8)
-    for k in range(8):
-        r[k] = a[n0 + k]
-    i = 8
-    while i < n - (n % 8):
-        for k in range(8):
-            r[k] += a[n0 + i + k]
-        i += 8
-    res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
-    while i < n:
-        res += a[n0 + i]
-        i += 1
-    return res
-
-
-@njit(**JIT)
-def _pairwise(a, n0, n):
-    """np.add.reduce of a[n0:n0 + n]: numpy's pairwise_sum (blocks of 128 split in halves
-    rounded to 8), walked with an explicit stack (a recursive function does not load from
-    numba's cache)."""
-    if n <= 128:
-        return _leaf(a, n0, n)
-    fn0 = np.empty(70, np.int64)
-    fn = np.empty(70, np.int64)
-    ph = np.zeros(70, np.int64)
-    left = np.zeros(70)
-    sp = 0
-    fn0[0] = n0
-    fn[0] = n
-    result = 0.0
-    while sp >= 0:
-        m0 = fn0[sp]
-        m = fn[sp]
-        done = False
-        v = 0.0
-        if m <= 128:
-            v = _leaf(a, m0, m)
-            done = True
-        else:
-            n2 = m // 2
-            n2 -= n2 % 8
-            if ph[sp] == 0:
-                ph[sp] = 1
-                sp += 1
-                fn0[sp], fn[sp], ph[sp] = m0, n2, 0
-            elif ph[sp] == 1:
-                ph[sp] = 2
-                sp += 1
-                fn0[sp], fn[sp], ph[sp] = m0 + n2, m - n2, 0
-            else:
-                v = left[sp] + left[sp + 1]
-                done = True
-        if done:
-            sp -= 1
-            if sp < 0:
-                result = v
-            elif ph[sp] == 1:
-                left[sp] = v
-            else:
-                left[sp + 1] = v
-    return result
-
-
-@njit(**JIT)
-def entropy_divergences(counts, start, stride, nbins, digit, digit_off, out):
-    """KL divergence of every candidate clip i (start..len, step stride) of one |x| histogram.
-
-    ``digit[digit_off[k]:digit_off[k] + i]`` is np.digitize(range(i), linspace(0, i, nbins + 1)) - 1
-    for the k-th candidate (the same for every unit).
-    """
-    bins = counts.astype(np.float64)
-    ibins = counts.copy()
-    ibins[0] = ibins[1]
-    bins[0] = bins[1]
-    n = bins.shape[0]
-    ndc = np.zeros(nbins)
-    nval = np.zeros(nbins)
-    newd = np.zeros(n)
-    pk = np.zeros(n)
-    vec = np.zeros(n)
-    k = 0
-    for i in range(start, n + 1, stride):
-        ndc[:] = 0.0
-        nval[:] = 0.0
-        d0 = digit_off[k]
-        for j in range(i):
-            if ibins[j] != 0:
-                ndc[digit[d0 + j]] += bins[j]
-                nval[digit[d0 + j]] += 1.0
-        for b in range(nbins):
-            if nval[b] > 0:
-                ndc[b] = ndc[b] / nval[b]
-        for j in range(i):
-            newd[j] = ndc[digit[d0 + j]] if ibins[j] != 0 else 0.0
-        tail = 0
-        for j in range(i, n):
-            tail += ibins[j]
-        ref_total = 0
-        for j in range(i):
-            ref_total += ibins[j]
-        ref_total += tail
-        qsum = _pairwise(newd, 0, i)
-        for j in range(i):
-            r = ibins[j] + (tail if j == i - 1 else 0)
-            p = 1.0 * r / ref_total
-            q = newd[j] / qsum
-            if p > 0 and q > 0:
-                vec[j] = p * math.log(p / q)
-            elif p == 0 and q >= 0:
-                vec[j] = 0.0
-            else:
-                vec[j] = np.inf
-        out[k] = _pairwise(vec, 0, i)
-        k += 1
-
-
-@njit(**JIT)
-def mse_errors(counts, centers, start, stride, max_bound, min_bound, out):
-    """Mean of (fake-quantized center - center)^2 * count for every candidate amax = centers[i]."""
-    n = centers.shape[0]
-    err = np.zeros(n)
-    k = 0
-    for i in range(start, n, stride):
-        amax = centers[i]
-        scale = max_bound / amax
-        tiny = amax <= 1.0 / (1 << 24)
-        if tiny:
-            scale = 0.0
-        for j in range(n):
-            qv = min(max(np.rint(centers[j] * scale), min_bound), max_bound)
-            qv = qv / (1.0 if tiny else scale)
-            d = qv - centers[j]
-            err[j] = d * d * counts[j]
-        out[k] = _pairwise(err, 0, n) / n
-        k += 1
-
-
-@njit(**PARALLEL_JIT)
-def _entropy_all(counts, start, stride, nbins, digit, digit_off, out):
-    """``entropy_divergences`` of every row of ``counts`` (units, bins) into ``out`` (units, k)."""
-    for u in prange(counts.shape[0]):
-        entropy_divergences(counts[u], start, stride, nbins, digit, digit_off, out[u])
-
-
-@njit(**PARALLEL_JIT)
-def _mse_all(counts, centers, start, stride, max_bound, min_bound, out):
-    """``mse_errors`` of every row of ``counts``/``centers`` (units, bins) into ``out`` (units, k)."""
-    for u in prange(counts.shape[0]):
-        mse_errors(counts[u], centers[u], start, stride, max_bound, min_bound, out[u])
-
-
+# the entry points (kernels.loader names the counting kernel of a view: hist_kernel)
 hist4_rows = entry(_hist4_rows)
 hist4_units = entry(_hist4_units)
-
-
-def hist4(x, *args) -> None:
-    """``_hist4_rows`` or ``_hist4_units``, by the layout of ``x`` (see ``_HIST4_DOC``)."""
-    (hist4_rows if x.shape[3] == 1 else hist4_units)(x, *args)
 select4 = entry(_select4)
-entropy_all = entry(_entropy_all)
-mse_all = entry(_mse_all)
