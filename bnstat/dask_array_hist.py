@@ -160,6 +160,7 @@ def _local(spec: dict, units: np.ndarray) -> dict:
         lt["sbase"] = np.where(counted, (np.cumsum(flat) - flat).reshape(nb.shape), 0)
         cap = _capacity(t)[units]
         lt["pos"] = np.where(_collected(lt), (np.cumsum(cap.ravel()) - cap.ravel()).reshape(cap.shape), 0)
+        lt["pend"] = lt["pos"] + cap
         lt["n_counts"], lt["n_keys"] = int(flat.sum()), int(cap.sum())
         out["select"] = lt
     return out

@@ -48,17 +48,27 @@ class _Array:
         self.selecting = self.selector is not None
         self.threads = 1
         self.engine = "numba"  # of the counting passes (the quantile passes are numba's)
+        self.sampler = None
+        self.one_bin = False
+
+    def sample_first(self) -> None:
+        """The first pass samples the values for a probe pass (bnstat.quantile_probe) instead
+        of counting every key's top bits, where the keys allow it."""
+        from bnstat.quantile_probe import Sampler, eligible
+
+        if self.selector is not None and eligible(self.dtype):
+            values = sum(math.prod(s.shape) for s in self.sources) // max(1, self.n_units)
+            self.sampler = Sampler(self.n_units, values, self.dtype)
+            self.selecting = False
 
     def visit(self, i: int):
         """The chunk visitor of source i for the current pass (None: nothing to do)."""
-        from bnstat.stream import read_only
-
-        if not (self.counting or self.selecting):
+        if not (self.counting or self.selecting or self.sampler):
             return None
         return chunk_visitor(self.dtype, self.per_tensor, self.gidx[i],
                              self.state if self.counting else None,
                              self._tables if self.selecting else None, self.threads,
-                             self.engine)
+                             self.engine, self.sampler)
 
     def start_pass(self) -> None:
         if self.selecting:
@@ -69,6 +79,12 @@ class _Array:
         self.stats = tensor_stats(stats) if self.per_tensor else stats
         if self.selector is not None:
             self.selector.set_counts(self.stats.count.ravel())
+        if self.sampler is not None:
+            self.selector.probe(self.sampler.samples())
+            self.sampler = None
+            self.selecting = not self.selector.done
+            self.counting = False
+            return
         self.end_pass()
 
     def unit_gidx(self) -> list:
@@ -83,20 +99,32 @@ class _Array:
         s = self.stats
         lo, hi = outer_edges(s, rng, mn.reshape(s.unit_shape), mx.reshape(s.unit_shape))
         self.state.set_edges(lo, hi)
-        self.counting = True
+        # one bin over the exact range holds every finite value: its counts follow from the
+        # moments, and the probe pass counts the zeros (no counting pass of its own)
+        self.one_bin = self.state.bins == 1 and self.selecting and self.selector.probing
+        self.counting = not self.one_bin
+
+    def _one_bin_counts(self) -> None:
+        st, m = self.state, self.stats.moments
+        st.counts[:, 0] = self.selector.n - m.inf_count.ravel()
+        st.extra["zero_count"][:] = self.selector.zeros
 
     def end_pass(self) -> None:
         if self.selecting:
-            self.selector.advance(self._tables["counts"], self._tables["keys"])
+            probe = self.selector.probing
+            self.selector.advance(self._tables["counts"], self._tables["keys"], self._tables)
             self.selecting = not self.selector.done
+            if probe and self.one_bin:
+                self._one_bin_counts()
         self.counting = False
 
 
 def chunk_visitor(dtype, per_tensor: bool, g: np.ndarray, state, tables, threads: int,
-                  engine: str = "numba"):
+                  engine: str = "numba", sampler=None):
     """A chunk visitor (``stream.source_moments``) counting into ``state`` (a UnitState, or
-    None) and the quantile pass's ``tables`` (or None); ``g`` maps the chunks' units to the
-    array's flat units, ``dtype`` is the kernels' input dtype; ``engine`` the counting's
+    None) and the quantile pass's ``tables`` (or None), sampling into ``sampler`` (a
+    quantile_probe.Sampler, or None); ``g`` maps the chunks' units to the array's flat
+    units, ``dtype`` is the kernels' input dtype; ``engine`` the counting's
     (``UnitState.count``)."""
     from bnstat.stream import read_only
 
@@ -111,6 +139,8 @@ def chunk_visitor(dtype, per_tensor: bool, g: np.ndarray, state, tables, threads
             state.count(x, units, threads, engine)
         if tables is not None:
             _select(x, units, tables, threads)
+        if sampler is not None:
+            sampler.add(x, units)
     return visit
 
 
@@ -144,12 +174,17 @@ def _select(x, units, t, threads) -> None:
     if B == 1:  # rows of every unit (NHWC): as few tasks as threads, each reads all the rows
         su = min(U, threads)
     pos = t["pos"][units].reshape(P, U, S)
+    probe = "below" in t  # a probe pass (quantiles.Selector.probe): the values below each slot
+    below = t["below"][units].reshape(P, U, S + 1) if probe else np.zeros((1, 1, 1), np.int64)
     kernels_hist.select4(x, su, t["nslot"][units].reshape(P, U), t["slo"][units].reshape(P, U, S),
                          t["shi"][units].reshape(P, U, S), t["sshift"][units].reshape(P, U, S),
                          t["sbase"][units].reshape(P, U, S), t["scollect"][units].reshape(P, U, S),
-                         pos, t["nint"][units].reshape(P, U), t["ilo"][units].reshape(P, U, S),
-                         t["ihi"][units].reshape(P, U, S), t["counts"], t["keys"])
+                         pos, t["pend"][units].reshape(P, U, S), t["nint"][units].reshape(P, U),
+                         t["ilo"][units].reshape(P, U, S), t["ihi"][units].reshape(P, U, S), below, probe,
+                         t["counts"], t["keys"])
     t["pos"][units] = pos.reshape(-1, S)
+    if probe:
+        t["below"][units] = below.reshape(-1, S + 1)
 
 
 def _plans(sources, per_file, layout, channel_axis, norm, groups, reduce):
@@ -247,6 +282,7 @@ def _local_passes(sources, arrays: dict, rng, *, chunk_size: int, threads, progr
     for a in arrays.values():
         a.threads = n_threads
         a.engine = engine
+        a.sample_first()
         a.start_pass()
     stats = compute_stats(sources, chunk_size=chunk_size, threads=threads, progress=progress,
                           visit=lambda name, i, src, plan: arrays[name].visit(i), engine=engine,

@@ -61,6 +61,17 @@ def to_keys(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return k.view(np.uint64) ^ np.uint64(SIGN)
 
 
+def keys_of(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The unsigned keys of values of ``dtype`` (kernels.hist._ukey)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return to_keys(values, dtype)
+    v = np.asarray(values)
+    if dtype.kind == "u":
+        return v.astype(np.uint64)
+    return v.astype(np.int64).view(np.uint64) ^ np.uint64(SIGN)
+
+
 def to_values(keys: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """float64 values of unsigned keys of ``dtype`` (the inverse of kernels_hist._ukey)."""
     dtype = np.dtype(dtype)
@@ -132,6 +143,7 @@ class Selector:
         self.found: dict[tuple[int, int], int] = {}  # (unit, rank) -> key
         self.passes = 0
         self.wanted = None
+        self.probing = False  # the next pass is a probe pass (``probe``)
 
     def tables(self):
         """Flat tables of the next pass: nslot (U,), slo/shi/shift/base/collect/pos (U, S),
@@ -157,8 +169,38 @@ class Selector:
                     base[u, j] = n_counts
                     n_counts += ((hi - lo) >> sh) + 1
         self._layout = (base.copy(), pos.copy())
-        return dict(nslot=nslot, slo=slo, shi=shi, sshift=shift, sbase=base, scollect=collect, pos=pos,
-                    n_counts=n_counts, n_keys=n_keys, **self._filter())
+        pend = pos + np.where(collect, self._sizes(S), 0)
+        t = dict(nslot=nslot, slo=slo, shi=shi, sshift=shift, sbase=base, scollect=collect, pos=pos,
+                 pend=pend, n_counts=n_counts, n_keys=n_keys)
+        if self.probing:
+            t.update(self._probe_filter(S), below=np.zeros((U, S + 1), np.int64))  # + the zeros
+        else:
+            t.update(self._filter())
+        return t
+
+    def _sizes(self, S: int) -> np.ndarray:
+        """(U, S): the keys each slot has room for (its count; a probe slot's capacity)."""
+        out = np.zeros((self.n_units, S), np.int64)
+        for u, slots in enumerate(self.slots):
+            for j, slot in enumerate(slots):
+                out[u, j] = slot[5] if slot[3] else 0
+        return out
+
+    def _probe_filter(self, S: int):
+        """The intervals of a probe pass: one per slot, in order (the kernel counts the values
+        below each, which are the keys below the slot: bnstat.quantile_probe)."""
+        U = self.n_units
+        nint = np.zeros(U, np.int64)
+        ilo = np.zeros((U, S))
+        ihi = np.zeros((U, S))
+        for u, slots in enumerate(self.slots):
+            if slots:
+                ends = to_values(np.array([s[:2] for s in slots], dtype=np.uint64).ravel(),
+                                 self.dtype).reshape(-1, 2)
+                nint[u] = len(slots)
+                ilo[u, :len(slots)] = ends[:, 0]
+                ihi[u, :len(slots)] = ends[:, 1]
+        return dict(nint=nint, ilo=ilo, ihi=ihi)
 
     def _filter(self):
         """The value intervals of the pass's search (kernels.hist._select4): per unit, the
@@ -204,13 +246,15 @@ class Selector:
     def done(self) -> bool:
         return all(not s for s in self.slots)
 
-    def advance(self, counts: np.ndarray, keys: np.ndarray) -> None:
-        """Narrow every slot by the pass's ``counts`` and collected ``keys``."""
+    def advance(self, counts: np.ndarray, keys: np.ndarray, tables: dict | None = None) -> None:
+        """Narrow every slot by the pass's ``counts`` and collected ``keys`` (and, after a
+        probe pass, its ``tables``' final positions and counts below)."""
+        if self.probing:
+            self._advance_probe(counts, keys, tables["pos"], tables["below"])
+            return
         base, pos = self._layout
         self.passes += 1
-        n_slots = sum(len(s) for s in self.slots)
-        bits = bits_for(n_slots * 2)
-        limit = COUNTER_BYTES // (8 * max(1, 2 * n_slots))
+        bits, limit = self._budget()
         for u, slots in enumerate(self.slots):
             new = []
             for j, (lo, hi, sh, coll, targets, cnt) in enumerate(slots):
@@ -220,26 +264,145 @@ class Selector:
                         self.found[(u, rank)] = int(got[r])
                     continue
                 nb = ((hi - lo) >> sh) + 1
-                c = counts[base[u, j]:base[u, j] + nb]
-                cum = np.cumsum(c)
-                by_bucket: dict[int, list] = {}
-                for rank, r in targets:
-                    b = int(np.searchsorted(cum, r, side="right"))
-                    below = int(cum[b - 1]) if b else 0
-                    by_bucket.setdefault(b, []).append((rank, r - below))
-                for b, tg in by_bucket.items():
-                    blo = lo + (b << sh)
-                    bhi = min(hi, blo + (1 << sh) - 1)
-                    m = int(c[b])
-                    if blo == bhi:
-                        for rank, _ in tg:
-                            self.found[(u, rank)] = blo
-                    elif m <= limit:
-                        new.append([blo, bhi, 0, True, tg, m])
-                    else:
-                        span = (bhi - blo).bit_length()
-                        new.append([blo, bhi, max(0, span - bits), False, tg, m])
+                self._split(u, lo, sh, hi, counts[base[u, j]:base[u, j] + nb], targets, bits, limit, new)
+            self.slots[u] = sorted(new, key=lambda sl: sl[0])  # ascending (kernels.hist._select_slots)
+
+    def _budget(self) -> tuple[int, int]:
+        """(bucket bits, most keys collected) per slot of the next pass."""
+        n_slots = sum(len(s) for s in self.slots)
+        return bits_for(n_slots * 2), COUNTER_BYTES // (8 * max(1, 2 * n_slots))
+
+    def _split(self, u, lo, sh, hi, c, targets, bits, limit, new) -> None:
+        """The buckets ``c`` of the counting slot lo..hi (width 2**sh) holding ``targets``
+        (rank, index among the slot's keys): the slots of the next pass, into ``new``."""
+        cum = np.cumsum(c)
+        by_bucket: dict[int, list] = {}
+        for rank, r in targets:
+            b = int(np.searchsorted(cum, r, side="right"))
+            below = int(cum[b - 1]) if b else 0
+            by_bucket.setdefault(b, []).append((rank, r - below))
+        for b, tg in by_bucket.items():
+            blo = lo + (b << sh)
+            self._narrow(u, blo, min(hi, blo + (1 << sh) - 1), tg, int(c[b]), bits, limit, new)
+
+    def _narrow(self, u, lo, hi, targets, m, bits, limit, new) -> None:
+        """The key range lo..hi of ``m`` keys holding ``targets``: found (one key), collected
+        by the next pass (few keys) or counted in buckets (many)."""
+        if lo == hi:
+            for rank, _ in targets:
+                self.found[(u, rank)] = lo
+        elif m <= limit:
+            new.append([lo, hi, 0, True, targets, m])
+        else:
+            new.append([lo, hi, max(0, (hi - lo).bit_length() - bits), False, targets, m])
+
+    def probe(self, samples: list) -> None:
+        """Make the next pass a probe pass (bnstat.quantile_probe) from each unit's first-pass
+        sample (its values in read order, without NaN); after ``set_counts``."""
+        from bnstat.quantile_probe import intervals
+
+        lowk, highk = key_span(self.dtype) if self.dtype.kind in "iu" else _finite_key_span(self.dtype)
+        zero = int(to_keys(np.zeros(1), self.dtype)[0]) if self.dtype.kind == "f" else None
+        n_units_live = sum(1 for s in self.slots if s)
+        bits, limit = bits_for(max(1, 2 * n_units_live)), COUNTER_BYTES // (8 * max(1, 2 * n_units_live))
+        for u, slots in enumerate(self.slots):
+            if not slots:
+                continue
+            n = int(self.n[u])
+            ranks = [r for r, _ in slots[0][4]]
+            sample = samples[u]
+            if sample.size < 16:  # no sample to speak of: the whole range, placed exactly
+                new = []
+                self._narrow(u, lowk, highk, [(r, r) for r in ranks], n, bits, limit, new)
+                self.slots[u] = sorted(new, key=lambda sl: sl[0])  # ascending (kernels.hist._select_slots)
+                continue
+            part, groups, deff = intervals(sample, n, ranks)
+            m = part.size
+            new = []
+            for ilo_, ihi_, rs in groups:
+                klo = int(keys_of(part[ilo_:ilo_ + 1], self.dtype)[0]) if ilo_ >= 0 else lowk
+                khi = int(keys_of(part[ihi_:ihi_ + 1], self.dtype)[0]) if ihi_ < m else highk
+                if zero is not None:  # -0.0 and +0.0 in one interval (the kernel compares values)
+                    klo = zero - 1 if klo == zero else klo
+                    khi = zero if khi == zero - 1 else khi
+                expect = (min(ihi_, m - 1) - max(ilo_, 0) + 1) * n / m
+                if new and klo <= new[-1][1] + 1:
+                    new[-1][1] = max(new[-1][1], khi)
+                    new[-1][4] += [(r, r) for r in rs]
+                    new[-1][5] += expect
+                else:
+                    new.append([klo, khi, 0, True, [(r, r) for r in rs], expect])
+            for sl in new:  # room: the keys between two sample values vary (n / m apart each)
+                sl[5] = min(n, int(sl[5] + 6 * math.sqrt(sl[5] * deff * n / m)) + 128)
             self.slots[u] = new
+        self._fit_probe()
+        self.probing = True
+
+    def _fit_probe(self) -> None:
+        """Probe slots' room (their expected keys and a margin), within COUNTER_BYTES with the
+        counters: the largest slots count in buckets instead while the keys would not fit."""
+        live = [sl for slots in self.slots for sl in slots]
+        bits = bits_for(max(1, 2 * len(live)))
+        budget = COUNTER_BYTES // 8
+        used = sum(sl[5] for sl in live if sl[3])
+        for sl in sorted((sl for sl in live if sl[3]), key=lambda sl: -sl[5]):
+            if used <= budget:
+                break
+            used -= sl[5] - (1 << bits)
+            sl[2], sl[3] = max(0, (sl[1] - sl[0]).bit_length() - bits), False
+
+    def _advance_probe(self, counts, keys, pos_after, below) -> None:
+        """Place every wanted rank after a probe pass: by the values below each slot and the
+        keys in it, inside a slot (read off, or narrowed further) or in a gap between two."""
+        base, pos = self._layout
+        self.passes += 1
+        self.probing = False
+        self.zeros = below[:, -1].copy()  # the zeros of every unit (bnstat.histrun: one bin)
+        lowk, highk = key_span(self.dtype)
+        bits, limit = self._budget()
+        for u, slots in enumerate(self.slots):
+            if not slots:
+                continue
+            new = []
+            placed = []  # per slot: (first rank, keys in it, its counts or sorted keys)
+            for j, (lo, hi, sh, coll, targets, cnt) in enumerate(slots):
+                b = int(self.n[u] - below[u, j])  # the kernel counts those at or above
+                if coll:
+                    c = int(pos_after[u, j] - pos[u, j])
+                    placed.append((b, c, keys[pos[u, j]:pos[u, j] + c] if c <= cnt else None))
+                else:
+                    nb = ((hi - lo) >> sh) + 1
+                    cc = counts[base[u, j]:base[u, j] + nb]
+                    placed.append((b, int(cc.sum()), cc))
+            wanted = sorted({r for sl in slots for r, _ in sl[4]})
+            inside: dict[int, list] = {}
+            gaps: dict[int, list] = {}
+            for r in wanted:
+                for j, (b, c, _) in enumerate(placed):
+                    if b <= r < b + c:
+                        inside.setdefault(j, []).append((r, r - b))
+                        break
+                else:  # in the gap before the first slot that starts after it
+                    j = next((j for j, (b, _, _) in enumerate(placed) if r < b), len(placed))
+                    gaps.setdefault(j, []).append(r)
+            for j, tg in inside.items():
+                lo, hi, sh, coll = slots[j][:4]
+                b, c, got = placed[j]
+                if coll and got is not None:  # the keys at the wanted places, without a sort
+                    got = np.partition(got, [i for _, i in tg])
+                    for rank, i in tg:
+                        self.found[(u, rank)] = int(got[i])
+                elif coll:  # more keys than room: their count is known now
+                    self._narrow(u, lo, hi, tg, c, bits, limit, new)
+                else:
+                    self._split(u, lo, sh, hi, got, tg, bits, limit, new)
+            for j, rs in gaps.items():
+                start = placed[j - 1][0] + placed[j - 1][1] if j else 0
+                end = placed[j][0] if j < len(placed) else int(self.n[u])
+                glo = slots[j - 1][1] + 1 if j else lowk
+                ghi = slots[j][0] - 1 if j < len(placed) else highk
+                self._narrow(u, glo, ghi, [(r, r - start) for r in rs], end - start, bits, limit, new)
+            self.slots[u] = sorted(new, key=lambda sl: sl[0])  # ascending (kernels.hist._select_slots)
 
     def values(self) -> np.ndarray:
         """(units, len(q)) float64: np.quantile's result per unit (NaN for an empty unit)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange, types
+from numba.cpython.unsafe.numbers import trailing_zeros
 from numba.extending import overload
 
 from bnstat.kernels._jit import JIT, PARALLEL_JIT, entry
@@ -453,37 +454,48 @@ def _row_buckets_ol(row, lo, span, sh, base, dummy, ibuf):
     return impl_unsigned
 
 
-@njit(**JIT)
-def _select_slots(v, k, p, u, ns, slo, shi, sshift, sbase, scollect, pos, counts, keys):
-    """Key k of a non-NaN value v into the unit's slot holding it (if any)."""
+@njit(inline="always", **JIT)  # called per value: a call would pass (and count references to) 13 arrays
+def _select_slots(v, k, p, u, ns, slo, shi, sshift, sbase, scollect, pos, pend, counts, keys):
+    """Key k of a non-NaN value v into the unit's slot holding it (if any). The slots are
+    in ascending order, so the one that can hold k is found without a branch (the count
+    of slots ending below k). A collecting slot stores keys up to its end ``pend`` and
+    counts on past it (a probe slot's keys are not known in number beforehand,
+    bnstat.quantiles)."""
     if v != v:
         return
-    for s in range(ns):
-        if slo[p, u, s] <= k <= shi[p, u, s]:
-            if scollect[p, u, s]:
-                keys[pos[p, u, s]] = k
-                pos[p, u, s] += 1
-            else:
-                counts[sbase[p, u, s] + ((k - slo[p, u, s]) >> sshift[p, u, s])] += 1
-            return
+    s = 0
+    for t in range(ns - 1):
+        s += k > shi[p, u, t]
+    if slo[p, u, s] <= k <= shi[p, u, s]:  # else in no slot (a tie of values widened an interval)
+        if scollect[p, u, s]:
+            at = pos[p, u, s]
+            if at < pend[p, u, s]:
+                keys[at] = k
+            pos[p, u, s] = at + 1
+        else:
+            # an int64 index: int64 + uint64 is float64 in numba, a float index 3x slower here
+            counts[sbase[p, u, s] + np.int64((k - slo[p, u, s]) >> sshift[p, u, s])] += 1
 
 
-def _interval_hits(row, vl, vh, ni, hbuf):  # pragma: no cover - numba uses the overload
+def _interval_hits(row, vl, vh, ni, hbuf, below, count_below):  # pragma: no cover - numba uses the overload
     raise NotImplementedError
 
 
 @overload(_interval_hits, jit_options=JIT)
-def _interval_hits_ol(row, vl, vh, ni, hbuf):
+def _interval_hits_ol(row, vl, vh, ni, hbuf, below, count_below):
     """hbuf[b] = row[b] lies in one of the intervals vl[j] <= v <= vh[j], j < ni; returns how
-    many values do. One loop over the row per four intervals (the missing ones empty), so a
-    row is read once for up to four quantiles' slots; float32 rows compare in float32 (the
-    ends are float32 values there, so exactly), eight values a vector; others in float64."""
+    many values do; with ``count_below``, below[j] += the values v >= vl[j] (NaN never is;
+    the caller takes them from the unit's count: it is the same compare as the test's), and
+    below[-1] += the zeros.
+    One loop over the row per four intervals (the missing ones empty), so a row is read
+    once for up to four quantiles' slots; float32 rows compare in float32 (the ends are
+    float32 values there, so exactly), eight values a vector; others in float64."""
     if row.dtype == types.float32:
         ft, lo_pad, hi_pad = np.float32, np.float32(np.inf), np.float32(-np.inf)
     else:
         ft, lo_pad, hi_pad = np.float64, np.inf, -np.inf
 
-    def impl(row, vl, vh, ni, hbuf):
+    def impl(row, vl, vh, ni, hbuf, below, count_below):
         n = 0  # the hits of the last group: those of every interval, the groups being OR-ed
         for j0 in range(0, ni, 4):
             l0, h0 = ft(vl[j0]), ft(vh[j0])
@@ -491,6 +503,31 @@ def _interval_hits_ol(row, vl, vh, ni, hbuf):
             l2, h2 = (ft(vl[j0 + 2]), ft(vh[j0 + 2])) if j0 + 2 < ni else (lo_pad, hi_pad)
             l3, h3 = (ft(vl[j0 + 3]), ft(vh[j0 + 3])) if j0 + 3 < ni else (lo_pad, hi_pad)
             n = 0
+            if count_below:  # 32-bit sums (a row is counted in segments below 2**30): 8 a vector
+                c0 = c1 = c2 = c3 = z = np.int32(0)
+                for b in range(row.shape[0]):
+                    v = ft(row[b])
+                    h = (((v >= l0) & (v <= h0)) | ((v >= l1) & (v <= h1))
+                         | ((v >= l2) & (v <= h2)) | ((v >= l3) & (v <= h3)))
+                    if j0 > 0:
+                        h = h | (hbuf[b] != 0)
+                    hbuf[b] = h
+                    n += h
+                    c0 += np.int32(v >= l0)
+                    c1 += np.int32(v >= l1)
+                    c2 += np.int32(v >= l2)
+                    c3 += np.int32(v >= l3)
+                    z += np.int32(v == ft(0.0))
+                if j0 == 0:
+                    below[below.shape[0] - 1] += z
+                below[j0] += c0
+                if j0 + 1 < ni:
+                    below[j0 + 1] += c1
+                if j0 + 2 < ni:
+                    below[j0 + 2] += c2
+                if j0 + 3 < ni:
+                    below[j0 + 3] += c3
+                continue
             for b in range(row.shape[0]):
                 v = ft(row[b])
                 h = (((v >= l0) & (v <= h0)) | ((v >= l1) & (v <= h1))
@@ -504,8 +541,8 @@ def _interval_hits_ol(row, vl, vh, ni, hbuf):
 
 
 @njit(**JIT)
-def _select_lanes(x3, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ihi, counts,
-                  keys):
+def _select_lanes(x3, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, pend, nint, ilo, ihi,
+                  below, count_below, counts, keys):
     """B == 1 (NHWC): a row holds one value of every unit u0:u1. Rows are taken in blocks
     (in cache), each block unit by unit (one unit's counters in use at a time)."""
     P, A, U = x3.shape
@@ -519,7 +556,7 @@ def _select_lanes(x3, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, 
             if ns == 0:
                 continue
             at = (p * A + ab) * U + u
-            if ns == 1 and not scollect[p, u, 0]:
+            if ns == 1 and not scollect[p, u, 0] and not count_below:
                 lo_ = slo[p, u, 0]
                 span = shi[p, u, 0] - lo_
                 sh = sshift[p, u, 0]
@@ -536,25 +573,43 @@ def _select_lanes(x3, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, 
                 continue
             vlo = ilo[p, u, 0]
             vhi = ihi[p, u, ni - 1]
+            high = 0  # values above every interval
+            zeros = 0
             for a in range(ab, ae):
                 v = np.float64(xf[at])
+                zeros += v == 0.0
                 if vlo <= v <= vhi:  # within the unit's outer interval: the exact test
+                    if count_below:
+                        for i in range(ni):
+                            below[p, u, i] += v >= ilo[p, u, i]
                     for i in range(ni):
                         if ilo[p, u, i] <= v <= ihi[p, u, i]:
                             _select_slots(xf[at], _kat(xf, kv, at), p, u, ns, slo, shi, sshift, sbase,
-                                          scollect, pos, counts, keys)
+                                          scollect, pos, pend, counts, keys)
                             break
+                elif v > vhi:
+                    high += 1
                 at += U
+            if count_below:
+                for i in range(ni):
+                    below[p, u, i] += high
+                below[p, u, below.shape[2] - 1] += zeros
 
 
 @njit(**JIT)
-def _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ihi, counts,
-                 keys, ibuf, hbuf):
+def _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, pend, nint, ilo, ihi,
+                 below, count_below, counts, keys, ibuf, hbuf):
     A = x3.shape[1]
     dummy = counts.shape[0] - 1
+    hwords = hbuf.view(np.uint64)
+    allcoll = np.zeros(u1 - u0, np.bool_)  # every slot of the unit collects (a probe pass's
+    for u in range(u0, u1):  # values then lie in its slots: no test of the slot's ends)
+        allcoll[u - u0] = nslot[p, u] > 0
+        for s in range(nslot[p, u]):
+            allcoll[u - u0] &= scollect[p, u, s]
     if B == 1:
-        _select_lanes(x3, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ihi, counts,
-                      keys)
+        _select_lanes(x3, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, pend, nint, ilo, ihi,
+                      below, count_below, counts, keys)
         return
     for a in range(A):
         for u in range(u0, u1):
@@ -562,7 +617,7 @@ def _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos
             if ns == 0:
                 continue
             row = x3[p, a, u * B:(u + 1) * B]
-            if ns == 1 and not scollect[p, u, 0]:
+            if ns == 1 and not scollect[p, u, 0] and not count_below:
                 # one counting slot (the first pass): bucket indices (vectorized), then a scatter
                 _row_buckets(row, slo[p, u, 0], shi[p, u, 0] - slo[p, u, 0], sshift[p, u, 0],
                              sbase[p, u, 0], dummy, ibuf)
@@ -571,27 +626,51 @@ def _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos
                 continue
             # several slots: the values within the unit's few value intervals (vectorized
             # compares, one loop per four intervals) go to the slot search, the others nowhere
-            if _interval_hits(row, ilo[p, u], ihi[p, u], nint[p, u], hbuf) == 0:
+            if _interval_hits(row, ilo[p, u], ihi[p, u], nint[p, u], hbuf, below[p, u], count_below) == 0:
                 continue
             kv = _kview(row)
-            for b in range(B):
-                if hbuf[b]:
+            if count_below and allcoll[u - u0]:  # a probe pass's collecting slots: the short loop
+                shi_u, pos_u, pend_u = shi[p, u], pos[p, u], pend[p, u]
+                for i in range(hwords.shape[0]):
+                    w = hwords[i]
+                    while w != 0:
+                        b = i * 8 + np.int64(trailing_zeros(w) >> 3)
+                        w &= w - np.uint64(1)
+                        k = _kat(row, kv, b)
+                        s = 0
+                        for t in range(ns - 1):
+                            s += k > shi_u[t]
+                        at = pos_u[s]
+                        if at < pend_u[s]:
+                            keys[at] = k
+                        pos_u[s] = at + 1
+                continue
+            for i in range(hwords.shape[0]):  # eight flags (bytes 0 or 1) at a time, most 0
+                w = hwords[i]
+                while w != 0:
+                    b = i * 8 + np.int64(trailing_zeros(w) >> 3)
+                    w &= w - np.uint64(1)
                     _select_slots(row[b], _kat(row, kv, b), p, u, ns, slo, shi, sshift, sbase, scollect,
-                                  pos, counts, keys)
+                                  pos, pend, counts, keys)
 
 
 @njit(**PARALLEL_JIT)
-def _select4(x, su, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ihi, counts, keys):
+def _select4(x, su, nslot, slo, shi, sshift, sbase, scollect, pos, pend, nint, ilo, ihi, below,
+             count_below, counts, keys):
     """One counting pass of the exact quantiles over a (P, A, U, B) view.
 
     Unit (p, u) has ``nslot[p, u]`` slots s, each a range of keys
     ``slo[p, u, s]..shi[p, u, s]`` (inclusive). A non-NaN value whose key is
     in a counting slot adds 1 to ``counts[sbase + (key - lo) >> sshift]``; in
     a collecting slot (``scollect``) its key is stored at
-    ``keys[pos[p, u, s]]`` and the position advances. The last element of
-    ``counts`` is scratch (it counts the values of no slot in the one-slot loop).
-    ``nint`` (P, U), ``ilo``/``ihi`` (P, U, S): float64 intervals ilo <= v <= ihi that hold
-    the values of every key of the unit's slots (a value outside them is in no slot).
+    ``keys[pos[p, u, s]]`` while that is before ``pend[p, u, s]``, and the
+    position advances (so it ends at the start plus the slot's keys). The last
+    element of ``counts`` is scratch (it counts the values of no slot in the one-slot loop).
+    ``nint`` (P, U), ``ilo``/``ihi`` (P, U, S): float64 intervals ilo <= v <= ihi, in
+    ascending order, that hold the values of every key of the unit's slots (a value
+    outside them is in no slot); with ``count_below`` (a probe pass), ``below[p, u, i]``
+    (P, U, S + 1) gains the values v >= ilo[p, u, i] (the unit's count less them: those
+    below), and ``below[p, u, S]`` the zeros.
     Tasks hold whole units (never a split of A), so positions are never shared.
     """
     P, A, U, B = x.shape
@@ -600,9 +679,9 @@ def _select4(x, su, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ih
         p, ia, a0, a1, u0, u1 = _task_bounds(t, A, U, 1, su)
         if u1 > u0:
             ibuf = np.empty(B, np.int64)
-            hbuf = np.empty(B, np.uint8)
-            _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, nint, ilo, ihi,
-                         counts, keys, ibuf, hbuf)
+            hbuf = np.zeros((B + 7) // 8 * 8, np.uint8)  # flags of a row, then zeros to a word
+            _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, pend, nint, ilo,
+                         ihi, below, count_below, counts, keys, ibuf, hbuf)
 
 
 # the entry points (kernels.loader names the counting kernel of a view: hist_kernel)
