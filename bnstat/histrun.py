@@ -1,8 +1,9 @@
 """``compute_hist``: the histograms, quantiles and amax of every named array.
 
 Pass 1 is ``stream.compute_stats`` (moments), visited by the LO:HI counts and
-the first quantile pass; then, for ``auto``/``abs``, the counting pass over
-the exact ranges (with the next quantile pass), then the quantile passes
+the quantiles' sample (or their first counting pass: int64, Dask); then, for
+``auto``/``abs``, the counting pass over the exact ranges (with the probe or
+the next quantile pass; one bin needs no counting), then the quantile passes
 left (bnstat.quantiles). See bnstat.distributions for the per-unit state.
 """
 

@@ -8,14 +8,19 @@ keys known to hold that rank: a pass over the data either counts the
 slot's keys in up to 2**D buckets of equal width (then the slot narrows to
 the bucket holding the rank) or, once the slot holds few enough keys, collects
 them (then a sort of that small buffer gives the key). The first pass is
-the moments pass, which counts the top D1 bits of every key of every unit.
+the moments pass: where the keys allow it, it samples every unit and the
+second pass is a *probe* (``probe``: bnstat.quantile_probe) that collects
+the keys of the sample's intervals and counts the values below them;
+otherwise (int64, uint64, and the Dask passes) it counts the top D1 bits of
+every key of every unit.
 
 Bounds (README "Exact quantiles"): counters and collected keys take at most
 ``COUNTER_BYTES`` (64 MiB; at least 256 buckets per slot), beside the chunk;
 a pass divides a slot's key range by at least 2**8, so a unit is resolved
 after at most 1 + ceil((w - D1) / D) + 1 passes for w-bit keys (w = 8, 16,
-32 or 64; float16 data is widened to float32 keys). Typical float32 data:
-2 passes (the moments pass, one collecting pass).
+32 or 64; float16 data is widened to float32 keys), counted after the probe
+where there is one. Typical float32 data: 2 passes (the moments pass with
+its sample, the probe).
 """
 
 from __future__ import annotations
