@@ -283,6 +283,8 @@ def _local_passes(sources, arrays: dict, rng, *, chunk_size: int, threads, progr
     for a in arrays.values():
         a.threads = n_threads
         a.engine = engine
+        if a.selector is not None:
+            a.selector.threads = n_threads
         a.sample_first()
         a.start_pass()
     stats = compute_stats(sources, chunk_size=chunk_size, threads=threads, progress=progress,

@@ -149,6 +149,7 @@ class Selector:
         self.passes = 0
         self.wanted = None
         self.probing = False  # the next pass is a probe pass (``probe``)
+        self.threads = 1  # for the sorts after a pass (numpy's release the GIL)
 
     def tables(self):
         """Flat tables of the next pass: nslot (U,), slo/shi/shift/base/collect/pos (U, S),
@@ -310,6 +311,9 @@ class Selector:
         zero = int(to_keys(np.zeros(1), self.dtype)[0]) if self.dtype.kind == "f" else None
         n_units_live = sum(1 for s in self.slots if s)
         bits, limit = bits_for(max(1, 2 * n_units_live)), COUNTER_BYTES // (8 * max(1, 2 * n_units_live))
+        todo = [u for u, slots in enumerate(self.slots) if slots and samples[u].size >= 16]
+        found = dict(zip(todo, _map(lambda u: intervals(samples[u], int(self.n[u]),
+                                                        [r for r, _ in self.slots[u][0][4]]), todo, self.threads)))
         for u, slots in enumerate(self.slots):
             if not slots:
                 continue
@@ -321,7 +325,7 @@ class Selector:
                 self._narrow(u, lowk, highk, [(r, r) for r in ranks], n, bits, limit, new)
                 self.slots[u] = sorted(new, key=lambda sl: sl[0])  # ascending (kernels.hist._select_slots)
                 continue
-            part, groups, deff = intervals(sample, n, ranks)
+            part, groups, deff = found.pop(u)
             m = part.size
             new = []
             for ilo_, ihi_, rs in groups:
@@ -363,6 +367,7 @@ class Selector:
         self.passes += 1
         self.probing = False
         self.zeros = below[:, -1].copy()  # the zeros of every unit (bnstat.histrun: one bin)
+        picks = []  # (unit, collected keys, targets): partitioned at the targets, no sort
         lowk, highk = key_span(self.dtype)
         bits, limit = self._budget()
         for u, slots in enumerate(self.slots):
@@ -393,10 +398,8 @@ class Selector:
             for j, tg in inside.items():
                 lo, hi, sh, coll = slots[j][:4]
                 b, c, got = placed[j]
-                if coll and got is not None:  # the keys at the wanted places, without a sort
-                    got = np.partition(got, [i for _, i in tg])
-                    for rank, i in tg:
-                        self.found[(u, rank)] = int(got[i])
+                if coll and got is not None:  # the keys at the wanted places, below
+                    picks.append((u, got, tg))
                 elif coll:  # more keys than room: their count is known now
                     self._narrow(u, lo, hi, tg, c, bits, limit, new)
                 else:
@@ -408,6 +411,10 @@ class Selector:
                 ghi = slots[j][0] - 1 if j < len(placed) else highk
                 self._narrow(u, glo, ghi, [(r, r - start) for r in rs], end - start, bits, limit, new)
             self.slots[u] = sorted(new, key=lambda sl: sl[0])  # ascending (kernels.hist._select_slots)
+        parts = _map(lambda p: np.partition(p[1], [i for _, i in p[2]]), picks, self.threads)
+        for (u, _, tg), got in zip(picks, parts):
+            for rank, i in tg:
+                self.found[(u, rank)] = int(got[i])
 
     def values(self) -> np.ndarray:
         """(units, len(q)) float64: np.quantile's result per unit (NaN for an empty unit)."""
@@ -424,6 +431,16 @@ class Selector:
             out = lerp(to_values(kp, self.dtype), to_values(kn, self.dtype), self.gamma)
         out[self.n == 0] = np.nan
         return out
+
+
+def _map(f, items: list, threads: int) -> list:
+    """[f(item) for item in items], on ``threads`` threads (numpy's sorts release the GIL)."""
+    if threads <= 1 or len(items) < 2:
+        return [f(i) for i in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(threads, len(items))) as ex:
+        return list(ex.map(f, items))
 
 
 def check_quantiles(qs) -> list[float]:
