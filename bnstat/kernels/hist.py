@@ -477,6 +477,17 @@ def _select_slots(v, k, p, u, ns, slo, shi, sshift, sbase, scollect, pos, pend, 
             counts[sbase[p, u, s] + np.int64((k - slo[p, u, s]) >> sshift[p, u, s])] += 1
 
 
+@njit(inline="always", **JIT)
+def _flag(hbuf, b, j0, v, l0, h0, l1, h1, l2, h2, l3, h3):
+    """hbuf[b] = v lies in one of four intervals (or did for an earlier group, j0 > 0)."""
+    h = (((v >= l0) & (v <= h0)) | ((v >= l1) & (v <= h1))
+         | ((v >= l2) & (v <= h2)) | ((v >= l3) & (v <= h3)))
+    if j0 > 0:
+        h = h | (hbuf[b] != 0)
+    hbuf[b] = h
+    return h
+
+
 def _interval_hits(row, vl, vh, ni, hbuf, below, count_below):  # pragma: no cover - numba uses the overload
     raise NotImplementedError
 
@@ -507,12 +518,7 @@ def _interval_hits_ol(row, vl, vh, ni, hbuf, below, count_below):
                 c0 = c1 = c2 = c3 = z = np.int32(0)
                 for b in range(row.shape[0]):
                     v = ft(row[b])
-                    h = (((v >= l0) & (v <= h0)) | ((v >= l1) & (v <= h1))
-                         | ((v >= l2) & (v <= h2)) | ((v >= l3) & (v <= h3)))
-                    if j0 > 0:
-                        h = h | (hbuf[b] != 0)
-                    hbuf[b] = h
-                    n += h
+                    n += _flag(hbuf, b, j0, v, l0, h0, l1, h1, l2, h2, l3, h3)
                     c0 += np.int32(v >= l0)
                     c1 += np.int32(v >= l1)
                     c2 += np.int32(v >= l2)
@@ -521,21 +527,12 @@ def _interval_hits_ol(row, vl, vh, ni, hbuf, below, count_below):
                 if j0 == 0:
                     below[below.shape[0] - 1] += z
                 below[j0] += c0
-                if j0 + 1 < ni:
-                    below[j0 + 1] += c1
-                if j0 + 2 < ni:
-                    below[j0 + 2] += c2
-                if j0 + 3 < ni:
-                    below[j0 + 3] += c3
+                below[min(j0 + 1, ni - 1)] += c1 if j0 + 1 < ni else 0
+                below[min(j0 + 2, ni - 1)] += c2 if j0 + 2 < ni else 0
+                below[min(j0 + 3, ni - 1)] += c3 if j0 + 3 < ni else 0
                 continue
             for b in range(row.shape[0]):
-                v = ft(row[b])
-                h = (((v >= l0) & (v <= h0)) | ((v >= l1) & (v <= h1))
-                     | ((v >= l2) & (v <= h2)) | ((v >= l3) & (v <= h3)))
-                if j0 > 0:
-                    h = h | (hbuf[b] != 0)
-                hbuf[b] = h
-                n += h
+                n += _flag(hbuf, b, j0, ft(row[b]), l0, h0, l1, h1, l2, h2, l3, h3)
         return n
     return impl
 
