@@ -57,7 +57,7 @@ class _Array:
         of counting every key's top bits, where the keys allow it."""
         from bnstat.quantile_probe import Sampler, eligible
 
-        if self.selector is not None and eligible(self.dtype):
+        if self.selector is not None and eligible(self.dtype, self.n_units):
             values = sum(math.prod(s.shape) for s in self.sources) // max(1, self.n_units)
             self.sampler = Sampler(self.n_units, values, self.dtype)
             self.selecting = False

@@ -27,15 +27,17 @@ import math
 import numpy as np
 
 SAMPLE_BYTES = 16 * 1024**2  # the whole sample (README "Exact quantiles")
-MIN_SAMPLE, MAX_SAMPLE = 1024, 65536  # values per unit
+MIN_SAMPLE, MAX_SAMPLE = 1024, 65536  # values per unit (fewer within SAMPLE_BYTES: no probe)
 MARGIN = 4.0  # standard deviations either side of the estimate
 GROUPS = 32  # contiguous groups for the design effect
 
 
-def eligible(dtype) -> bool:
-    """Whether the probe can take keys of the kernel input ``dtype``."""
+def eligible(dtype, n_units: int) -> bool:
+    """Whether the probe can take keys of the kernel input ``dtype``, and a sample of at
+    least MIN_SAMPLE values of each of ``n_units`` units fits in SAMPLE_BYTES."""
     dtype = np.dtype(dtype)
-    return dtype.kind == "f" or dtype.itemsize <= 4
+    fits = SAMPLE_BYTES // (dtype.itemsize * max(1, n_units)) >= MIN_SAMPLE
+    return fits and (dtype.kind == "f" or dtype.itemsize <= 4)
 
 
 def _odd_coprime(B: int, s: int) -> int:
@@ -53,7 +55,7 @@ class Sampler:
 
     def __init__(self, n_units: int, values: int, dtype):
         itemsize = np.dtype(dtype).itemsize
-        self.cap = int(min(MAX_SAMPLE, max(MIN_SAMPLE, SAMPLE_BYTES // (itemsize * max(1, n_units)))))
+        self.cap = int(min(MAX_SAMPLE, SAMPLE_BYTES // (itemsize * max(1, n_units))))
         self.k = max(1, int(values) // self.cap)
         self.n_units = n_units
         self.blocks: list[tuple[np.ndarray, np.ndarray]] = []

@@ -176,3 +176,16 @@ def test_int64_keeps_the_counting_passes(rng, small_sample, passes):
     got = run(x, layout="NC").quantile(QS).reshape(-1, len(QS))
     assert_bits(got, reference(x, layout="NC"))
     assert passes["k"] == []
+
+
+def test_many_units_keep_the_counting_passes(rng, passes, monkeypatch):
+    """A sample of MIN_SAMPLE values a unit must fit in SAMPLE_BYTES; with more units than
+    that allows, no sample is taken (its memory stays bounded) and the counting passes run."""
+    monkeypatch.setattr(qp, "SAMPLE_BYTES", 4 * 1024 * 10)  # 10 units of 1024 float32
+    x = rng.standard_normal((200, 11)).astype(np.float32)
+    got = run(x, layout="NC").quantile(QS).reshape(-1, len(QS))
+    assert_bits(got, reference(x, layout="NC"))
+    assert passes["k"] == []
+    x = rng.standard_normal((200, 10)).astype(np.float32)
+    assert_bits(run(x, layout="NC").quantile(QS).reshape(-1, len(QS)), reference(x, layout="NC"))
+    assert passes["k"] == [1]
