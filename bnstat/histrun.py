@@ -113,7 +113,7 @@ class _Array:
     def end_pass(self) -> None:
         if self.selecting:
             probe = self.selector.probing
-            self.selector.advance(self._tables["counts"], self._tables["keys"], self._tables)
+            self.selector.advance(self._tables)
             self.selecting = not self.selector.done
             if probe and self.one_bin:
                 self._one_bin_counts()

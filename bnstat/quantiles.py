@@ -150,6 +150,7 @@ class Selector:
         self.wanted = None
         self.probing = False  # the next pass is a probe pass (``probe``)
         self.threads = 1  # for the sorts after a pass (numpy's release the GIL)
+        self.zeros = None  # after a probe pass: every unit's zeros
 
     def tables(self):
         """Flat tables of the next pass: nslot (U,), slo/shi/shift/base/collect/pos (U, S),
@@ -163,19 +164,20 @@ class Selector:
         base = np.zeros((U, S), np.int64)
         collect = np.zeros((U, S), np.bool_)
         pos = np.zeros((U, S), np.int64)
+        pend = np.zeros((U, S), np.int64)
         n_counts = n_keys = 0
         for u, slots in enumerate(self.slots):
             nslot[u] = len(slots)
             for j, (lo, hi, sh, coll, _, cnt) in enumerate(slots):
                 slo[u, j], shi[u, j], shift[u, j], collect[u, j] = lo, hi, sh, coll
-                if coll:
+                if coll:  # room for its count (a probe slot's: its capacity)
                     pos[u, j] = n_keys
                     n_keys += cnt
+                    pend[u, j] = n_keys
                 else:
                     base[u, j] = n_counts
                     n_counts += ((hi - lo) >> sh) + 1
         self._layout = (base.copy(), pos.copy())
-        pend = pos + np.where(collect, self._sizes(S), 0)
         t = dict(nslot=nslot, slo=slo, shi=shi, sshift=shift, sbase=base, scollect=collect, pos=pos,
                  pend=pend, n_counts=n_counts, n_keys=n_keys)
         if self.probing:
@@ -183,14 +185,6 @@ class Selector:
         else:
             t.update(self._filter())
         return t
-
-    def _sizes(self, S: int) -> np.ndarray:
-        """(U, S): the keys each slot has room for (its count; a probe slot's capacity)."""
-        out = np.zeros((self.n_units, S), np.int64)
-        for u, slots in enumerate(self.slots):
-            for j, slot in enumerate(slots):
-                out[u, j] = slot[5] if slot[3] else 0
-        return out
 
     def _probe_filter(self, S: int):
         """The intervals of a probe pass: one per slot, in order (the kernel counts the values
@@ -252,9 +246,10 @@ class Selector:
     def done(self) -> bool:
         return all(not s for s in self.slots)
 
-    def advance(self, counts: np.ndarray, keys: np.ndarray, tables: dict | None = None) -> None:
-        """Narrow every slot by the pass's ``counts`` and collected ``keys`` (and, after a
-        probe pass, its ``tables``' final positions and counts below)."""
+    def advance(self, tables: dict) -> None:
+        """Narrow every slot by the pass's ``tables`` (``pass_tables`` after the pass: its
+        counts and collected keys; after a probe, its final positions and counts below)."""
+        counts, keys = tables["counts"], tables["keys"]
         if self.probing:
             self._advance_probe(counts, keys, tables["pos"], tables["below"])
             return
@@ -271,7 +266,11 @@ class Selector:
                     continue
                 nb = ((hi - lo) >> sh) + 1
                 self._split(u, lo, sh, hi, counts[base[u, j]:base[u, j] + nb], targets, bits, limit, new)
-            self.slots[u] = sorted(new, key=lambda sl: sl[0])  # ascending (kernels.hist._select_slots)
+            self._set(u, new)
+
+    def _set(self, u: int, new: list) -> None:
+        """Unit u's slots for the next pass, in ascending order (kernels.hist._select_slots)."""
+        self.slots[u] = sorted(new, key=lambda sl: sl[0])
 
     def _budget(self) -> tuple[int, int]:
         """(bucket bits, most keys collected) per slot of the next pass."""
@@ -309,21 +308,17 @@ class Selector:
 
         lowk, highk = key_span(self.dtype) if self.dtype.kind in "iu" else _finite_key_span(self.dtype)
         zero = int(to_keys(np.zeros(1), self.dtype)[0]) if self.dtype.kind == "f" else None
-        n_units_live = sum(1 for s in self.slots if s)
-        bits, limit = bits_for(max(1, 2 * n_units_live)), COUNTER_BYTES // (8 * max(1, 2 * n_units_live))
-        todo = [u for u, slots in enumerate(self.slots) if slots and samples[u].size >= 16]
-        found = dict(zip(todo, _map(lambda u: intervals(samples[u], int(self.n[u]),
-                                                        [r for r, _ in self.slots[u][0][4]]), todo, self.threads)))
-        for u, slots in enumerate(self.slots):
-            if not slots:
-                continue
+        bits, limit = self._budget()  # one slot a unit so far (``set_counts``)
+        ranks = {u: [r for r, _ in slots[0][4]] for u, slots in enumerate(self.slots) if slots}
+        todo = [u for u in ranks if samples[u].size >= 16]
+        found = dict(zip(todo, _map(lambda u: intervals(samples[u], int(self.n[u]), ranks[u]), todo,
+                                    self.threads)))
+        for u in ranks:
             n = int(self.n[u])
-            ranks = [r for r, _ in slots[0][4]]
-            sample = samples[u]
-            if sample.size < 16:  # no sample to speak of: the whole range, placed exactly
+            if u not in found:  # no sample to speak of: the whole range, placed exactly
                 new = []
-                self._narrow(u, lowk, highk, [(r, r) for r in ranks], n, bits, limit, new)
-                self.slots[u] = sorted(new, key=lambda sl: sl[0])  # ascending (kernels.hist._select_slots)
+                self._narrow(u, lowk, highk, [(r, r) for r in ranks[u]], n, bits, limit, new)
+                self._set(u, new)
                 continue
             part, groups, deff = found.pop(u)
             m = part.size
@@ -410,7 +405,7 @@ class Selector:
                 glo = slots[j - 1][1] + 1 if j else lowk
                 ghi = slots[j][0] - 1 if j < len(placed) else highk
                 self._narrow(u, glo, ghi, [(r, r - start) for r in rs], end - start, bits, limit, new)
-            self.slots[u] = sorted(new, key=lambda sl: sl[0])  # ascending (kernels.hist._select_slots)
+            self._set(u, new)
         parts = _map(lambda p: np.partition(p[1], [i for _, i in p[2]]), picks, self.threads)
         for (u, _, tg), got in zip(picks, parts):
             for rank, i in tg:
