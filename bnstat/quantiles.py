@@ -357,7 +357,10 @@ class Selector:
 
     def _advance_probe(self, counts, keys, pos_after, below) -> None:
         """Place every wanted rank after a probe pass: by the values below each slot and the
-        keys in it, inside a slot (read off, or narrowed further) or in a gap between two."""
+        keys in it, inside a slot (read off, or narrowed further) or in a gap between two.
+
+        A unit whose slots all collect has its keys in one run (kernels.hist._select_task):
+        their count is at ``pos_after[u, 0]``, and each slot's share is counted here."""
         base, pos = self._layout
         self.passes += 1
         self.probing = False
@@ -365,21 +368,38 @@ class Selector:
         picks = []  # (unit, collected keys, targets): partitioned at the targets, no sort
         lowk, highk = key_span(self.dtype)
         bits, limit = self._budget()
+        runs = {}  # unit -> its run of keys, where they all fit in its slots' room
+        for u, slots in enumerate(self.slots):
+            if slots and all(sl[3] for sl in slots):
+                got = int(pos_after[u, 0] - pos[u, 0])
+                if got <= sum(sl[5] for sl in slots):
+                    runs[u] = keys[pos[u, 0]:pos[u, 0] + got]
+        shares = dict(zip(runs, _map(lambda u: _run_shares(runs[u], self.slots[u]), list(runs),
+                                     self.threads)))
         for u, slots in enumerate(self.slots):
             if not slots:
                 continue
             new = []
-            placed = []  # per slot: (first rank, keys in it, its counts or sorted keys)
+            wanted = sorted({r for sl in slots for r, _ in sl[4]})
+            starts = [int(self.n[u] - below[u, j]) for j in range(len(slots))]  # counted: at or above
+            if all(sl[3] for sl in slots) and u not in runs:
+                # more keys than room in one run: each slot's share is not known, but every
+                # rank lies in the keys from one slot's start to the next's, whose count is
+                self._between_starts(u, slots, starts, wanted, bits, limit, new)
+                self._set(u, new)
+                continue
+            placed = []  # per slot: (first rank, keys in it, its counts or keys; None: too many)
             for j, (lo, hi, sh, coll, targets, cnt) in enumerate(slots):
-                b = int(self.n[u] - below[u, j])  # the kernel counts those at or above
-                if coll:
+                b = starts[j]
+                if u in runs:
+                    placed.append((b, int(shares[u][j]), runs[u]))
+                elif coll:
                     c = int(pos_after[u, j] - pos[u, j])
                     placed.append((b, c, keys[pos[u, j]:pos[u, j] + c] if c <= cnt else None))
                 else:
                     nb = ((hi - lo) >> sh) + 1
                     cc = counts[base[u, j]:base[u, j] + nb]
                     placed.append((b, int(cc.sum()), cc))
-            wanted = sorted({r for sl in slots for r, _ in sl[4]})
             inside: dict[int, list] = {}
             gaps: dict[int, list] = {}
             for r in wanted:
@@ -390,15 +410,21 @@ class Selector:
                 else:  # in the gap before the first slot that starts after it
                     j = next((j for j, (b, _, _) in enumerate(placed) if r < b), len(placed))
                     gaps.setdefault(j, []).append(r)
+            run_targets = []
             for j, tg in inside.items():
                 lo, hi, sh, coll = slots[j][:4]
                 b, c, got = placed[j]
-                if coll and got is not None:  # the keys at the wanted places, below
+                if u in runs:  # the slot's keys are the run's from the shares before it on
+                    before = int(shares[u][:j].sum())
+                    run_targets += [(rank, before + i) for rank, i in tg]
+                elif coll and got is not None:  # the keys at the wanted places, below
                     picks.append((u, got, tg))
                 elif coll:  # more keys than room: their count is known now
                     self._narrow(u, lo, hi, tg, c, bits, limit, new)
                 else:
                     self._split(u, lo, sh, hi, got, tg, bits, limit, new)
+            if run_targets:
+                picks.append((u, runs[u], run_targets))
             for j, rs in gaps.items():
                 start = placed[j - 1][0] + placed[j - 1][1] if j else 0
                 end = placed[j][0] if j < len(placed) else int(self.n[u])
@@ -410,6 +436,21 @@ class Selector:
         for (u, _, tg), got in zip(picks, parts):
             for rank, i in tg:
                 self.found[(u, rank)] = int(got[i])
+
+    def _between_starts(self, u, slots, starts, wanted, bits, limit, new) -> None:
+        """Unit u's ranks placed by its slots' starts alone: rank r lies in the keys from the
+        start of the last slot starting at or below it to the next slot's start (or the
+        keys' end), whose count the starts give; narrowed into ``new``."""
+        lowk, highk = key_span(self.dtype)
+        by: dict[int, list] = {}
+        for r in wanted:
+            by.setdefault(sum(b <= r for b in starts) - 1, []).append(r)
+        for j, rs in by.items():
+            first = starts[j] if j >= 0 else 0
+            end = starts[j + 1] if j + 1 < len(starts) else int(self.n[u])
+            lo = slots[j][0] if j >= 0 else lowk
+            hi = slots[j + 1][0] - 1 if j + 1 < len(slots) else highk
+            self._narrow(u, lo, hi, [(r, r - first) for r in rs], end - first, bits, limit, new)
 
     def values(self) -> np.ndarray:
         """(units, len(q)) float64: np.quantile's result per unit (NaN for an empty unit)."""
@@ -426,6 +467,12 @@ class Selector:
             out = lerp(to_values(kp, self.dtype), to_values(kn, self.dtype), self.gamma)
         out[self.n == 0] = np.nan
         return out
+
+
+def _run_shares(run: np.ndarray, slots: list) -> np.ndarray:
+    """How many keys of a unit's run lie in each of its (ascending) slots."""
+    le = np.array([np.count_nonzero(run <= np.uint64(sl[1])) for sl in slots], np.int64)
+    return np.diff(le, prepend=0)
 
 
 def _map(f, items: list, threads: int) -> list:

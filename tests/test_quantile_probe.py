@@ -115,6 +115,36 @@ def test_more_keys_than_room(rng, small_sample, passes):
     assert_bits(got, reference(x, layout="NC"))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_run_of_keys_past_its_room(layout, rng, small_sample, monkeypatch):
+    """A unit's keys collect in one run (kernels.hist._select_task); past its room only the
+    slots' starts place the ranks (Selector._between_starts), and the next passes find
+    them: with ties and NaN, in every layout, at any chunking (unit 0's room cut to 40 keys)."""
+    calls = []
+    between, probe = qmod.Selector._between_starts, qmod.Selector.probe
+
+    def spy(self, u, *a):
+        calls.append(u)
+        between(self, u, *a)
+
+    def small_room(self, samples):
+        probe(self, samples)
+        for sl in self.slots[0]:
+            sl[5] = 10
+
+    monkeypatch.setattr(qmod.Selector, "_between_starts", spy)
+    monkeypatch.setattr(qmod.Selector, "probe", small_room)
+    x2 = (rng.standard_normal((6000, 3)) * 3).astype(np.float32)
+    x2[::3, 0] = np.round(x2[::3, 0] * 4) / 4
+    x2[::13, 0] = np.nan
+    x = shaped(x2, layout)
+    for chunk in (x.nbytes // 9, x.nbytes):
+        calls.clear()
+        got = run(x, chunk_size=chunk, **layout).quantile(QS).reshape(-1, len(QS))
+        assert_bits(got, reference(x, **layout))
+        assert calls == [0]
+
+
 def test_probe_slots_that_count(rng, small_sample, passes, monkeypatch):
     """A counter budget too small for the probe's keys: its largest slots count in buckets
     (with the values below them counted all the same)."""

@@ -485,7 +485,12 @@ def _flag(hbuf, b, j0, v, l0, h0, l1, h1, l2, h2, l3, h3):
     if j0 > 0:
         h = h | (hbuf[b] != 0)
     hbuf[b] = h
-    return h
+
+
+@njit(inline="always", **JIT)
+def _add32(c, t):
+    """c + t in 32 bits (numba adds int32 in 64: the sums would take 4-value vectors)."""
+    return np.int32(c + np.int32(t))
 
 
 def _interval_hits(row, vl, vh, ni, hbuf, below, count_below):  # pragma: no cover - numba uses the overload
@@ -494,36 +499,35 @@ def _interval_hits(row, vl, vh, ni, hbuf, below, count_below):  # pragma: no cov
 
 @overload(_interval_hits, jit_options=JIT)
 def _interval_hits_ol(row, vl, vh, ni, hbuf, below, count_below):
-    """hbuf[b] = row[b] lies in one of the intervals vl[j] <= v <= vh[j], j < ni; returns how
-    many values do; with ``count_below``, below[j] += the values v >= vl[j] (NaN never is;
-    the caller takes them from the unit's count: it is the same compare as the test's), and
-    below[-1] += the zeros.
+    """hbuf[b] = row[b] lies in one of the intervals vl[j] <= v <= vh[j], j < ni; with
+    ``count_below``, below[j] += the values v >= vl[j] (NaN never is; the caller takes them
+    from the unit's count: it is the same compare as the test's), and below[-1] += the zeros.
     One loop over the row per four intervals (the missing ones empty), so a row is read
     once for up to four quantiles' slots; float32 rows compare in float32 (the ends are
-    float32 values there, so exactly), eight values a vector; others in float64."""
+    float32 values there, so exactly), eight values a vector; others in float64. The sums
+    are 32-bit (a row is counted in segments below 2**30): 64-bit ones halved the vectors
+    and spilled the ends to the stack, 3x slower (bench/README.md, sixth session)."""
     if row.dtype == types.float32:
         ft, lo_pad, hi_pad = np.float32, np.float32(np.inf), np.float32(-np.inf)
     else:
         ft, lo_pad, hi_pad = np.float64, np.inf, -np.inf
 
     def impl(row, vl, vh, ni, hbuf, below, count_below):
-        n = 0  # the hits of the last group: those of every interval, the groups being OR-ed
         for j0 in range(0, ni, 4):
             l0, h0 = ft(vl[j0]), ft(vh[j0])
             l1, h1 = (ft(vl[j0 + 1]), ft(vh[j0 + 1])) if j0 + 1 < ni else (lo_pad, hi_pad)
             l2, h2 = (ft(vl[j0 + 2]), ft(vh[j0 + 2])) if j0 + 2 < ni else (lo_pad, hi_pad)
             l3, h3 = (ft(vl[j0 + 3]), ft(vh[j0 + 3])) if j0 + 3 < ni else (lo_pad, hi_pad)
-            n = 0
-            if count_below:  # 32-bit sums (a row is counted in segments below 2**30): 8 a vector
+            if count_below:
                 c0 = c1 = c2 = c3 = z = np.int32(0)
                 for b in range(row.shape[0]):
                     v = ft(row[b])
-                    n += _flag(hbuf, b, j0, v, l0, h0, l1, h1, l2, h2, l3, h3)
-                    c0 += np.int32(v >= l0)
-                    c1 += np.int32(v >= l1)
-                    c2 += np.int32(v >= l2)
-                    c3 += np.int32(v >= l3)
-                    z += np.int32(v == ft(0.0))
+                    _flag(hbuf, b, j0, v, l0, h0, l1, h1, l2, h2, l3, h3)
+                    c0 = _add32(c0, v >= l0)
+                    c1 = _add32(c1, v >= l1)
+                    c2 = _add32(c2, v >= l2)
+                    c3 = _add32(c3, v >= l3)
+                    z = _add32(z, v == ft(0.0))
                 if j0 == 0:
                     below[below.shape[0] - 1] += z
                 below[j0] += c0
@@ -532,14 +536,13 @@ def _interval_hits_ol(row, vl, vh, ni, hbuf, below, count_below):
                 below[min(j0 + 3, ni - 1)] += c3 if j0 + 3 < ni else 0
                 continue
             for b in range(row.shape[0]):
-                n += _flag(hbuf, b, j0, ft(row[b]), l0, h0, l1, h1, l2, h2, l3, h3)
-        return n
+                _flag(hbuf, b, j0, ft(row[b]), l0, h0, l1, h1, l2, h2, l3, h3)
     return impl
 
 
 @njit(**JIT)
 def _select_lanes(x3, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, pend, nint, ilo, ihi,
-                  below, count_below, counts, keys):
+                  below, count_below, counts, keys, allcoll):
     """B == 1 (NHWC): a row holds one value of every unit u0:u1. Rows are taken in blocks
     (in cache), each block unit by unit (one unit's counters in use at a time)."""
     P, A, U = x3.shape
@@ -581,8 +584,14 @@ def _select_lanes(x3, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, 
                             below[p, u, i] += v >= ilo[p, u, i]
                     for i in range(ni):
                         if ilo[p, u, i] <= v <= ihi[p, u, i]:
-                            _select_slots(xf[at], _kat(xf, kv, at), p, u, ns, slo, shi, sshift, sbase,
-                                          scollect, pos, pend, counts, keys)
+                            if count_below and allcoll[u - u0]:  # the unit's run (_select_task)
+                                r = pos[p, u, 0]
+                                if r < pend[p, u, ns - 1]:
+                                    keys[r] = _kat(xf, kv, at)
+                                pos[p, u, 0] = r + 1
+                            else:
+                                _select_slots(xf[at], _kat(xf, kv, at), p, u, ns, slo, shi, sshift,
+                                              sbase, scollect, pos, pend, counts, keys)
                             break
                 elif v > vhi:
                     high += 1
@@ -606,7 +615,7 @@ def _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos
             allcoll[u - u0] &= scollect[p, u, s]
     if B == 1:
         _select_lanes(x3, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, pend, nint, ilo, ihi,
-                      below, count_below, counts, keys)
+                      below, count_below, counts, keys, allcoll)
         return
     for a in range(A):
         for u in range(u0, u1):
@@ -623,24 +632,23 @@ def _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos
                 continue
             # several slots: the values within the unit's few value intervals (vectorized
             # compares, one loop per four intervals) go to the slot search, the others nowhere
-            if _interval_hits(row, ilo[p, u], ihi[p, u], nint[p, u], hbuf, below[p, u], count_below) == 0:
-                continue
+            _interval_hits(row, ilo[p, u], ihi[p, u], nint[p, u], hbuf, below[p, u], count_below)
             kv = _kview(row)
-            if count_below and allcoll[u - u0]:  # a probe pass's collecting slots: the short loop
-                shi_u, pos_u, pend_u = shi[p, u], pos[p, u], pend[p, u]
+            if count_below and allcoll[u - u0]:
+                # a probe pass's collecting slots: the unit's keys go to one run (its slots'
+                # rooms, in order) and are told apart after the pass (quantiles.Selector):
+                # no slot search, one position (twice as fast per key as a position a slot)
+                at = pos[p, u, 0]
+                end = pend[p, u, ns - 1]
                 for i in range(hwords.shape[0]):
                     w = hwords[i]
                     while w != 0:
                         b = i * 8 + np.int64(trailing_zeros(w) >> 3)
                         w &= w - np.uint64(1)
-                        k = _kat(row, kv, b)
-                        s = 0
-                        for t in range(ns - 1):
-                            s += k > shi_u[t]
-                        at = pos_u[s]
-                        if at < pend_u[s]:
-                            keys[at] = k
-                        pos_u[s] = at + 1
+                        if at < end:
+                            keys[at] = _kat(row, kv, b)
+                        at += 1
+                pos[p, u, 0] = at
                 continue
             for i in range(hwords.shape[0]):  # eight flags (bytes 0 or 1) at a time, most 0
                 w = hwords[i]
