@@ -492,8 +492,8 @@ def _pick(keys: np.ndarray, at: list) -> dict:
 
 def _run_shares(run: np.ndarray, slots: list) -> np.ndarray:
     """How many keys of a unit's run lie in each of its (ascending) slots."""
-    le = np.array([np.count_nonzero(run <= np.uint64(sl[1])) for sl in slots], np.int64)
-    return np.diff(le, prepend=0)
+    le = [np.count_nonzero(run <= np.uint64(sl[1])) for sl in slots[:-1]] + [run.size]  # all in one
+    return np.diff(np.array(le, np.int64), prepend=0)
 
 
 def _map(f, items: list, threads: int) -> list:
