@@ -487,12 +487,6 @@ def _flag(hbuf, b, j0, v, l0, h0, l1, h1, l2, h2, l3, h3):
     hbuf[b] = h
 
 
-@njit(inline="always", **JIT)
-def _add32(c, t):
-    """c + t in 32 bits (numba adds int32 in 64: the sums would take 4-value vectors)."""
-    return np.int32(c + np.int32(t))
-
-
 def _interval_hits(row, vl, vh, ni, hbuf, below, count_below):  # pragma: no cover - numba uses the overload
     raise NotImplementedError
 
@@ -504,13 +498,15 @@ def _interval_hits_ol(row, vl, vh, ni, hbuf, below, count_below):
     from the unit's count: it is the same compare as the test's), and below[-1] += the zeros.
     One loop over the row per four intervals (the missing ones empty), so a row is read
     once for up to four quantiles' slots; float32 rows compare in float32 (the ends are
-    float32 values there, so exactly), eight values a vector; others in float64. The sums
-    are 32-bit (a row is counted in segments below 2**30): 64-bit ones halved the vectors
-    and spilled the ends to the stack, 3x slower (bench/README.md, sixth session)."""
+    float32 values there, so exactly), eight values a vector; others in float64, four. The
+    sums are as wide as the compares: 32-bit for float32 (a row is counted in segments
+    below 2**30; numba adds int32 in 64 bits unless cast back, and 64-bit sums there halved
+    the vectors and spilled the ends to the stack, 3x slower: bench/README.md, sixth
+    session), 64-bit for float64 (32-bit ones cost it 1.3x)."""
     if row.dtype == types.float32:
-        ft, lo_pad, hi_pad = np.float32, np.float32(np.inf), np.float32(-np.inf)
+        ft, it, lo_pad, hi_pad = np.float32, np.int32, np.float32(np.inf), np.float32(-np.inf)
     else:
-        ft, lo_pad, hi_pad = np.float64, np.inf, -np.inf
+        ft, it, lo_pad, hi_pad = np.float64, np.int64, np.inf, -np.inf
 
     def impl(row, vl, vh, ni, hbuf, below, count_below):
         for j0 in range(0, ni, 4):
@@ -519,15 +515,15 @@ def _interval_hits_ol(row, vl, vh, ni, hbuf, below, count_below):
             l2, h2 = (ft(vl[j0 + 2]), ft(vh[j0 + 2])) if j0 + 2 < ni else (lo_pad, hi_pad)
             l3, h3 = (ft(vl[j0 + 3]), ft(vh[j0 + 3])) if j0 + 3 < ni else (lo_pad, hi_pad)
             if count_below:
-                c0 = c1 = c2 = c3 = z = np.int32(0)
+                c0 = c1 = c2 = c3 = z = it(0)
                 for b in range(row.shape[0]):
                     v = ft(row[b])
                     _flag(hbuf, b, j0, v, l0, h0, l1, h1, l2, h2, l3, h3)
-                    c0 = _add32(c0, v >= l0)
-                    c1 = _add32(c1, v >= l1)
-                    c2 = _add32(c2, v >= l2)
-                    c3 = _add32(c3, v >= l3)
-                    z = _add32(z, v == ft(0.0))
+                    c0 = it(c0 + it(v >= l0))
+                    c1 = it(c1 + it(v >= l1))
+                    c2 = it(c2 + it(v >= l2))
+                    c3 = it(c3 + it(v >= l3))
+                    z = it(z + it(v == ft(0.0)))
                 if j0 == 0:
                     below[below.shape[0] - 1] += z
                 below[j0] += c0
@@ -669,7 +665,10 @@ def _select4(x, su, nslot, slo, shi, sshift, sbase, scollect, pos, pend, nint, i
     in a counting slot adds 1 to ``counts[sbase + (key - lo) >> sshift]``; in
     a collecting slot (``scollect``) its key is stored at
     ``keys[pos[p, u, s]]`` while that is before ``pend[p, u, s]``, and the
-    position advances (so it ends at the start plus the slot's keys). The last
+    position advances (so it ends at the start plus the slot's keys); in a probe pass
+    (``count_below``) a unit whose slots all collect stores its keys in one run instead,
+    at ``keys[pos[p, u, 0]]`` while that is before the last slot's ``pend``, advancing
+    ``pos[p, u, 0]`` only (quantiles.Selector tells the slots' keys apart). The last
     element of ``counts`` is scratch (it counts the values of no slot in the one-slot loop).
     ``nint`` (P, U), ``ilo``/``ihi`` (P, U, S): float64 intervals ilo <= v <= ihi, in
     ascending order, that hold the values of every key of the unit's slots (a value
