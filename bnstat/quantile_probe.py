@@ -78,20 +78,16 @@ class Sampler:
 
     def samples(self) -> list[np.ndarray]:
         """Per unit, its sample in the order it was read (NaN left out)."""
-        blocks, self.blocks = self.blocks, []
-        every = np.arange(self.n_units)
-        if blocks and all(np.array_equal(units, every) for units, _ in blocks):
-            whole = np.concatenate([s for _, s in blocks], axis=1)  # every chunk held every unit
-            if whole.dtype.kind != "f" or not np.isnan(whole).any():
-                return list(whole)
-            rows = list(whole)
-        else:
-            parts: list[list[np.ndarray]] = [[] for _ in range(self.n_units)]
-            for units, s in blocks:
-                for i, u in enumerate(units.tolist()):
-                    parts[u].append(s[i])
-            rows = [np.concatenate(p) if p else np.zeros(0) for p in parts]
-        return [v[v == v] if v.dtype.kind == "f" else v for v in rows]
+        parts: list[list[np.ndarray]] = [[] for _ in range(self.n_units)]
+        for units, s in self.blocks:
+            for i, u in enumerate(units.tolist()):
+                parts[u].append(s[i])
+        self.blocks = []
+        out = []
+        for p in parts:
+            v = np.concatenate(p) if p else np.zeros(0)
+            out.append(v[v == v] if v.dtype.kind == "f" and np.isnan(v).any() else v)
+        return out
 
 
 def design_effect(seq: np.ndarray, med) -> float:
