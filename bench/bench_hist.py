@@ -9,8 +9,10 @@ reads it once (page cache warm). Then:
 - the work times, in ONE child process that warmed every kernel on a tiny
   file first, case after case, ``--reps`` rounds: ``bnstat.moments``,
   ``bnstat.hist`` (2048 bins, --range auto) and ``bnstat.hist(bins=1,
-  quantiles=...)`` on the file; with the threads check, hist and quantiles
-  on one thread as well; then on the array in memory the quantiles against
+  quantiles=...)`` on the file, and a plain read of it (a numba sum: the
+  floor of any pass; with the moments pass, the ceiling of a two-pass
+  run's ratio); with the threads check, hist and quantiles on one thread
+  as well; then on the array in memory the quantiles against
   np.quantile per channel, and hist against np.histogram per channel (2048
   bins over each channel's range). Every round gives its own ratios (the
   cases of a round ran within seconds of each other on the same shared
@@ -46,7 +48,22 @@ def np_quantile(x, th):
     return np.quantile(x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1), q, axis=1)
 def np_histogram(x, th):
     return [np.histogram(x[:, c], bins=2048) for c in range(x.shape[1])]
-file_cases = [("moments", moments, threads), ("hist", hist, threads), ("quantiles", quant, threads)]
+from numba import njit, prange, set_num_threads
+@njit(parallel=True, fastmath=True)
+def _sum(x, parts):  # a plain read: float32 lanes, nothing kept (no pass can read faster)
+    out = np.zeros(parts * 16, np.float32)
+    for t in prange(parts):
+        s = np.float32(0.0)
+        for i in range(x.shape[0] * t // parts, x.shape[0] * (t + 1) // parts):
+            s += x[i]
+        out[t * 16] = s
+    return out.sum()
+def read(src, th):
+    if th:
+        set_num_threads(th)
+    return _sum(np.load(src, mmap_mode="r").reshape(-1), 8)
+file_cases = [("moments", moments, threads), ("hist", hist, threads), ("quantiles", quant, threads),
+              ("read", read, threads)]
 if check:
     file_cases += [("hist, 1 thread", hist, 1), ("quantiles, 1 thread", quant, 1)]
 for _, f, th in file_cases:
@@ -147,7 +164,8 @@ def main():
         return (t[:r.size] / r) if invert else (r / t[:r.size])
 
     labels = {"moments": "bnstat moments NCHW", "hist": "bnstat hist NCHW (2048 bins, --range auto)",
-              "quantiles": f"bnstat hist NCHW --bins 1 --quantiles {Q}"}
+              "quantiles": f"bnstat hist NCHW --bins 1 --quantiles {Q}",
+              "read": "a plain read of the file (a numba sum, in process)"}
     for name, t in times.items():
         t = np.asarray(t)
         cli_cols = ("", "")
@@ -168,6 +186,10 @@ def main():
         if name.endswith("1 thread"):
             label = labels[name.split(",")[0]] + ", 1 thread"
         print(f"| {label} | {cli_cols[0]} | {cli_cols[1]} | {spread(gb / t)} | {ratio} |")
+    # a run that reads the file twice (the moments pass, then a pass that counts) takes at
+    # least a moments pass and a plain read: its best ratio to moments, round by round
+    rd = np.asarray(times["read"])
+    print(f"two passes' ceiling, moments / (moments + read): {spread(m[:rd.size] / (m[:rd.size] + rd))}")
 
 
 if __name__ == "__main__":
