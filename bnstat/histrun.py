@@ -51,6 +51,7 @@ class _Array:
         self.engine = "numba"  # of the counting passes (the quantile passes are numba's)
         self.sampler = None
         self.one_bin = False
+        self.carried = False  # the first pass carries the probe (``presample``)
 
     def sample_first(self) -> None:
         """The first pass samples the values for a probe pass (bnstat.quantile_probe) instead
@@ -61,6 +62,46 @@ class _Array:
             values = sum(math.prod(s.shape) for s in self.sources) // max(1, self.n_units)
             self.sampler = Sampler(self.n_units, values, self.dtype)
             self.selecting = False
+
+    def presample(self, chunk_size: int, one_pass: bool) -> None:
+        """Where the first pass is the only one the counts need (``one_pass``: LO:HI, or one
+        bin) and every source's rows can be read on their own: a sample read ahead of
+        it, from blocks of rows spread over the sources (``_spread_blocks``, each at most a
+        chunk), so that the first pass carries the probe too: one pass less than with the
+        sample of ``sample_first``, which that pass takes. The probe is planned on counts
+        estimated from the sample; ``moments_done`` gives it the true ones."""
+        from bnstat.quantile_probe import Sampler, eligible
+        from bnstat.errors import check_interrupt
+        from bnstat.stream import kernel_input
+
+        if not (one_pass and self.selector is not None and eligible(self.dtype, self.n_units)
+                and all(_rows_readable(s, p) for s, p in zip(self.sources, self.plans))):
+            return
+        rows = [s.read_shape[0] for s in self.sources]
+        total = sum(rows)
+        per_row = sum(math.prod(s.shape) for s in self.sources) / max(1, total * self.n_units)
+        sampler = Sampler(self.n_units, 1, self.dtype)
+        need = math.ceil(sampler.cap / max(per_row, 1e-300))  # rows holding a whole sample
+        take = min(total, max(need, min(4 * need, total // READ_AHEAD_SHARE)))
+        blocks = list(_spread_blocks(rows, take, chunk_size, [s.row_bytes for s in self.sources]))
+        read = sum(r1 - r0 for _, r0, r1 in blocks)
+        sampler = Sampler(self.n_units, int(read * per_row), self.dtype, along_rows=False)
+        for i, r0, r1 in blocks:
+            check_interrupt()
+            visit = chunk_visitor(self.dtype, self.per_tensor, self.gidx[i], None, None,
+                                  self.threads, self.engine, sampler)
+            x = kernel_input(_read_block(self.sources[i], r0, r1), self.plans[i])
+            visit(x, 0, self.gidx[i].size)
+        samples = sampler.samples()
+        values = sum(math.prod(s.shape) for s in self.sources) // max(1, self.n_units)
+        # the non-NaN values of each unit, as its sample has them (at least 1: a unit the
+        # sample saw as NaN alone still gets a slot, whose keys then tell)
+        est = np.array([max(1, round(values * v.size / max(1, t))) if values else 0
+                        for v, t in zip(samples, sampler.taken)], np.int64)
+        self.selector.set_counts(est)
+        self.selector.probe(samples)
+        self.carried = True
+        self.selecting = True
 
     def visit(self, i: int):
         """The chunk visitor of source i for the current pass (None: nothing to do)."""
@@ -78,6 +119,10 @@ class _Array:
     def moments_done(self, stats) -> None:
         """The moments pass is over: ``stats`` are the array's; the wanted ranks follow."""
         self.stats = tensor_stats(stats) if self.per_tensor else stats
+        if self.carried:  # the pass carried the probe: its ranks follow the true counts
+            self.selector.recount(self.stats.count.ravel())
+            self.counting = False
+            return
         if self.selector is not None:
             self.selector.set_counts(self.stats.count.ravel())
         if self.sampler is not None:
@@ -110,6 +155,14 @@ class _Array:
         st.counts[:, 0] = self.selector.n - m.inf_count.ravel()
         st.extra["zero_count"][:] = self.selector.zeros
 
+    def end_carried(self) -> None:
+        """After ``moments_done`` and ``set_range`` of a first pass that carried the probe."""
+        self.carried = False
+        self.selector.advance(self._tables)
+        self.selecting = not self.selector.done
+        if self.one_bin:
+            self._one_bin_counts()
+
     def end_pass(self) -> None:
         if self.selecting:
             probe = self.selector.probing
@@ -118,6 +171,50 @@ class _Array:
             if probe and self.one_bin:
                 self._one_bin_counts()
         self.counting = False
+
+
+READ_AHEAD_SHARE = 8  # a presample reads at most this share of an array (or one sample's rows)
+
+
+def _rows_readable(src, plan) -> bool:
+    """Whether rows of ``src`` can be read on their own, cheaply, for a presample: an array in
+    memory, a .npy or stored .npz member, an unfiltered HDF5 dataset (a filtered one would
+    inflate whole chunks for a few rows); C order; axis 0 reduced into every unit (else a
+    row's units are its own, and a few rows sample a few units)."""
+    from bnstat.io.slabs import splittable
+
+    if src.fortran or not src.repeatable:
+        return False
+    if src.kind != "memory" and not (splittable(src) and (src.kind != "hdf5" or src.compression is None)):
+        return False
+    return 0 in plan.reduce and not (plan.groups is not None and plan.channel_axis == 0)
+
+
+def _spread_blocks(rows: list[int], take: int, chunk_size: int, row_bytes: list[int]):
+    """(source, r0, r1): blocks of about ``take`` rows in all, spread evenly over the
+    sources' rows (one after the other), at most 64 blocks, none over ``chunk_size``."""
+    total = sum(rows)
+    n_blocks = max(1, min(64, take))
+    per = -(-take // n_blocks)
+    starts = np.cumsum([0] + rows)
+    for j in range(n_blocks):
+        g0 = total * j // n_blocks
+        i = int(np.searchsorted(starts, g0, side="right") - 1)
+        r0 = g0 - int(starts[i])
+        r1 = min(rows[i], r0 + min(per, max(1, chunk_size // max(1, row_bytes[i]))))
+        if r1 > r0:
+            yield i, r0, r1
+
+
+def _read_block(src, r0: int, r1: int) -> np.ndarray:
+    """Rows r0:r1 of ``src`` (``_rows_readable``), C-contiguous in native byte order."""
+    if src.kind == "memory":
+        block = src.array[r0:r1]
+    else:
+        from bnstat.io.slabs import read_rows
+
+        block = read_rows(src, r0, r1)
+    return np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("="))
 
 
 def chunk_visitor(dtype, per_tensor: bool, g: np.ndarray, state, tables, threads: int,
@@ -285,7 +382,9 @@ def _local_passes(sources, arrays: dict, rng, *, chunk_size: int, threads, progr
         a.engine = engine
         if a.selector is not None:
             a.selector.threads = n_threads
-        a.sample_first()
+        a.presample(chunk_size, one_pass=isinstance(rng, tuple) or a.state.bins == 1)
+        if not a.carried:
+            a.sample_first()
         a.start_pass()
     stats = compute_stats(sources, chunk_size=chunk_size, threads=threads, progress=progress,
                           visit=lambda name, i, src, plan: arrays[name].visit(i), engine=engine,
@@ -296,6 +395,8 @@ def _local_passes(sources, arrays: dict, rng, *, chunk_size: int, threads, progr
         if not isinstance(rng, tuple):
             gidx = a.gidx if not a.per_tensor else a.unit_gidx()
             a.set_range(rng, *finite_range(stats[name], a.sources, a.plans, gidx, chunk_size, n_threads))
+        if a.carried:
+            a.end_carried()
         while a.counting or a.selecting:
             a.start_pass()
             for i, (src, plan) in enumerate(zip(a.sources, a.plans)):

@@ -53,11 +53,14 @@ class Sampler:
     """Every k-th value of each of ``n_units`` units (``values`` values each, about) in
     the first pass, at most ``SAMPLE_BYTES`` in all."""
 
-    def __init__(self, n_units: int, values: int, dtype):
+    def __init__(self, n_units: int, values: int, dtype, along_rows: bool = True):
         itemsize = np.dtype(dtype).itemsize
         self.cap = int(min(MAX_SAMPLE, SAMPLE_BYTES // (itemsize * max(1, n_units))))
-        self.k = max(1, int(values) // self.cap)
+        self.k = max(1, -(-int(values) // self.cap))  # one in k: at most ``cap`` values a unit
         self.n_units = n_units
+        self.along_rows = along_rows  # False: only the values of a row strided (a presample's)
+        self.rows = 0  # rows (A) seen so far of the units ``last``: the row stride runs on
+        self.last = None
         self.blocks: list[tuple[np.ndarray, np.ndarray]] = []
 
     def strides(self, B: int) -> tuple[int, int]:
@@ -66,15 +69,27 @@ class Sampler:
             return 1, 1
         if B == 1:
             return self.k, 1
+        if not self.along_rows:
+            return 1, self.k  # each chunk from another first value (``add``)
         sb = _odd_coprime(B, int(round(math.sqrt(self.k))))
-        return max(1, int(round(self.k / sb))), sb
+        return max(1, -(-self.k // sb)), sb  # rows x values strides of at least k
 
     def add(self, x: np.ndarray, units: np.ndarray) -> None:
-        """The sample of a (P, A, U, B) chunk whose units (p, u) are ``units[p * U + u]``."""
+        """The sample of a (P, A, U, B) chunk whose units (p, u) are ``units[p * U + u]``.
+        The row stride runs on from the chunk before where that one had the same units
+        (chunks of fewer rows than the stride would each give their first row: a sample
+        many times its bound); a chunk of other units starts at its first row."""
         P, A, U, B = x.shape
         sa, sb = self.strides(B)
-        s = np.ascontiguousarray(x[:, ::sa, :, ::sb].transpose(0, 2, 1, 3)).reshape(P * U, -1)
-        self.blocks.append((np.asarray(units), s))
+        units = np.asarray(units)
+        if self.last is None or not np.array_equal(units, self.last):
+            self.rows = 0
+        self.last = units
+        a0 = -self.rows % sa
+        self.rows += A
+        b0 = 0 if self.along_rows else len(self.blocks) % sb  # every column of an image in turn
+        s = np.ascontiguousarray(x[:, a0::sa, :, b0::sb].transpose(0, 2, 1, 3)).reshape(P * U, -1)
+        self.blocks.append((units, s))
 
     def samples(self) -> list[np.ndarray]:
         """Per unit, its sample in the order it was read (NaN left out)."""
@@ -84,8 +99,10 @@ class Sampler:
                 parts[u].append(s[i])
         self.blocks = []
         out = []
+        self.taken = []  # per unit, its values sampled, NaN too
         for p in parts:
             v = np.concatenate(p) if p else np.zeros(0)
+            self.taken.append(v.size)
             out.append(v[v == v] if v.dtype.kind == "f" and np.isnan(v).any() else v)
         return out
 

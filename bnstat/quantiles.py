@@ -242,6 +242,23 @@ class Selector:
             if not want:
                 self.slots[u] = []
 
+    def recount(self, n: np.ndarray) -> None:
+        """The true non-NaN counts after a probe pass planned on estimated ones (a sample read
+        ahead of the first pass, bnstat.histrun): the wanted ranks follow them. A probe
+        pass's counts and keys do not depend on the ranks; ``_advance_probe`` places the
+        ranks of the first slot's targets (the others' are cleared)."""
+        prev, nxt, self.gamma = ranks(n, self.q)
+        self.n = np.asarray(n, np.int64)
+        self.prev, self.next = prev, nxt
+        for u, slots in enumerate(self.slots):
+            want = sorted(set(prev[u].tolist()) | set(nxt[u].tolist())) if self.n[u] > 0 else []
+            if not want:
+                self.slots[u] = []
+            elif slots:
+                for sl in slots:
+                    sl[4] = []
+                slots[0][4] = [(r, r) for r in want]
+
     @property
     def done(self) -> bool:
         return all(not s for s in self.slots)
