@@ -82,8 +82,7 @@ class _Array:
         per_row = sum(math.prod(s.shape) for s in self.sources) / max(1, total * self.n_units)
         sampler = Sampler(self.n_units, 1, self.dtype)
         need = math.ceil(sampler.cap / max(per_row, 1e-300))  # rows holding a whole sample
-        take = min(total, max(need, min(4 * need, total // READ_AHEAD_SHARE)))
-        blocks = list(_spread_blocks(rows, take, chunk_size, [s.row_bytes for s in self.sources]))
+        blocks = list(_spread_blocks(rows, need, chunk_size, [s.row_bytes for s in self.sources]))
         read = sum(r1 - r0 for _, r0, r1 in blocks)
         sampler = Sampler(self.n_units, int(read * per_row), self.dtype, along_rows=False)
         for i, r0, r1 in blocks:
@@ -173,7 +172,7 @@ class _Array:
         self.counting = False
 
 
-READ_AHEAD_SHARE = 8  # a presample reads at most this share of an array (or one sample's rows)
+READ_AHEAD_SHARE = 8  # a presample's blocks start in at most one row in 8
 
 
 def _rows_readable(src, plan) -> bool:
@@ -190,12 +189,13 @@ def _rows_readable(src, plan) -> bool:
     return 0 in plan.reduce and not (plan.groups is not None and plan.channel_axis == 0)
 
 
-def _spread_blocks(rows: list[int], take: int, chunk_size: int, row_bytes: list[int]):
-    """(source, r0, r1): blocks of about ``take`` rows in all, spread evenly over the
-    sources' rows (one after the other), at most 64 blocks, none over ``chunk_size``."""
+def _spread_blocks(rows: list[int], need: int, chunk_size: int, row_bytes: list[int]):
+    """(source, r0, r1): blocks of rows spread evenly over the sources' rows (one after
+    the other), as many as 64 (but in at most one row in READ_AHEAD_SHARE), of ``need``
+    rows in all or one row each, none over ``chunk_size``."""
     total = sum(rows)
-    n_blocks = max(1, min(64, take))
-    per = -(-take // n_blocks)
+    n_blocks = max(1, min(64, total // READ_AHEAD_SHARE))
+    per = max(1, -(-need // n_blocks))
     starts = np.cumsum([0] + rows)
     for j in range(n_blocks):
         g0 = total * j // n_blocks

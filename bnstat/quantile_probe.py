@@ -93,15 +93,25 @@ class Sampler:
 
     def samples(self) -> list[np.ndarray]:
         """Per unit, its sample in the order it was read (NaN left out)."""
-        parts: list[list[np.ndarray]] = [[] for _ in range(self.n_units)]
-        for units, s in self.blocks:
-            for i, u in enumerate(units.tolist()):
-                parts[u].append(s[i])
-        self.blocks = []
+        blocks, self.blocks = self.blocks, []
+        first = blocks[0][0] if blocks else None
+        if first is not None and len(blocks) > 1 and all(np.array_equal(u, first) for u, _ in blocks):
+            # the same units in every block (a presample's): one concatenation of them all
+            whole = np.concatenate([s for _, s in blocks], axis=1)
+            del blocks
+            parts = [[] for _ in range(self.n_units)]
+            for i, u in enumerate(first.tolist()):
+                parts[u].append(whole[i])
+        else:
+            parts = [[] for _ in range(self.n_units)]
+            for units, s in blocks:
+                for i, u in enumerate(units.tolist()):
+                    parts[u].append(s[i])
+            del blocks
         out = []
         self.taken = []  # per unit, its values sampled, NaN too
         for p in parts:
-            v = np.concatenate(p) if p else np.zeros(0)
+            v = (p[0] if len(p) == 1 else np.concatenate(p)) if p else np.zeros(0)
             self.taken.append(v.size)
             out.append(v[v == v] if v.dtype.kind == "f" and np.isnan(v).any() else v)
         return out
