@@ -16,7 +16,7 @@ import numpy as np
 
 from bnstat.distributions import (UnitState, build, check_passes, default_bins, finite_range,
                                   group_units, per_tensor_view, tensor_stats, unit_index)
-from bnstat.errors import UsageProblem
+from bnstat.errors import InputError, UsageProblem
 from bnstat.histogram import outer_edges, parse_range
 
 
@@ -85,12 +85,12 @@ class _Array:
         blocks = list(_spread_blocks(rows, need, chunk_size, [s.row_bytes for s in self.sources]))
         read = sum(r1 - r0 for _, r0, r1 in blocks)
         sampler = Sampler(self.n_units, int(read * per_row), self.dtype, along_rows=False)
-        for i, r0, r1 in blocks:
-            check_interrupt()
+        for i, src in enumerate(self.sources):
             visit = chunk_visitor(self.dtype, self.per_tensor, self.gidx[i], None, None,
                                   self.threads, self.engine, sampler)
-            x = kernel_input(_read_block(self.sources[i], r0, r1), self.plans[i])
-            visit(x, 0, self.gidx[i].size)
+            for block in _read_blocks(src, [(r0, r1) for j, r0, r1 in blocks if j == i]):
+                check_interrupt()
+                visit(kernel_input(block, self.plans[i]), 0, self.gidx[i].size)
         samples = sampler.samples()
         values = sum(math.prod(s.shape) for s in self.sources) // max(1, self.n_units)
         # the non-NaN values of each unit, as its sample has them (at least 1: a unit the
@@ -206,15 +206,30 @@ def _spread_blocks(rows: list[int], need: int, chunk_size: int, row_bytes: list[
             yield i, r0, r1
 
 
-def _read_block(src, r0: int, r1: int) -> np.ndarray:
-    """Rows r0:r1 of ``src`` (``_rows_readable``), C-contiguous in native byte order."""
-    if src.kind == "memory":
-        block = src.array[r0:r1]
-    else:
-        from bnstat.io.slabs import read_rows
+def _read_blocks(src, ranges: list):
+    """Rows r0:r1 of ``src`` (``_rows_readable``) for each (r0, r1) of ``ranges``, in order,
+    C-contiguous in native byte order (an HDF5 file opened once for them all)."""
+    if not ranges:
+        return
+    if src.kind == "hdf5":
+        from bnstat.io.hdf5 import _h5py
 
-        block = read_rows(src, r0, r1)
-    return np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("="))
+        h5py = _h5py()
+        try:
+            with h5py.File(src.path, "r") as f:
+                ds = f[src.key]
+                for r0, r1 in ranges:
+                    out = np.empty((r1 - r0,) + tuple(src.shape[1:]), src.dtype.newbyteorder("="))
+                    ds.read_direct(out, np.s_[r0:r1], np.s_[0:r1 - r0])
+                    yield out
+        except (OSError, ValueError, KeyError) as exc:
+            raise InputError(f"{src.where}: cannot read rows for the quantiles' sample ({exc})") from exc
+        return
+    from bnstat.io.slabs import read_rows
+
+    for r0, r1 in ranges:
+        block = src.array[r0:r1] if src.kind == "memory" else read_rows(src, r0, r1)
+        yield np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("="))
 
 
 def chunk_visitor(dtype, per_tensor: bool, g: np.ndarray, state, tables, threads: int,
