@@ -104,6 +104,16 @@ def by_name(doc: dict) -> dict:
 
 
 @pytest.fixture
+def small_sample(monkeypatch):
+    """Quantile samples of 256 values a unit (bnstat.quantile_probe), so that test-sized
+    arrays are sampled with strides > 1."""
+    from bnstat import quantile_probe
+
+    monkeypatch.setattr(quantile_probe, "MIN_SAMPLE", 64)
+    monkeypatch.setattr(quantile_probe, "MAX_SAMPLE", 256)
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(20240611)
 

@@ -21,13 +21,6 @@ from bnstat.errors import BnstatWarning
 
 
 @pytest.fixture
-def small_sample(monkeypatch):
-    """Samples of 256 values a unit, so that test-sized arrays are sampled with strides > 1."""
-    monkeypatch.setattr(qp, "MIN_SAMPLE", 64)
-    monkeypatch.setattr(qp, "MAX_SAMPLE", 256)
-
-
-@pytest.fixture
 def spy(monkeypatch):
     """The passes over the data (``stream.source_moments`` calls) and the carried probes."""
     seen = {"passes": 0, "carried": 0}

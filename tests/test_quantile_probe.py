@@ -16,13 +16,6 @@ from bnstat.errors import BnstatWarning
 
 
 @pytest.fixture
-def small_sample(monkeypatch):
-    """Samples of 256 values a unit, so that test-sized arrays are sampled with strides > 1."""
-    monkeypatch.setattr(qp, "MIN_SAMPLE", 64)
-    monkeypatch.setattr(qp, "MAX_SAMPLE", 256)
-
-
-@pytest.fixture
 def passes(monkeypatch):
     """The slots left after each probe pass, and the probe's sampling strides."""
     seen = {"left": [], "k": []}
