@@ -16,7 +16,7 @@ import numpy as np
 
 from bnstat.distributions import (UnitState, build, check_passes, default_bins, finite_range,
                                   group_units, per_tensor_view, tensor_stats, unit_index)
-from bnstat.errors import InputError, UsageProblem
+from bnstat.errors import UsageProblem, check_interrupt
 from bnstat.histogram import outer_edges, parse_range
 
 
@@ -70,18 +70,16 @@ class _Array:
         chunk), so that the first pass carries the probe too: one pass less than with the
         sample of ``sample_first``, which that pass takes. The probe is planned on counts
         estimated from the sample; ``moments_done`` gives it the true ones."""
-        from bnstat.quantile_probe import Sampler, eligible
-        from bnstat.errors import check_interrupt
+        from bnstat.quantile_probe import Sampler, eligible, sample_cap
         from bnstat.stream import kernel_input
 
         if not (one_pass and self.selector is not None and eligible(self.dtype, self.n_units)
                 and all(_rows_readable(s, p) for s, p in zip(self.sources, self.plans))):
             return
         rows = [s.read_shape[0] for s in self.sources]
-        total = sum(rows)
-        per_row = sum(math.prod(s.shape) for s in self.sources) / max(1, total * self.n_units)
-        sampler = Sampler(self.n_units, 1, self.dtype)
-        need = math.ceil(sampler.cap / max(per_row, 1e-300))  # rows holding a whole sample
+        values = sum(math.prod(s.shape) for s in self.sources) // max(1, self.n_units)  # a unit's
+        per_row = values / max(1, sum(rows))
+        need = math.ceil(sample_cap(self.n_units, self.dtype) / max(per_row, 1e-300))  # a sample's rows
         blocks = list(_spread_blocks(rows, need, chunk_size, [s.row_bytes for s in self.sources]))
         read = sum(r1 - r0 for _, r0, r1 in blocks)
         sampler = Sampler(self.n_units, int(read * per_row), self.dtype, along_rows=False)
@@ -92,7 +90,6 @@ class _Array:
                 check_interrupt()
                 visit(kernel_input(block, self.plans[i]), 0, self.gidx[i].size)
         samples = sampler.samples()
-        values = sum(math.prod(s.shape) for s in self.sources) // max(1, self.n_units)
         # the non-NaN values of each unit, as its sample has them (at least 1: a unit the
         # sample saw as NaN alone still gets a slot, whose keys then tell)
         est = np.array([max(1, round(values * v.size / max(1, t))) if values else 0
@@ -119,7 +116,7 @@ class _Array:
         """The moments pass is over: ``stats`` are the array's; the wanted ranks follow."""
         self.stats = tensor_stats(stats) if self.per_tensor else stats
         if self.carried:  # the pass carried the probe: its ranks follow the true counts
-            self.selector.recount(self.stats.count.ravel())
+            self.selector.set_counts(self.stats.count.ravel())
             self.counting = False
             return
         if self.selector is not None:
@@ -208,27 +205,11 @@ def _spread_blocks(rows: list[int], need: int, chunk_size: int, row_bytes: list[
 
 def _read_blocks(src, ranges: list):
     """Rows r0:r1 of ``src`` (``_rows_readable``) for each (r0, r1) of ``ranges``, in order,
-    C-contiguous in native byte order (an HDF5 file opened once for them all)."""
-    if not ranges:
-        return
-    if src.kind == "hdf5":
-        from bnstat.io.hdf5 import _h5py
+    C-contiguous in native byte order."""
+    from bnstat.io.slabs import read_row_blocks
 
-        h5py = _h5py()
-        try:
-            with h5py.File(src.path, "r") as f:
-                ds = f[src.key]
-                for r0, r1 in ranges:
-                    out = np.empty((r1 - r0,) + tuple(src.shape[1:]), src.dtype.newbyteorder("="))
-                    ds.read_direct(out, np.s_[r0:r1], np.s_[0:r1 - r0])
-                    yield out
-        except (OSError, ValueError, KeyError) as exc:
-            raise InputError(f"{src.where}: cannot read rows for the quantiles' sample ({exc})") from exc
-        return
-    from bnstat.io.slabs import read_rows
-
-    for r0, r1 in ranges:
-        block = src.array[r0:r1] if src.kind == "memory" else read_rows(src, r0, r1)
+    blocks = (src.array[r0:r1] for r0, r1 in ranges) if src.kind == "memory" else read_row_blocks(src, ranges)
+    for block in blocks:
         yield np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("="))
 
 

@@ -49,19 +49,24 @@ def _odd_coprime(B: int, s: int) -> int:
     return min(s, B)
 
 
+def sample_cap(n_units: int, dtype) -> int:
+    """Values a unit of a sample holds: at most MAX_SAMPLE, all units within SAMPLE_BYTES."""
+    return int(min(MAX_SAMPLE, SAMPLE_BYTES // (np.dtype(dtype).itemsize * max(1, n_units))))
+
+
 class Sampler:
     """Every k-th value of each of ``n_units`` units (``values`` values each, about) in
     the first pass, at most ``SAMPLE_BYTES`` in all."""
 
     def __init__(self, n_units: int, values: int, dtype, along_rows: bool = True):
-        itemsize = np.dtype(dtype).itemsize
-        self.cap = int(min(MAX_SAMPLE, SAMPLE_BYTES // (itemsize * max(1, n_units))))
+        self.cap = sample_cap(n_units, dtype)
         self.k = max(1, -(-int(values) // self.cap))  # one in k: at most ``cap`` values a unit
         self.n_units = n_units
         self.along_rows = along_rows  # False: only the values of a row strided (a presample's)
         self.rows = 0  # rows (A) seen so far of the units ``last``: the row stride runs on
         self.last = None
         self.blocks: list[tuple[np.ndarray, np.ndarray]] = []
+        self.taken: list[int] = []  # after ``samples``: per unit, its values sampled, NaN too
 
     def strides(self, B: int) -> tuple[int, int]:
         """(rows, values of a row) strides for rows of B values."""
@@ -94,22 +99,16 @@ class Sampler:
     def samples(self) -> list[np.ndarray]:
         """Per unit, its sample in the order it was read (NaN left out)."""
         blocks, self.blocks = self.blocks, []
-        first = blocks[0][0] if blocks else None
-        if first is not None and len(blocks) > 1 and all(np.array_equal(u, first) for u, _ in blocks):
+        if len(blocks) > 1 and all(np.array_equal(u, blocks[0][0]) for u, _ in blocks):
             # the same units in every block (a presample's): one concatenation of them all
-            whole = np.concatenate([s for _, s in blocks], axis=1)
-            del blocks
-            parts = [[] for _ in range(self.n_units)]
-            for i, u in enumerate(first.tolist()):
-                parts[u].append(whole[i])
-        else:
-            parts = [[] for _ in range(self.n_units)]
-            for units, s in blocks:
-                for i, u in enumerate(units.tolist()):
-                    parts[u].append(s[i])
-            del blocks
+            blocks = [(blocks[0][0], np.concatenate([s for _, s in blocks], axis=1))]
+        parts: list[list[np.ndarray]] = [[] for _ in range(self.n_units)]
+        for units, s in blocks:
+            for i, u in enumerate(units.tolist()):
+                parts[u].append(s[i])
+        del blocks
         out = []
-        self.taken = []  # per unit, its values sampled, NaN too
+        self.taken = []
         for p in parts:
             v = (p[0] if len(p) == 1 else np.concatenate(p)) if p else np.zeros(0)
             self.taken.append(v.size)

@@ -232,32 +232,22 @@ class Selector:
         return dict(nint=nint, ilo=ilo, ihi=ihi)
 
     def set_counts(self, n: np.ndarray) -> None:
-        """The non-NaN count of every unit (known after the first pass): the wanted ranks."""
+        """The non-NaN count of every unit (known after the first pass): the wanted ranks, the
+        targets of each unit's first slot. Also the true counts after a probe pass planned on
+        estimated ones (a sample read ahead of the first pass, bnstat.histrun): a probe pass's
+        counts and keys do not depend on the ranks, and ``_advance_probe`` places the first
+        slot's targets (the other slots' are cleared)."""
         prev, nxt, self.gamma = ranks(n, self.q)
         self.n = np.asarray(n, np.int64)
         self.prev, self.next = prev, nxt
         for u, slots in enumerate(self.slots):
             want = sorted(set(prev[u].tolist()) | set(nxt[u].tolist())) if self.n[u] > 0 else []
+            if not (want and slots):
+                self.slots[u] = []
+                continue
+            for sl in slots[1:]:
+                sl[4] = []
             slots[0][4] = [(r, r) for r in want]
-            if not want:
-                self.slots[u] = []
-
-    def recount(self, n: np.ndarray) -> None:
-        """The true non-NaN counts after a probe pass planned on estimated ones (a sample read
-        ahead of the first pass, bnstat.histrun): the wanted ranks follow them. A probe
-        pass's counts and keys do not depend on the ranks; ``_advance_probe`` places the
-        ranks of the first slot's targets (the others' are cleared)."""
-        prev, nxt, self.gamma = ranks(n, self.q)
-        self.n = np.asarray(n, np.int64)
-        self.prev, self.next = prev, nxt
-        for u, slots in enumerate(self.slots):
-            want = sorted(set(prev[u].tolist()) | set(nxt[u].tolist())) if self.n[u] > 0 else []
-            if not want:
-                self.slots[u] = []
-            elif slots:
-                for sl in slots:
-                    sl[4] = []
-                slots[0][4] = [(r, r) for r in want]
 
     @property
     def done(self) -> bool:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import fnmatch
 import zipfile
+from collections.abc import Iterator
 
 import numpy as np
 
 from bnstat.errors import InputError
 from bnstat.io.base import ArraySource
 
-__all__ = ["exact_pattern", "read_rows", "splittable"]
+__all__ = ["exact_pattern", "read_row_blocks", "read_rows", "splittable"]
 
 
 def exact_pattern(name: str) -> str:
@@ -58,21 +59,32 @@ def read_rows(source: ArraySource, r0: int, r1: int) -> np.ndarray:
 
     Raises InputError when the file cannot be read.
     """
-    shape = (r1 - r0,) + tuple(source.shape[1:])
+    return next(read_row_blocks(source, [(r0, r1)]))
+
+
+def read_row_blocks(source: ArraySource, ranges) -> Iterator[np.ndarray]:
+    """``read_rows`` of each (r0, r1) of ``ranges``, in order (an HDF5 file opened once)."""
     row_bytes = source.row_bytes
+    r0 = r1 = 0
     try:
         if source.kind in ("npy", "npz"):
             base = 0 if source.kind == "npy" else _member_offset(source.path, source.key)
-            offset = base + source.data_offset + r0 * row_bytes
-            return np.memmap(source.path, dtype=source.dtype, mode="r", offset=offset, shape=shape)
+            for r0, r1 in ranges:
+                offset = base + source.data_offset + r0 * row_bytes
+                yield np.memmap(source.path, dtype=source.dtype, mode="r", offset=offset,
+                                shape=(r1 - r0,) + tuple(source.shape[1:]))
+            return
         if source.kind == "hdf5":
             from bnstat.io.hdf5 import _h5py
 
             h5py = _h5py()
-            out = np.empty(shape, source.dtype.newbyteorder("="))
             with h5py.File(source.path, "r") as f:
-                f[source.key].read_direct(out, np.s_[r0:r1], np.s_[0:r1 - r0])
-            return out
+                ds = f[source.key]
+                for r0, r1 in ranges:
+                    out = np.empty((r1 - r0,) + tuple(source.shape[1:]), source.dtype.newbyteorder("="))
+                    ds.read_direct(out, np.s_[r0:r1], np.s_[0:r1 - r0])
+                    yield out
+            return
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"{source.where}: cannot read rows {r0}:{r1} ({exc})") from exc
     raise InputError(f"{source.where}: rows of a {source.kind} source cannot be read on their own")
