@@ -235,6 +235,16 @@ def chunk_visitor(dtype, per_tensor: bool, g: np.ndarray, state, tables, threads
             _select(x, units, tables, threads)
         if sampler is not None:
             sampler.add(x, units)
+
+    def with_moments(x, lo, hi, kthreads):  # stream.source_moments: visit, and the moments
+        if x.dtype != dtype or per_tensor or tables is None or sampler is not None:
+            return None
+        part = _moments_select(x, g[lo:hi], tables, kthreads, engine)
+        if part is not None and state is not None:
+            state.count(x, g[lo:hi], threads, engine)
+        return part
+
+    visit.with_moments = with_moments
     return visit
 
 
@@ -258,27 +268,65 @@ def pass_tables(selector) -> dict:
     return t
 
 
+def _select_args(x, units, t, su) -> tuple:
+    """select4's arguments after ``su`` for the units ``units`` of the view ``x``: the pass's
+    tables ``t`` (``pass_tables``) at those units, as (P, U, ..) arrays."""
+    P, _, U, _ = x.shape
+    S = t["slo"].shape[1]
+    probe = "below" in t  # a probe pass (quantiles.Selector.probe): the values below each slot
+    below = t["below"][units].reshape(P, U, S + 1) if probe else np.zeros((1, 1, 1), np.int64)
+    return (t["nslot"][units].reshape(P, U), t["slo"][units].reshape(P, U, S),
+            t["shi"][units].reshape(P, U, S), t["sshift"][units].reshape(P, U, S),
+            t["sbase"][units].reshape(P, U, S), t["scollect"][units].reshape(P, U, S),
+            t["pos"][units].reshape(P, U, S), t["pend"][units].reshape(P, U, S),
+            t["nint"][units].reshape(P, U), t["ilo"][units].reshape(P, U, S),
+            t["ihi"][units].reshape(P, U, S), below, probe, t["counts"], t["keys"])
+
+
+def _selected(units, t, args) -> None:
+    """The positions (and a probe's counts below) of ``_select_args``'s copies, back in ``t``."""
+    S = t["slo"].shape[1]
+    t["pos"][units] = args[6].reshape(-1, S)
+    if args[12]:
+        t["below"][units] = args[11].reshape(-1, S + 1)
+
+
 def _select(x, units, t, threads) -> None:
     from bnstat.kernels import hist as kernels_hist
     from bnstat.distributions import _split
 
     P, A, U, B = x.shape
-    S = t["slo"].shape[1]
     _, su = _split(P, A, U, threads, split_a=False)
     if B == 1:  # rows of every unit (NHWC): as few tasks as threads, each reads all the rows
         su = min(U, threads)
-    pos = t["pos"][units].reshape(P, U, S)
-    probe = "below" in t  # a probe pass (quantiles.Selector.probe): the values below each slot
-    below = t["below"][units].reshape(P, U, S + 1) if probe else np.zeros((1, 1, 1), np.int64)
-    kernels_hist.select4(x, su, t["nslot"][units].reshape(P, U), t["slo"][units].reshape(P, U, S),
-                         t["shi"][units].reshape(P, U, S), t["sshift"][units].reshape(P, U, S),
-                         t["sbase"][units].reshape(P, U, S), t["scollect"][units].reshape(P, U, S),
-                         pos, t["pend"][units].reshape(P, U, S), t["nint"][units].reshape(P, U),
-                         t["ilo"][units].reshape(P, U, S), t["ihi"][units].reshape(P, U, S), below, probe,
-                         t["counts"], t["keys"])
-    t["pos"][units] = pos.reshape(-1, S)
-    if probe:
-        t["below"][units] = below.reshape(-1, S + 1)
+    args = _select_args(x, units, t, su)
+    kernels_hist.select4(x, su, *args)
+    _selected(units, t, args)
+
+
+def _moments_select(x, units, t, threads, engine):
+    """The moments of the view ``x`` (stream.view_moments) and its selection (``_select``)
+    in one walk (kernels.fused), or None where that kernel does not apply: B == 1, a split
+    of A in the moments' tasks (whose merges the kernel does not make), or its variant not
+    loaded yet ("auto" on the first run: then the two kernels apart, the same results)."""
+    from bnstat.stats import Moments
+    from bnstat.stream import count_infs, kernel_engine, read_only, split_tasks
+
+    x = read_only(x)
+    P, A, U, B = x.shape
+    sa, su = split_tasks(x.shape, threads)
+    if B == 1 or sa != 1 or kernel_engine("moments_select4", x, engine, threads) != "numba":
+        return None
+    from bnstat.kernels import fused
+
+    shape = (1, P, U)
+    cnt, nan = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+    mean, m2, mn, mx = np.zeros(shape), np.zeros(shape), np.full(shape, np.inf), np.full(shape, -np.inf)
+    args = _select_args(x, units, t, su)
+    fused.moments_select4(x, 1, su, cnt, mean, m2, mn, mx, nan, *args)
+    _selected(units, t, args)
+    return count_infs(x, Moments(cnt.ravel(), mean.ravel(), m2.ravel(), mn.ravel(), mx.ravel(),
+                                 nan.ravel()))
 
 
 def _plans(sources, per_file, layout, channel_axis, norm, groups, reduce):

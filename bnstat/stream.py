@@ -305,7 +305,9 @@ def source_moments(source: ArraySource, plan: Plan, *, chunk_size: int, higher: 
     ``visit(x, lo, hi)``, when given, also sees every chunk's (P, A, U, B)
     kernel view ``x`` covering the units ``lo:hi`` (flat, in the order of the
     transposed plan for a Fortran-ordered source); ``moments=False`` skips
-    the moments (and returns None): a pass for ``visit`` alone.
+    the moments (and returns None): a pass for ``visit`` alone. A visitor with
+    ``visit.with_moments(x, lo, hi, threads)`` may do both at once: it returns
+    the moments ``view_moments`` would (bit for bit), or None to be called apart.
     """
     splan = plan.transposed() if source.fortran else plan
     shape = source.read_shape
@@ -342,9 +344,14 @@ def source_moments(source: ArraySource, plan: Plan, *, chunk_size: int, higher: 
                 part = chunk_moments(chunk, cplan, higher=higher, threads=kthreads, engine=engine)
             else:
                 x = kernel_input(chunk, cplan)
-                visit(x, lo, lo + x.shape[0] * x.shape[2] if first_kept else n_units)
-                if moments:
-                    part = view_moments(x, higher=higher, threads=kthreads, engine=engine)
+                hi = lo + x.shape[0] * x.shape[2] if first_kept else n_units
+                # a visitor that computes the moments with its own work (histrun: in one walk)
+                both = getattr(visit, "with_moments", None) if moments and not higher else None
+                part = both(x, lo, hi, kthreads) if both is not None else None
+                if part is None:
+                    visit(x, lo, hi)
+                    if moments:
+                        part = view_moments(x, higher=higher, threads=kthreads, engine=engine)
             if part is None:
                 pass
             elif first_kept:

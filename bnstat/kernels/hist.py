@@ -599,21 +599,38 @@ def _select_lanes(x3, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, 
 
 
 @njit(**JIT)
-def _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, pend, nint, ilo, ihi,
-                 below, count_below, counts, keys, ibuf, hbuf):
-    A = x3.shape[1]
-    dummy = counts.shape[0] - 1
-    hwords = hbuf.view(np.uint64)
-    allcoll = np.zeros(u1 - u0, np.bool_)  # every slot of the unit collects (a probe pass's
-    for u in range(u0, u1):  # values then lie in its slots: no test of the slot's ends)
+def _collecting(nslot, scollect, p, u0, u1):
+    """Per unit u0:u1 of view p: whether every slot collects (a probe pass's values then lie
+    in its slots: no test of the slot's ends)."""
+    allcoll = np.zeros(u1 - u0, np.bool_)
+    for u in range(u0, u1):
         allcoll[u - u0] = nslot[p, u] > 0
         for s in range(nslot[p, u]):
             allcoll[u - u0] &= scollect[p, u, s]
+    return allcoll
+
+
+@njit(**JIT)
+def _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, pend, nint, ilo, ihi,
+                 below, count_below, counts, keys, ibuf, hbuf):
+    allcoll = _collecting(nslot, scollect, p, u0, u1)
     if B == 1:
         _select_lanes(x3, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, pend, nint, ilo, ihi,
                       below, count_below, counts, keys, allcoll)
         return
-    for a in range(A):
+    _select_rows(x3, B, p, 0, x3.shape[1], u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, pend,
+                 nint, ilo, ihi, below, count_below, counts, keys, ibuf, hbuf, allcoll, u0)
+
+
+@njit(**JIT)
+def _select_rows(x3, B, p, a0, a1, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos, pend, nint,
+                 ilo, ihi, below, count_below, counts, keys, ibuf, hbuf, allcoll, c0):
+    """B > 1: rows a0:a1 of units u0:u1 of view p, row by row (``allcoll[u - c0]``:
+    ``_collecting``). A unit's rows taken in order, in one call or in several (the moments'
+    blocks, kernels.fused), store its keys in the same order."""
+    dummy = counts.shape[0] - 1
+    hwords = hbuf.view(np.uint64)
+    for a in range(a0, a1):
         for u in range(u0, u1):
             ns = nslot[p, u]
             if ns == 0:
@@ -630,7 +647,7 @@ def _select_task(x3, B, p, u0, u1, nslot, slo, shi, sshift, sbase, scollect, pos
             # compares, one loop per four intervals) go to the slot search, the others nowhere
             _interval_hits(row, ilo[p, u], ihi[p, u], nint[p, u], hbuf, below[p, u], count_below)
             kv = _kview(row)
-            if count_below and allcoll[u - u0]:
+            if count_below and allcoll[u - c0]:
                 # a probe pass's collecting slots: the unit's keys go to one run (its slots'
                 # rooms, in order) and are told apart after the pass (quantiles.Selector):
                 # no slot search, one position (twice as fast per key as a position a slot)

@@ -36,6 +36,7 @@ KERNELS = {
     "normalize4": ("bnstat.kernels.normalize", "normalize4"),
     "hist4_rows": ("bnstat.kernels.hist", "hist4_rows"),
     "hist4_units": ("bnstat.kernels.hist", "hist4_units"),
+    "moments_select4": ("bnstat.kernels.fused", "moments_select4"),
 }
 
 
@@ -97,12 +98,19 @@ class Spec:
             return (x, 1, 1, False, lo, hi, inv, margin, np.array([[[0.0, 1.0]]]),
                     np.zeros((1, 1, 1, 1), np.int64), *small)
         n = 2 if self.kernel == "moments4_higher" else 0
-        if self.kernel == "moments4_units":  # the kernel of B > 1 (the type is all that counts)
+        if self.kernel in ("moments4_units", "moments_select4"):  # B > 1 (the type is what counts)
             x = np.zeros((1, 1, 1, 2), self.dtype)
             x.setflags(write=not self.readonly)
         acc = [np.zeros((1, 1, 1)) for _ in range(2 + n)]
         mn, mx = np.zeros((1, 1, 1)), np.zeros((1, 1, 1))
-        return (x, 1, 1, np.zeros((1, 1, 1), np.int64), *acc, mn, mx, np.zeros((1, 1, 1), np.int64))
+        moments = (x, 1, 1, np.zeros((1, 1, 1), np.int64), *acc, mn, mx, np.zeros((1, 1, 1), np.int64))
+        if self.kernel != "moments_select4":
+            return moments
+        # then select4's arguments after su (histrun._select_args): no slot, so nothing is read
+        i2, i3, u3 = np.zeros((1, 1), np.int64), np.zeros((1, 1, 1), np.int64), np.zeros((1, 1, 1), np.uint64)
+        return (*moments, i2, u3, u3, u3, i3, np.zeros((1, 1, 1), np.bool_), i3, i3, i2,
+                np.zeros((1, 1, 1)), np.zeros((1, 1, 1)), i3, False, np.zeros(2, np.int64),
+                np.zeros(1, np.uint64))
 
 
 def in_cache(call, args: tuple) -> bool:
@@ -240,7 +248,7 @@ def loaded(spec: Spec) -> bool:
 
 # warm_up's names for the kernels (bnstat.warm_up)
 GROUPS = {"moments": ("moments4_rows", "moments4_units"), "higher": ("moments4_higher",),
-          "normalize": ("normalize4",), "hist": ("hist4_rows", "hist4_units")}
+          "normalize": ("normalize4",), "hist": ("hist4_rows", "hist4_units", "moments_select4")}
 
 
 def warm_up(kernels=("moments", "normalize"), dtypes=("float32", "float64")) -> dict[str, float]:
