@@ -40,6 +40,10 @@ KERNELS = {
 }
 
 
+# what computes while a kernel compiles, where that is not numpy
+FALLBACK = {"moments_select4": "the moments and the selection kernels compute apart"}
+
+
 def moments_kernel(x: np.ndarray, higher: bool = False) -> str:
     """The name of the moments kernel that takes the (P, A, U, B) view ``x``."""
     if higher:
@@ -237,8 +241,9 @@ def loaded(spec: Spec) -> bool:
         from bnstat.errors import note
 
         j.noted = True
+        meanwhile = FALLBACK.get(spec.kernel, "numpy computes")
         note(f"compiling the {spec.kernel} kernel for {spec.dtype} for the first time (a few "
-             "seconds, in the background; numpy computes meanwhile)")
+             f"seconds, in the background; {meanwhile} meanwhile)")
     if not j.done.is_set():
         return False
     if j.error is not None:
