@@ -236,10 +236,13 @@ def chunk_visitor(dtype, per_tensor: bool, g: np.ndarray, state, tables, threads
         if sampler is not None:
             sampler.add(x, units)
 
-    def with_moments(x, lo, hi, kthreads):  # stream.source_moments: visit, and the moments
+    def with_moments(x, lo, hi, kthreads, moments_engine):
+        """``visit(x, lo, hi)`` and the moments view_moments gives with ``kthreads`` and
+        ``moments_engine`` (stream.source_moments), in one walk where that applies, else None
+        (and nothing done)."""
         if x.dtype != dtype or per_tensor or tables is None or sampler is not None:
             return None
-        part = _moments_select(x, g[lo:hi], tables, kthreads, engine)
+        part = _moments_select(x, g[lo:hi], tables, kthreads, moments_engine)
         if part is not None and state is not None:
             state.count(x, g[lo:hi], threads, engine)
         return part
@@ -258,6 +261,7 @@ def warm_kernels(dtype) -> None:
 
     tables = pass_tables(Selector(1, dtype, [0.5]))
     chunk_visitor(dtype, False, np.zeros(1, np.int64), state, tables, 1)(x, 0, 1)
+    _moments_select(x, np.zeros(1, np.int64), tables, 1, "numba")  # and the one walk (B > 1)
 
 
 def pass_tables(selector) -> dict:
@@ -269,26 +273,25 @@ def pass_tables(selector) -> dict:
 
 
 def _select_args(x, units, t, su) -> tuple:
-    """select4's arguments after ``su`` for the units ``units`` of the view ``x``: the pass's
-    tables ``t`` (``pass_tables``) at those units, as (P, U, ..) arrays."""
+    """(select4's arguments after ``su`` for the units ``units`` of the view ``x``: the pass's
+    tables ``t`` (``pass_tables``) at those units, as (P, U, ..) arrays; ``done()``, which
+    writes the positions, and a probe's counts below, back into ``t`` after the kernel)."""
     P, _, U, _ = x.shape
     S = t["slo"].shape[1]
     probe = "below" in t  # a probe pass (quantiles.Selector.probe): the values below each slot
     below = t["below"][units].reshape(P, U, S + 1) if probe else np.zeros((1, 1, 1), np.int64)
+    pos = t["pos"][units].reshape(P, U, S)
+
+    def done():
+        t["pos"][units] = pos.reshape(-1, S)
+        if probe:
+            t["below"][units] = below.reshape(-1, S + 1)
     return (t["nslot"][units].reshape(P, U), t["slo"][units].reshape(P, U, S),
             t["shi"][units].reshape(P, U, S), t["sshift"][units].reshape(P, U, S),
             t["sbase"][units].reshape(P, U, S), t["scollect"][units].reshape(P, U, S),
-            t["pos"][units].reshape(P, U, S), t["pend"][units].reshape(P, U, S),
-            t["nint"][units].reshape(P, U), t["ilo"][units].reshape(P, U, S),
-            t["ihi"][units].reshape(P, U, S), below, probe, t["counts"], t["keys"])
-
-
-def _selected(units, t, args) -> None:
-    """The positions (and a probe's counts below) of ``_select_args``'s copies, back in ``t``."""
-    S = t["slo"].shape[1]
-    t["pos"][units] = args[6].reshape(-1, S)
-    if args[12]:
-        t["below"][units] = args[11].reshape(-1, S + 1)
+            pos, t["pend"][units].reshape(P, U, S), t["nint"][units].reshape(P, U),
+            t["ilo"][units].reshape(P, U, S), t["ihi"][units].reshape(P, U, S), below, probe,
+            t["counts"], t["keys"]), done
 
 
 def _select(x, units, t, threads) -> None:
@@ -299,32 +302,38 @@ def _select(x, units, t, threads) -> None:
     _, su = _split(P, A, U, threads, split_a=False)
     if B == 1:  # rows of every unit (NHWC): as few tasks as threads, each reads all the rows
         su = min(U, threads)
-    args = _select_args(x, units, t, su)
+    args, done = _select_args(x, units, t, su)
     kernels_hist.select4(x, su, *args)
-    _selected(units, t, args)
+    done()
 
 
 def _moments_select(x, units, t, threads, engine):
-    """The moments of the view ``x`` (stream.view_moments) and its selection (``_select``)
-    in one walk (kernels.fused), or None where that kernel does not apply: B == 1, a split
-    of A in the moments' tasks (whose merges the kernel does not make), or its variant not
-    loaded yet ("auto" on the first run: then the two kernels apart, the same results)."""
+    """The moments of the view ``x`` (stream.view_moments with ``engine``) and its selection
+    (``_select``) in one walk (kernels.fused), or None where that kernel does not apply: B == 1,
+    a split of A in the moments' tasks (whose merges the kernel does not make), or where
+    view_moments would not take the numba kernel ("numpy"; "auto" while it compiles) or the
+    one walk is not loaded yet ("auto" on a first run: then the two apart, the same results); and
+    for integer data (rare for activations: each variant of the kernel costs its compile, about
+    14 s)."""
+    from bnstat.kernels.loader import moments_kernel
     from bnstat.stats import Moments
     from bnstat.stream import count_infs, kernel_engine, read_only, split_tasks
 
     x = read_only(x)
     P, A, U, B = x.shape
     sa, su = split_tasks(x.shape, threads)
-    if B == 1 or sa != 1 or kernel_engine("moments_select4", x, engine, threads) != "numba":
+    if (B == 1 or sa != 1 or x.dtype.kind != "f"
+            or kernel_engine(moments_kernel(x), x, engine, threads) != "numba"
+            or kernel_engine("moments_select4", x, engine, threads) != "numba"):
         return None
     from bnstat.kernels import fused
 
     shape = (1, P, U)
     cnt, nan = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
     mean, m2, mn, mx = np.zeros(shape), np.zeros(shape), np.full(shape, np.inf), np.full(shape, -np.inf)
-    args = _select_args(x, units, t, su)
+    args, done = _select_args(x, units, t, su)
     fused.moments_select4(x, 1, su, cnt, mean, m2, mn, mx, nan, *args)
-    _selected(units, t, args)
+    done()
     return count_infs(x, Moments(cnt.ravel(), mean.ravel(), m2.ravel(), mn.ravel(), mx.ravel(),
                                  nan.ravel()))
 

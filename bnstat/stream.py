@@ -306,8 +306,8 @@ def source_moments(source: ArraySource, plan: Plan, *, chunk_size: int, higher: 
     kernel view ``x`` covering the units ``lo:hi`` (flat, in the order of the
     transposed plan for a Fortran-ordered source); ``moments=False`` skips
     the moments (and returns None): a pass for ``visit`` alone. A visitor with
-    ``visit.with_moments(x, lo, hi, threads)`` may do both at once: it returns
-    the moments ``view_moments`` would (bit for bit), or None to be called apart.
+    ``visit.with_moments(x, lo, hi, threads, engine)`` may do both at once: it
+    returns the moments ``view_moments`` would (bit for bit), or None to be called apart.
     """
     splan = plan.transposed() if source.fortran else plan
     shape = source.read_shape
@@ -347,7 +347,7 @@ def source_moments(source: ArraySource, plan: Plan, *, chunk_size: int, higher: 
                 hi = lo + x.shape[0] * x.shape[2] if first_kept else n_units
                 # a visitor that computes the moments with its own work (histrun: in one walk)
                 both = getattr(visit, "with_moments", None) if moments and not higher else None
-                part = both(x, lo, hi, kthreads) if both is not None else None
+                part = both(x, lo, hi, kthreads, engine) if both is not None else None
                 if part is None:
                     visit(x, lo, hi)
                     if moments:

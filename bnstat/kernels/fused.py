@@ -1,10 +1,11 @@
 """The moments and a quantile pass's selection in one walk over a (P, A, U, B) view, B > 1.
 
-``bnstat hist --quantiles`` whose first pass carries the probe (bnstat.histrun) runs
-both the moments kernel and the selection (kernels.hist._select4) over every chunk.
-Apart, each reads the chunk from memory; here each block of rows of a unit (the
-moments' block, at most 64 KiB: kernels.moments.BLOCK_COLS) is selected from while it
-is still in the cache (bench/README.md, "Eighth session").
+A ``bnstat hist --quantiles`` pass that selects in the moments pass (bnstat.histrun: a
+first pass that carries the probe, or one that counts the keys' top bits) runs both the
+moments kernel and the selection (kernels.hist._select4) over every chunk. Apart, each
+reads the chunk from memory; here each block of rows of a unit (the moments' block, at
+most 64 KiB: kernels.moments.BLOCK_COLS) is selected from while it is still in the cache
+(bench/README.md, "Eighth session").
 
 The results are those of the two kernels apart, bit for bit: the moments kernel's
 task function computes each block exactly as it does inside one call over all rows,
@@ -12,7 +13,7 @@ and its blocks are merged here in the same order with the same function; the
 selection takes a unit's rows in order, so its keys are stored in the same order.
 Tasks hold whole units (the selection's positions are never shared), as the moments
 kernel's tasks do whenever ``stream.split_tasks`` cuts no range of A (the only case
-the caller uses this kernel for).
+the caller uses this kernel for, and only for float data: histrun._moments_select).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def _moments_select4(x, sa, su, cnt, mean, m2, mn, mx, nanc, nslot, slo, shi, ss
         ibuf = np.empty(B, np.int64)
         hbuf = np.zeros((B + 7) // 8 * 8, np.uint8)
         allcoll = _collecting(nslot, scollect, p, u0, u1)
-        bc = np.zeros(U, np.int64)  # one block's moments, at its unit
+        bc = np.zeros(U, np.int64)  # one block's moments, at its unit (_units_task's outputs)
         bm = np.zeros(U)
         bq = np.zeros(U)
         bmn = np.zeros(U)
