@@ -13,24 +13,18 @@ again brings the large ones back).
 
 from __future__ import annotations
 
-import argparse
 import mmap
 import os
 import time
-import warnings
 
 import numpy as np
+from _args import file_args
 
 STEP = 8 << 20
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("path")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--layout", default="NCHW")
-    args = ap.parse_args()
-    warnings.simplefilter("ignore")
+    args = file_args(3)
 
     import bnstat
     from bnstat.io import open_any

@@ -15,22 +15,16 @@ both are checked equal.
 
 from __future__ import annotations
 
-import argparse
 import time
-import warnings
 
 import numpy as np
+from _args import file_args
 
 Q = [0.001, 0.5, 0.999, 0.9999]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("path")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--layout", default="NCHW")
-    args = ap.parse_args()
-    warnings.simplefilter("ignore")
+    args = file_args(7)
 
     import bnstat
     import bnstat.histrun as hr
