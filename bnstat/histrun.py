@@ -316,26 +316,20 @@ def _moments_select(x, units, t, threads, engine):
     for integer data (rare for activations: each variant of the kernel costs its compile, about
     14 s)."""
     from bnstat.kernels.loader import moments_kernel
-    from bnstat.stats import Moments
-    from bnstat.stream import count_infs, kernel_engine, read_only, split_tasks
+    from bnstat.stream import kernel_engine, kernel_moments, read_only, split_tasks
 
     x = read_only(x)
-    P, A, U, B = x.shape
     sa, su = split_tasks(x.shape, threads)
-    if (B == 1 or sa != 1 or x.dtype.kind != "f"
+    if (x.shape[3] == 1 or sa != 1 or x.dtype.kind != "f"
             or kernel_engine(moments_kernel(x), x, engine, threads) != "numba"
             or kernel_engine("moments_select4", x, engine, threads) != "numba"):
         return None
     from bnstat.kernels import fused
 
-    shape = (1, P, U)
-    cnt, nan = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
-    mean, m2, mn, mx = np.zeros(shape), np.zeros(shape), np.full(shape, np.inf), np.full(shape, -np.inf)
     args, done = _select_args(x, units, t, su)
-    fused.moments_select4(x, 1, su, cnt, mean, m2, mn, mx, nan, *args)
+    part = kernel_moments(x, 1, False, lambda *outs: fused.moments_select4(x, 1, su, *outs, *args))
     done()
-    return count_infs(x, Moments(cnt.ravel(), mean.ravel(), m2.ravel(), mn.ravel(), mx.ravel(),
-                                 nan.ravel()))
+    return part
 
 
 def _plans(sources, per_file, layout, channel_axis, norm, groups, reduce):

@@ -260,22 +260,26 @@ def view_moments(x: np.ndarray, *, higher: bool = False, threads: int = 1,
         return count_infs(x, numpy_moments(x, higher))
     from bnstat.kernels import moments as kernels
 
-    P, A, U, B = x.shape
     sa, su = split_tasks(x.shape, threads)
-    shape = (sa, P, U)
-    cnt = np.zeros(shape, np.int64)
-    nan = np.zeros(shape, np.int64)
-    mean = np.zeros(shape)
-    m2 = np.zeros(shape)
-    mn = np.full(shape, np.inf)
-    mx = np.full(shape, -np.inf)
     if higher:
-        m3 = np.zeros(shape)
-        m4 = np.zeros(shape)
-        kernels.moments4_higher(x, sa, su, cnt, mean, m2, m3, m4, mn, mx, nan)
-    else:
-        m3 = m4 = None
-        kernels.moments4(x, sa, su, cnt, mean, m2, mn, mx, nan)
+        return kernel_moments(x, sa, True, lambda cnt, mean, m2, mn, mx, nan, m3, m4:
+                              kernels.moments4_higher(x, sa, su, cnt, mean, m2, m3, m4, mn, mx, nan))
+    return kernel_moments(x, sa, False, lambda cnt, mean, m2, mn, mx, nan:
+                          kernels.moments4(x, sa, su, cnt, mean, m2, mn, mx, nan))
+
+
+def kernel_moments(x: np.ndarray, sa: int, higher: bool, run) -> Moments:
+    """The moments a kernel writes for the (P, A, U, B) view ``x``: ``run(cnt, mean, m2, mn,
+    mx, nan)`` (and ``m3, m4`` with ``higher``) fills those (sa, P, U) outputs, slot i the
+    moments of the i-th of ``sa`` ranges of A; merged, with the +-inf counted."""
+    P, _, U, _ = x.shape
+    shape = (sa, P, U)
+    outs = [np.zeros(shape, np.int64), np.zeros(shape), np.zeros(shape), np.full(shape, np.inf),
+            np.full(shape, -np.inf), np.zeros(shape, np.int64)]
+    extra = [np.zeros(shape), np.zeros(shape)] if higher else []
+    run(*outs, *extra)
+    cnt, mean, m2, mn, mx, nan = outs
+    m3, m4 = extra or (None, None)
     parts = [Moments(cnt[i].ravel(), mean[i].ravel(), m2[i].ravel(), mn[i].ravel(), mx[i].ravel(),
                      nan[i].ravel(), None if m3 is None else m3[i].ravel(),
                      None if m4 is None else m4[i].ravel()) for i in range(sa)]
