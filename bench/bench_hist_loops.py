@@ -10,7 +10,7 @@ range, timed on one thread, the best of ``--rounds`` of ``--reps`` calls:
 - hist's counting of a row (kernels.hist._hist_row), and its two loops alone: the guess of
   every value's bin (vectorized) and the scatter (one increment of a counter per value);
 - the scatter with no test at all (``c[k] += 1``): one load and one store per value;
-- the probe's interval test of a quantile pass (kernels.hist._interval_hits, 4 intervals,
+- the probe's interval test of a quantile pass (kernels.select._interval_hits, 4 intervals,
   counting below).
 
 ``hist --range auto`` is a moments pass then a counting pass over the same values, so its
@@ -41,6 +41,7 @@ def main() -> None:
 
     import bnstat.kernels.hist as kh
     import bnstat.kernels.moments as km
+    import bnstat.kernels.select as ks
 
     set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -94,7 +95,7 @@ def main() -> None:
     @njit
     def probe(row, vl, vh, hbuf, below, reps):
         for _ in range(reps):
-            kh._interval_hits(row, vl, vh, 4, hbuf, below, True)
+            ks._interval_hits(row, vl, vh, 4, hbuf, below, True)
 
     kh._hist_guess32(row, False, g32[0], g32[1], g32[2], g32[3], buf, NB, True)
     cases = [("moments, 5 rows", moments, (rows, *one), rows.size),

@@ -267,7 +267,7 @@ def warm_kernels(dtype) -> None:
 def pass_tables(selector) -> dict:
     """The tables of a quantile pass (``Selector.tables``) with its empty counts and keys."""
     t = selector.tables()
-    t["counts"] = np.zeros(t["n_counts"] + 1, np.int64)  # the last: scratch (kernels.hist._select4)
+    t["counts"] = np.zeros(t["n_counts"] + 1, np.int64)  # the last: scratch (kernels.select._select4)
     t["keys"] = np.zeros(max(1, t["n_keys"]), np.uint64)
     return t
 
@@ -295,7 +295,7 @@ def _select_args(x, units, t, su) -> tuple:
 
 
 def _select(x, units, t, threads) -> None:
-    from bnstat.kernels import hist as kernels_hist
+    from bnstat.kernels import select as kernels_select
     from bnstat.distributions import _split
 
     P, A, U, B = x.shape
@@ -303,7 +303,7 @@ def _select(x, units, t, threads) -> None:
     if B == 1:  # rows of every unit (NHWC): as few tasks as threads, each reads all the rows
         su = min(U, threads)
     args, done = _select_args(x, units, t, su)
-    kernels_hist.select4(x, su, *args)
+    kernels_select.select4(x, su, *args)
     done()
 
 

@@ -67,7 +67,7 @@ def to_keys(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def keys_of(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """The unsigned keys of values of ``dtype`` (kernels.hist._ukey)."""
+    """The unsigned keys of values of ``dtype`` (kernels.select._kat)."""
     dtype = np.dtype(dtype)
     if dtype.kind == "f":
         return to_keys(values, dtype)
@@ -78,7 +78,7 @@ def keys_of(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def to_values(keys: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """float64 values of unsigned keys of ``dtype`` (the inverse of kernels_hist._ukey)."""
+    """float64 values of unsigned keys of ``dtype`` (the inverse of kernels.select._kat)."""
     dtype = np.dtype(dtype)
     keys = np.asarray(keys, dtype=np.uint64)
     if dtype.kind == "u":
@@ -203,7 +203,7 @@ class Selector:
         return dict(nint=nint, ilo=ilo, ihi=ihi)
 
     def _filter(self):
-        """The value intervals of the pass's search (kernels.hist._select4): per unit, the
+        """The value intervals of the pass's search (kernels.select._select4): per unit, the
         union of its slots' ranges as float64 intervals (adjacent ones joined). NaN keys
         are left out (NaN is never counted); each end is the value of a key, so the
         float64 value of every key of a slot is inside (ties of -0.0 and +0.0 and of
@@ -276,7 +276,7 @@ class Selector:
             self._set(u, new)
 
     def _set(self, u: int, new: list) -> None:
-        """Unit u's slots for the next pass, in ascending order (kernels.hist._select_slots)."""
+        """Unit u's slots for the next pass, in ascending order (kernels.select._select_slots)."""
         self.slots[u] = sorted(new, key=lambda sl: sl[0])
 
     def _budget(self) -> tuple[int, int]:
@@ -366,7 +366,7 @@ class Selector:
         """Place every wanted rank after a probe pass: by the values below each slot and the
         keys in it, inside a slot (read off, or narrowed further) or in a gap between two.
 
-        A unit whose slots all collect has its keys in one run (kernels.hist._select_task):
+        A unit whose slots all collect has its keys in one run (kernels.select._select_task):
         their count is at ``pos_after[u, 0]``, and each slot's share is counted here."""
         base, pos = self._layout
         self.passes += 1

@@ -17,7 +17,7 @@ from bnstat.quantiles import Selector
 
 pytest.importorskip("numba")
 from bnstat.kernels import fused  # noqa: E402
-from bnstat.kernels import hist as kh  # noqa: E402
+from bnstat.kernels import select as ks  # noqa: E402
 from bnstat.kernels import moments as km  # noqa: E402
 
 
@@ -91,7 +91,7 @@ def test_one_walk_is_the_two_kernels_bit_for_bit(dtype, shape, probe, rng):
             args, done = hr._select_args(x, units, tt, su)
             if how == "apart":
                 km.moments4_units(x, 1, su, *m)
-                kh.select4(x, su, *args)
+                ks.select4(x, su, *args)
             else:
                 fused.moments_select4(x, 1, su, *m, *args)
             done()

@@ -110,7 +110,7 @@ def test_more_keys_than_room(rng, small_sample, passes):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_a_run_of_keys_past_its_room(layout, rng, small_sample, monkeypatch):
-    """A unit's keys collect in one run (kernels.hist._select_task); past its room only the
+    """A unit's keys collect in one run (kernels.select._select_task); past its room only the
     slots' starts place the ranks (Selector._between_starts), and the next passes find
     them: with ties and NaN, in every layout, at any chunking (unit 0's room cut to 40 keys)."""
     calls = []

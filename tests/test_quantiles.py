@@ -141,7 +141,7 @@ def test_counting_slot_buckets_of_float32_keys(rng):
     ends, straddling the sign, and past them; NaN in none."""
     from numba import njit
 
-    from bnstat.kernels import hist as kh
+    from bnstat.kernels import select as kh
 
     @njit
     def buckets(row, lo, span, sh, base, dummy, out):

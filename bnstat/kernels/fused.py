@@ -2,7 +2,7 @@
 
 A ``bnstat hist --quantiles`` pass that selects in the moments pass (bnstat.histrun: a
 first pass that carries the probe, or one that counts the keys' top bits) runs both the
-moments kernel and the selection (kernels.hist._select4) over every chunk. Apart, each
+moments kernel and the selection (kernels.select._select4) over every chunk. Apart, each
 reads the chunk from memory; here each block of rows of a unit (the moments' block, at
 most 64 KiB: kernels.moments.BLOCK_COLS) is selected from while it is still in the cache
 (bench/README.md, "Eighth session").
@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 from bnstat.kernels._jit import JIT, PARALLEL_JIT, entry
-from bnstat.kernels.hist import _collecting, _select_rows
+from bnstat.kernels.select import _collecting, _select_rows
 from bnstat.kernels.moments import BLOCK_COLS, _merge, _task_bounds, _units_task
 
 
